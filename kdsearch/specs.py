@@ -1,0 +1,185 @@
+"""The frozen specs a trial is made of, and their round trip through a flat dict.
+
+A `TrialSpec` is everything one trial needs: the student architecture, the distillation
+recipe, the training settings, and (fixed per search) the data and teacher it distils from.
+`TrialSpec.to_dict()` is flat with dotted keys (`student.depth`, `recipe.alpha`), so the same
+dict is a Ray Tune config, a row of Parquet columns and a `--set` target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+POS_EMBEDS: tuple[str, ...] = ("learned", "sincos", "relpos", "rope", "cpe", "none")
+"""Positional encodings a student can use; see the table in DESIGN.md."""
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """A ViT student. `embed_dim` is always divisible by `num_heads` (the space guarantees it)."""
+
+    img_size: int = 16
+    in_chans: int = 1
+    num_classes: int = 10
+    patch_size: int = 4
+    embed_dim: int = 64
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 2.0
+    pos_embed: str = "learned"
+    distill_token: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class token, plus DeiT's distillation token when present."""
+        return 1 + int(self.distill_token)
+
+    @property
+    def mlp_hidden(self) -> int:
+        """MLP hidden width, rounded down as timm's Block does (`int(dim * mlp_ratio)`)."""
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def problems(self) -> list[str]:
+        """Reasons this architecture cannot be built; empty when it can."""
+        out = []
+        if self.pos_embed not in POS_EMBEDS:
+            out.append(f"pos_embed {self.pos_embed!r} is not one of {', '.join(POS_EMBEDS)}")
+        for name in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if out:
+            return out
+        if self.img_size % self.patch_size:
+            out.append(f"patch_size {self.patch_size} does not divide img_size {self.img_size}")
+        if self.embed_dim % self.num_heads:
+            out.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        elif self.pos_embed == "rope" and self.head_dim % 4:
+            out.append(f"rope needs head_dim (embed_dim / num_heads) divisible by 4, got {self.head_dim}")
+        if self.pos_embed == "sincos" and self.embed_dim % 4:
+            out.append(f"sincos needs embed_dim divisible by 4, got {self.embed_dim}")
+        if self.mlp_hidden < 1:
+            out.append(f"mlp_ratio {self.mlp_ratio} gives an empty MLP at embed_dim {self.embed_dim}")
+        return out
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """Distillation-loss weights; see `kdsearch.distill` for each term's formula.
+
+    total = (1 - alpha) * CE(student, labels)
+            + alpha * T^2 * KL(teacher_T || student_T)            (Hinton soft KL)
+            + hard_weight * CE(student, argmax teacher)           (DeiT hard distillation)
+            + feature_weight * MSE(proj(student tokens), teacher features)
+            + attention_weight * KL(teacher attention || student attention)
+    With a distillation token the teacher terms train the token's head and the label term
+    the class head (DeiT). A weight of 0 removes its term and its cost.
+    """
+
+    alpha: float = 0.5
+    temperature: float = 4.0
+    hard_weight: float = 0.0
+    feature_weight: float = 0.0
+    attention_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the images come from. `root` is absolute once a space is loaded (None for digits)."""
+
+    name: str = "digits"
+    img_size: int = 16
+    root: str | None = None
+    num_classes: int | None = None
+    val_fraction: float = 0.2
+    augment: bool = False
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A timm model name (or `kdsearch/digits_cnn`) plus where its weights come from."""
+
+    model: str = "kdsearch/digits_cnn"
+    checkpoint: str | None = None
+    pretrained: bool = False
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    student: StudentSpec = field(default_factory=StudentSpec)
+    recipe: RecipeSpec = field(default_factory=RecipeSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dict with dotted keys: `{"student.depth": 4, "recipe.alpha": 0.5, ...}`."""
+        out: dict[str, Any] = {}
+        for section in fields(self):
+            for f in fields(getattr(self, section.name)):
+                out[f"{section.name}.{f.name}"] = getattr(getattr(self, section.name), f.name)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrialSpec":
+        """Inverse of `to_dict`. Unknown keys raise KeyError; missing keys take the defaults.
+
+        Values are coerced to the field's type (Parquet and JSON may hand back numpy
+        scalars or ints for floats), so `from_dict(to_dict(s)) == s` for any spec.
+        """
+        grouped: dict[str, dict[str, Any]] = {f.name: {} for f in fields(cls)}
+        section_types = {f.name: f.default_factory for f in fields(cls)}  # type: ignore[misc]
+        for key, value in d.items():
+            section, _, name = key.partition(".")
+            if section not in grouped:
+                raise KeyError(f"unknown section in {key!r}")
+            ftypes = {f.name: f.type for f in fields(section_types[section]())}
+            if name not in ftypes:
+                raise KeyError(f"unknown field {key!r}")
+            grouped[section][name] = _coerce(value, ftypes[name])
+        return cls(**{s: section_types[s]().__class__(**kw) for s, kw in grouped.items()})
+
+    def replace(self, **sections: Any) -> "TrialSpec":
+        return dataclasses.replace(self, **sections)
+
+
+def _coerce(value: Any, type_name: Any) -> Any:
+    """Turn numpy scalars and JSON numbers into the dataclass field's own Python type."""
+    if value is None:
+        return None
+    t = str(type_name)
+    if hasattr(value, "item"):
+        value = value.item()
+    if t.startswith("bool"):
+        return bool(value)
+    if t.startswith("int"):
+        return int(value)
+    if t.startswith("float"):
+        return float(value)
+    if t.startswith("str"):
+        return str(value)
+    return value
