@@ -347,7 +347,7 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
     if "student" not in raw:
         raise ctx.fail("student", "is missing; a space needs a student section")
 
-    name = raw.get("name", Path(source).stem)
+    name = raw.get("name", re.sub(r"[^A-Za-z0-9_.-]", "", Path(source).stem) or "space")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ctx.fail("name", f"must be a word of letters, digits, '_', '-' or '.', got {name!r}")
     description = raw.get("description", "")
