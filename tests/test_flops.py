@@ -199,3 +199,12 @@ def test_formula_equals_model_for_random_specs(spec: StudentSpec) -> None:
     count = count_flops(spec)
     assert count.flops == measured_flops(model, spec)
     assert count.params == num_params(model)
+
+
+def test_flops_module_does_not_import_torch() -> None:
+    """count_flops runs in microseconds because it never touches torch (a fresh interpreter proves it)."""
+    import subprocess
+    import sys
+
+    code = "import sys, kdsearch.flops; assert 'torch' not in sys.modules, 'kdsearch.flops imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
