@@ -24,6 +24,9 @@ app = typer.Typer(
 )
 space_app = typer.Typer(no_args_is_help=True, help="Inspect search-space files.")
 app.add_typer(space_app, name="space")
+teacher_app = typer.Typer(no_args_is_help=True, help="Train or inspect a space's teacher.")
+app.add_typer(teacher_app, name="teacher")
+err_console = Console(stderr=True)
 
 
 @space_app.command("show")
@@ -69,6 +72,104 @@ def _print_summary(s: dict) -> None:
     objectives = ", ".join(f"{o['metric']} ({o['mode']})" for o in s["objectives"])
     sr = s["search"]
     console.print(f"objectives: {objectives}; sampler {sr['sampler']}, {sr['trials']} trials; per trial {s['resources']['cpus']:g} CPU, {s['resources']['gpus']:g} GPU")
+
+
+@teacher_app.command("train")
+def teacher_train(
+    space_file: Path = typer.Argument(..., help="A search-space YAML file whose teacher is kdsearch/digits_cnn."),
+    force: bool = typer.Option(False, "--force", help="Train again even when the checkpoint exists."),
+) -> None:
+    """Train the space's built-in teacher on its data and save it where the space points."""
+    from kdsearch.data import load_data
+    from kdsearch.space import load_space
+    from kdsearch.teacher import BUILTIN, evaluate, load_teacher
+
+    space = load_space(space_file)
+    if space.teacher.model != BUILTIN:
+        raise KdsearchError(
+            f"{space_file}: teacher.model: only the built-in {BUILTIN} is trained by kdsearch; "
+            f"fine-tune {space.teacher.model} with timm's train script and give its checkpoint"
+        )
+    path = Path(space.teacher.checkpoint)
+    if path.exists() and not force:
+        data = load_data(space)
+        acc = evaluate(load_teacher(space, data=data), data)
+        err_console.print(f"teacher {path} exists (val_acc {acc:.4f}); --force trains it again")
+        return
+    if force and path.exists():
+        path.unlink()
+    load_teacher(space, train_if_missing=True, log=err_console.print)
+
+
+@app.command("trial")
+def trial(
+    space_file: Path = typer.Argument(..., help="A search-space YAML file."),
+    set_: list[str] = typer.Option([], "--set", help="Fix a dimension: --set student.depth=4 (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the final metrics as one JSON object on stdout."),
+    workdir: Path = typer.Option(None, help="Where the weights go [default: runs/SPACE_NAME/trials/TIMESTAMP]."),
+) -> None:
+    """Run one trial locally: each dimension at its default unless --set; prints its metrics."""
+    import time as _time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kdsearch.data import load_data
+    from kdsearch.space import load_space
+    from kdsearch.teacher import load_teacher
+    from kdsearch.trial import TrialDiverged, run_trial
+
+    space = load_space(space_file)
+    spec = space.default_spec(parse_overrides(set_, str(space_file)))
+    run_dir = Path("runs") / space.name
+    workdir = (workdir or run_dir / "trials" / _time.strftime("%Y%m%d-%H%M%S")).resolve()
+    data = load_data(space)
+    teacher = load_teacher(space, train_if_missing=True, log=err_console.print, data=data) if _needs_teacher(spec) else None
+    s = spec.student
+    err_console.print(
+        f"student: D {s.embed_dim}, depth {s.depth}, heads {s.num_heads}, mlp {s.mlp_ratio:g}, patch {s.patch_size}, "
+        f"{s.pos_embed}{', distillation token' if s.distill_token else ''}; recipe: {spec.recipe}"
+    )
+    columns = [TextColumn("epoch {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn()]
+    with Progress(*columns, console=err_console, transient=as_json) as progress:
+        task = progress.add_task("", total=spec.train.epochs)
+
+        def report(m: dict) -> None:
+            progress.update(task, completed=m["epoch"], description=f"val_acc {m['val_acc']:.4f}  loss {m['train_loss']:.4f}")
+
+        try:
+            result = run_trial(spec, report, workdir, data=data, teacher=teacher, cache_dir=run_dir / "cache")
+        except TrialDiverged as e:
+            raise KdsearchError(f"trial: {e}; lower train.lr or the recipe's weights") from None
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    table = Table("metric", "value")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def _needs_teacher(spec) -> bool:
+    r = spec.recipe
+    return r.alpha > 0 or r.hard_weight > 0 or r.feature_weight > 0 or r.attention_weight > 0
+
+
+def parse_overrides(items: list[str], source: str) -> dict:
+    """`["student.depth=4", "recipe.alpha=0.5"]` -> {"student.depth": 4, "recipe.alpha": 0.5} (YAML values)."""
+    import yaml
+
+    from kdsearch.space import _Loader
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise KdsearchError(f"--set {item}: expected KEY=VALUE, e.g. --set student.depth=4")
+        try:
+            out[key.strip()] = yaml.load(value, Loader=_Loader)
+        except yaml.YAMLError:
+            raise KdsearchError(f"--set {item}: {value!r} is not a value") from None
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

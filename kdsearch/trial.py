@@ -51,6 +51,7 @@ def run_trial(
     cached_logits: TeacherLogits | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
+    live_teacher: bool = False,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Train `spec`'s student by distillation; report after each epoch; return the last metrics.
@@ -58,7 +59,8 @@ def run_trial(
     data, teacher and cached_logits may be passed in (a search loads them once per worker);
     otherwise they are loaded here. The teacher's logits are read from (or written once to)
     `cache_dir` (default: `workdir/cache`). The final weights are saved as
-    `workdir/model.safetensors` with `workdir/trial_spec.json` beside them.
+    `workdir/model.safetensors` with `workdir/trial_spec.json` beside them. `live_teacher`
+    runs the teacher on every batch even where the cache would do (a baseline to compare with).
     """
     t_start = time.perf_counter()
     workdir = Path(workdir)
@@ -69,7 +71,11 @@ def run_trial(
     data = data or load_data(spec.data)
     model: StudentViT = build_student(spec.student).to(device)
     needs_teacher = spec.recipe.alpha > 0 or spec.recipe.hard_weight > 0
-    needs_live = spec.recipe.feature_weight > 0 or spec.recipe.attention_weight > 0 or (needs_teacher and data.random_augment)
+    needs_live = (
+        spec.recipe.feature_weight > 0
+        or spec.recipe.attention_weight > 0
+        or (needs_teacher and (data.random_augment or live_teacher))
+    )
     teacher_images = 0
     if (needs_live or (needs_teacher and cached_logits is None)) and teacher is None:
         teacher = load_teacher(spec, log=log, data=data)
@@ -119,7 +125,7 @@ def run_trial(
                     teacher_prefix=t_prefix,
                 )
             if not torch.isfinite(total):
-                raise TrialDiverged(epoch + 1, step, float(total))
+                raise TrialDiverged(epoch + 1, step, float(total.detach()))
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()

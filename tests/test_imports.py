@@ -21,7 +21,7 @@ def test_import_kdsearch_does_not_import_ray_or_torch() -> None:
 
 
 def test_space_and_cli_do_not_import_ray() -> None:
-    mods = modules_after("import kdsearch.space, kdsearch.summary, kdsearch.cli, kdsearch.student, kdsearch.flops")
+    mods = modules_after("import kdsearch.space, kdsearch.summary, kdsearch.cli, kdsearch.student, kdsearch.flops, kdsearch.trial, kdsearch.teacher, kdsearch.data, kdsearch.distill")
     assert "ray" not in mods
     assert "optuna" not in mods  # the space is define-by-run: it needs a trial, not optuna itself
 
