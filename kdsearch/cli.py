@@ -149,6 +149,63 @@ def trial(
     Console().print(table)
 
 
+@app.command("search")
+def search(
+    space_file: Path = typer.Argument(..., help="A search-space YAML file."),
+    trials: int = typer.Option(None, "--trials", min=1, help="Trials to run [default: the space's search.trials]."),
+    address: str = typer.Option(None, "--address", help="Join a Ray cluster: 'auto' or ray://HOST:PORT [default: a local Ray]."),
+    name: str = typer.Option(None, "--name", help="The run's name [default: the space's name]."),
+    storage: Path = typer.Option(Path("runs"), "--storage", help="Folder holding runs (local or shared filesystem)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run NAME after its driver died."),
+    plot: Path = typer.Option(None, "--plot", help="Write the front as a PNG here [default: RUN/front.png]."),
+) -> None:
+    """Run a multi-objective search: Ray Tune runs trials, Optuna chooses them."""
+    from kdsearch.plots import plot_front
+    from kdsearch.search import run_search
+
+    result = run_search(space_file, trials=trials, address=address, name=name, storage=storage, resume=resume, say=err_console.print)
+    import json as _json
+
+    objectives = _json.loads(result.paths.meta.read_text())["objectives"]
+    picture = plot_front(result.trials, objectives, plot or result.paths.root / "front.png", title=result.paths.root.name)
+    _print_front(result.front)
+    where = f"run: {result.paths.root}  (trials.parquet, epochs.parquet, study.db)  front picture: {picture}"
+    Console().print(where)
+    if result.interrupted:
+        err_console.print(f"the search stopped early; continue it with: kdsearch search {space_file} --name {result.paths.root.name} --storage {storage} --resume")
+
+
+@app.command("status")
+def status(
+    run: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
+) -> None:
+    """Progress and the front so far, from a run's files (while it runs or after)."""
+    import json as _json
+
+    from kdsearch.results import open_run, read_rows
+    from kdsearch.status import render_status, status_dict
+
+    paths = open_run(run)
+    meta = _json.loads(paths.meta.read_text())
+    trials, epochs = read_rows(paths.trials), read_rows(paths.epochs)
+    if as_json:
+        typer.echo(_json.dumps(status_dict(trials, epochs, meta["objectives"], meta["trials"], meta["started"]), default=str))
+        return
+    Console().print(render_status(trials, epochs, meta["objectives"], meta["trials"], meta["started"]))
+
+
+def _print_front(front: list) -> None:
+    table = Table("trial", "val_acc", "MFLOPs", "params", "D", "depth", "heads", "mlp", "patch", "pos_embed", "dist", "alpha", "T", title="Pareto front (val_acc max, FLOPs min)")
+    for r in front:
+        table.add_row(
+            r["trial_id"], f"{r['val_acc']:.4f}", f"{r['flops'] / 1e6:.3f}", f"{r['params']:,}", str(r["student.embed_dim"]),
+            str(r["student.depth"]), str(r["student.num_heads"]), f"{r['student.mlp_ratio']:g}", str(r["student.patch_size"]),
+            r["student.pos_embed"], "yes" if r["student.distill_token"] else "no", f"{r['recipe.alpha']:.2f}", f"{r['recipe.temperature']:.2f}",
+        )
+    Console().print(table)
+
+
 def _needs_teacher(spec) -> bool:
     r = spec.recipe
     return r.alpha > 0 or r.hard_weight > 0 or r.feature_weight > 0 or r.attention_weight > 0

@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 
 from kdsearch.dimensions import Choice, Dimension, Fixed, FloatRange, IntRange, SuggestTrial, cardinality
+from kdsearch.early_stopping import EarlyStopping
 from kdsearch.errors import SpaceError
 from kdsearch.flops import count_flops
 from kdsearch.specs import POS_EMBEDS, DataSpec, RecipeSpec, StudentSpec, TeacherSpec, TrainSpec, TrialSpec
@@ -130,8 +131,15 @@ PLAIN: dict[str, dict[str, Key]] = {
         "cpus": Key("float", 1.0, _gt(0), "a number > 0"),
         "gpus": Key("float", 0.0, _ge(0), "a number >= 0 (fractions share a GPU)"),
     },
+    "early_stopping": {
+        "enabled": Key("bool", True),
+        "grace_epochs": Key("int", 5, _ge(1), "an integer >= 1"),
+        "reduction_factor": Key("int", 2, _ge(2), "an integer >= 2"),
+        "beaten_by": Key("int", 2, _ge(1), "an integer >= 1"),
+    },
     "search": {
         "trials": Key("int", 16, _ge(1), "an integer >= 1"),
+        "population_size": Key("int", None, _ge(2), "an integer >= 2 (NSGA-II), or null", optional=True),
         "sampler": Key("str", "nsga2", _one_of(SAMPLERS), "one of " + ", ".join(SAMPLERS)),
         "seed": Key("int", 0),
         "max_failures": Key("int", 1, _ge(0), "an integer >= 0"),
@@ -182,6 +190,7 @@ class Resources:
 @dataclass(frozen=True)
 class SearchSettings:
     trials: int = 16
+    population_size: int | None = None
     sampler: str = "nsga2"
     seed: int = 0
     max_failures: int = 1
@@ -201,6 +210,7 @@ class SearchSpace:
     budget: Budget
     resources: Resources
     search: SearchSettings
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     description: str = ""
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -387,6 +397,7 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
         budget=budget,
         resources=Resources(**plain["resources"]),
         search=SearchSettings(**plain["search"]),
+        early_stopping=EarlyStopping(**plain["early_stopping"]),
         description=description,
         raw=raw,
     )

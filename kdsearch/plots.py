@@ -1,0 +1,53 @@
+"""Pictures of a run: every trial by FLOPs and accuracy, coloured by pos_embed, the front as a step line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from kdsearch.specs import POS_EMBEDS
+from kdsearch.status import Objectives, front_rows
+
+MARKERS = {"completed": "o", "stopped_early": "v"}  # failed and infeasible trials have no accuracy to plot
+
+
+def plot_front(trials: Sequence[dict[str, Any]], objectives: Objectives, path: str | os.PathLike, title: str = "") -> Path:
+    """Write a PNG (800x560 px) of the trials and the front; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.6), dpi=100)
+    colors = dict(zip(POS_EMBEDS, plt.get_cmap("tab10").colors))
+    for status, marker in MARKERS.items():
+        for pe in POS_EMBEDS:
+            pts = [r for r in trials if r["status"] == status and r.get("student.pos_embed") == pe and r.get("val_acc") is not None]
+            if pts:
+                ax.scatter(
+                    [r["flops"] / 1e6 for r in pts], [r["val_acc"] * 100 for r in pts], marker=marker,
+                    color=colors[pe], alpha=0.85 if status == "completed" else 0.45, s=36,
+                    label=f"{pe}" if status == "completed" else None,
+                )
+    front = front_rows(trials, objectives)
+    if front:
+        xs = [r["flops"] / 1e6 for r in front]
+        ys = [r["val_acc"] * 100 for r in front]
+        ax.step(xs, ys, where="post", color="black", lw=1.2, label="front")
+    for status, marker in MARKERS.items():
+        if status != "completed" and any(r["status"] == status for r in trials):
+            ax.scatter([], [], marker=marker, color="grey", label=status.replace("_", " "))
+    ax.set_xlabel("MFLOPs per image (inference, 2 FLOPs per multiply-add, attention included)")
+    ax.set_ylabel("val accuracy (%)")
+    ax.set_title(title or "accuracy against FLOPs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,494 @@
+"""The distributed search: Ray Tune runs the trials, Optuna (multi-objective) chooses them.
+
+The only module (with the CLI) that imports Ray. Its parts are adapters around plain pieces:
+
+    SearchSpace.suggest   -> the define-by-run space of Ray's OptunaSearch (budgets as constraints)
+    run_trial             -> the function trainable (reports through ray.tune.report)
+    ParetoHalvingRule     -> ParetoHalving, a Ray Tune TrialScheduler
+    results tables        -> ResultsRecorder, a Ray Tune Callback writing Parquet atomically
+    status rendering      -> LiveView, a Ray Tune Callback drawing a rich live view
+
+A run directory holds the space as run (space.yaml), run.json, trials.parquet, epochs.parquet,
+the Optuna study (study.db, SQLite: `optuna-dashboard sqlite:///study.db`), Ray Tune's
+experiment state (tune/), the teacher-logit cache (cache/) and each trial's weights (trials/ID/).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from kdsearch import __version__
+from kdsearch.early_stopping import ParetoHalvingRule
+from kdsearch.errors import KdsearchError
+from kdsearch.flops import count_flops
+from kdsearch.results import EPOCH_COLUMNS, TRIAL_COLUMNS, RunPaths, read_rows, write_json, write_table
+from kdsearch.space import SearchSpace, load_space
+from kdsearch.specs import TrialSpec
+from kdsearch.status import front_rows, render_status
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class SearchResult:
+    paths: RunPaths
+    trials: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    interrupted: bool
+
+
+# --------------------------------------------------------------------------------------
+# The trainable (runs in Ray workers)
+# --------------------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}  # per worker process: data and teacher, loaded once and reused
+
+
+def _worker_data(spec: TrialSpec):
+    from kdsearch.data import load_data
+
+    key = f"data:{spec.data}"
+    if key not in _WORKER:
+        _WORKER[key] = load_data(spec.data)
+    return _WORKER[key]
+
+
+def _worker_teacher(spec: TrialSpec, data):
+    from kdsearch.teacher import load_teacher
+
+    key = f"teacher:{spec.teacher}:{spec.data}"
+    if key not in _WORKER:
+        _WORKER[key] = load_teacher(spec, data=data)
+    return _WORKER[key]
+
+
+def _trainable(config: dict[str, Any], run_dir: str, cached_logits: Any, threads: int) -> None:
+    """One Ray Tune trial: an infeasible config reports at once; the rest run `run_trial`."""
+    import torch
+
+    from kdsearch.trial import run_trial
+
+    torch.set_num_threads(threads)
+    meta = config["kdsearch"]
+    spec = TrialSpec.from_dict(meta["spec"])
+    fc = count_flops(spec.student)
+    fixed = {"epochs_total": spec.train.epochs, "infeasible": meta["infeasible"]}
+    if meta["infeasible"]:
+        # over the budget: never trains; Optuna already holds its constraint values
+        tune.report({"epoch": 0, "val_acc": 0.0, "flops": fc.flops, "macs": fc.macs, "params": fc.params, **fixed})
+        return
+    trial_id = tune.get_context().get_trial_id()
+    data = _worker_data(spec)
+    r = spec.recipe
+    live = r.feature_weight > 0 or r.attention_weight > 0 or ((r.alpha > 0 or r.hard_weight > 0) and cached_logits is None)
+    teacher = _worker_teacher(spec, data) if live else None
+    run_trial(
+        spec,
+        lambda m: tune.report({**m, **fixed}),
+        RunPaths(Path(run_dir)).trial_dir(trial_id),
+        data=data,
+        teacher=teacher,
+        cached_logits=cached_logits,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Optuna, as Ray's searcher
+# --------------------------------------------------------------------------------------
+
+
+def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
+    s = space.search
+    if s.sampler == "nsga2":
+        # NSGA-II is random until its first generation is full: size it to the budget of trials
+        population = s.population_size or max(4, min(50, s.trials // 3))
+        return optuna.samplers.NSGAIISampler(population_size=population, seed=s.seed)
+    if s.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True)
+    if s.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=s.seed)
+    return optuna.samplers.RandomSampler(seed=s.seed)
+
+
+class KdsearchOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, with early-stopped trials entering the study as PRUNED (not as
+    finished with an early-epoch accuracy), failed ones as FAIL, and the study mirrored to a
+    SQLite file in the run directory for optuna-dashboard."""
+
+    def __init__(self, *args: Any, study_path: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._study_path = study_path
+        self._last_export = 0.0
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        if error or not result:
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        elif not result.get("infeasible") and result.get("epoch", 0) < result.get("epochs_total", 0):
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self._ot_study.tell(ot_trial, [float(result[m]) for m in self._metric])
+        self._completed_trials.add(trial_id)
+        if time.monotonic() - self._last_export > 10:
+            self.export_study()
+
+    def export_study(self) -> None:
+        """Copy the in-memory study to study.db (written beside, then renamed)."""
+        self._last_export = time.monotonic()
+        path = Path(self._study_path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optuna.copy_study(
+                from_study_name=self._ot_study.study_name,
+                from_storage=self._ot_study._storage,
+                to_storage=f"sqlite:///{tmp}",
+                to_study_name="kdsearch",
+            )
+        os.replace(tmp, path)
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+
+class DefineByRun:
+    """The space as OptunaSearch's define-by-run function (a class: Ray pickles the searcher)."""
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        spec = self.space.suggest(trial)  # calls trial.set_constraint for the budgets
+        return {"kdsearch": {"spec": spec.to_dict(), "infeasible": not self.space.budget.feasible(spec.student)}}
+
+
+# --------------------------------------------------------------------------------------
+# Early stopping, as a Ray Tune scheduler
+# --------------------------------------------------------------------------------------
+
+
+class ParetoHalving(FIFOScheduler):
+    """Stops a trial at a milestone when enough cheaper-or-equal trials are already more
+    accurate at the same epoch (see kdsearch.early_stopping). Trials start in FIFO order."""
+
+    def __init__(self, rule: ParetoHalvingRule, accuracy: str, costs: tuple[str, ...], epochs_file: str):
+        super().__init__()
+        self.rule, self.accuracy, self.costs = rule, accuracy, costs
+        self._epochs_file = epochs_file
+        self._seeded = False
+
+    def _seed_from_file(self) -> None:
+        """After a resume, milestones reached before the driver died still count as peers."""
+        self._seeded = True
+        for row in read_rows(Path(self._epochs_file)):
+            if row.get("epochs_total") and self.rule.is_milestone(row["epoch"], row["epochs_total"]):
+                if all(row.get(c) is not None for c in self.costs):
+                    self.rule.record(row["trial_id"], row["epoch"], tuple(row[c] for c in self.costs), row[self.accuracy])
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if not self._seeded:
+            self._seed_from_file()
+        if result.get("infeasible") or not result.get("epoch"):
+            return TrialScheduler.CONTINUE
+        stop = self.rule.on_result(
+            trial.trial_id, result["epoch"], result["epochs_total"],
+            tuple(float(result[c]) for c in self.costs), float(result[self.accuracy]),
+        )
+        return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
+
+
+# --------------------------------------------------------------------------------------
+# Results and progress, as Ray Tune callbacks (they run in the driver)
+# --------------------------------------------------------------------------------------
+
+
+class ResultsRecorder(tune.Callback):
+    """Keeps trials.parquet and epochs.parquet up to date, keyed by trial id (idempotent)."""
+
+    def __init__(self, paths: RunPaths, searcher: KdsearchOptunaSearch, flush_seconds: float = 2.0):
+        self.paths = paths
+        self.searcher = searcher
+        self.flush_seconds = flush_seconds
+        self.trials: dict[str, dict[str, Any]] = {}
+        self.epochs: dict[tuple[str, int], dict[str, Any]] = {}
+        self._last_flush = 0.0
+
+    def setup(self, **info: Any) -> None:
+        self.trials = {r["trial_id"]: r for r in read_rows(self.paths.trials)}
+        self.epochs = {(r["trial_id"], r["epoch"]): r for r in read_rows(self.paths.epochs)}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("infeasible") or not result.get("epoch"):
+            return
+        tid = trial.trial_id
+        if result["epoch"] == 1:  # a new attempt (first run or a retry): drop the old curve
+            self.epochs = {k: v for k, v in self.epochs.items() if k[0] != tid}
+            self.trials.pop(tid, None)
+        row = {c: result.get(c) for c in EPOCH_COLUMNS if c not in ("trial_id", "time")}
+        row.update(trial_id=tid, time=time.time(), epochs_total=result.get("epochs_total"), macs=result.get("macs"), params=result.get("params"))
+        self.epochs[(tid, result["epoch"])] = row
+        if time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        if last.get("infeasible"):
+            status = "infeasible"
+        elif last.get("epoch", 0) < last.get("epochs_total", math.inf):
+            status = "stopped_early"
+        else:
+            status = "completed"
+        self._row(trial, status)
+        self.flush()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._row(trial, "failed", error=_error_text(trial))
+        self.flush()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.flush()
+        try:
+            self.searcher.export_study()
+        except Exception as e:  # the dashboard copy must never fail the search
+            log.warning("could not export the Optuna study: %s", e)
+
+    def _row(self, trial: Any, status: str, error: str | None = None) -> None:
+        meta = trial.config["kdsearch"]
+        spec = TrialSpec.from_dict(meta["spec"])
+        fc = count_flops(spec.student)
+        last = trial.last_result or {}
+        tid = trial.trial_id
+        curve = [r["val_acc"] for (t, _), r in self.epochs.items() if t == tid]
+        ckpt = self.paths.trial_dir(tid) / "model.safetensors"
+        self.trials[tid] = {
+            "trial_id": tid,
+            "status": status,
+            "val_acc": last.get("val_acc") if status in ("completed", "stopped_early") else None,  # measured only
+            "best_val_acc": max(curve) if curve else None,
+            "flops": fc.flops,
+            "macs": fc.macs,
+            "params": fc.params,
+            "epochs": int(last.get("epoch", 0) or 0) if status != "failed" else len(curve),
+            "epochs_total": spec.train.epochs,
+            "wall_seconds": float(last.get("time_total_s", 0.0) or 0.0),
+            "checkpoint": str(ckpt) if status == "completed" and ckpt.exists() else None,
+            "error": error,
+            "finished_at": time.time(),
+            **spec.to_dict(),
+        }
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        write_table(sorted(self.trials.values(), key=lambda r: r["trial_id"]), self.paths.trials, TRIAL_COLUMNS)
+        write_table(sorted(self.epochs.values(), key=lambda r: (r["trial_id"], r["epoch"])), self.paths.epochs, EPOCH_COLUMNS)
+
+
+def _error_text(trial: Any) -> str:
+    """The exception line of a failed trial's error file (what the user needs to see)."""
+    try:
+        text = Path(trial.error_file).read_text()
+    except (OSError, TypeError):
+        return str(getattr(trial, "error_msg", "") or "unknown error")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line or "Diverged" in line:
+            return line[:500]
+    return (lines[-1] if lines else "unknown error")[:500]
+
+
+class LiveView(tune.Callback):
+    """A rich live view on stderr: trials done/running/failed/stopped, the front so far, times."""
+
+    def __init__(self, recorder: ResultsRecorder, space: SearchSpace, total: int, started: float):
+        self.recorder, self.space, self.total, self.started = recorder, space, total, started
+        self._live = None
+        self._last = 0.0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_live": None}
+
+    def setup(self, **info: Any) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self._live = Live(console=Console(stderr=True), refresh_per_second=2, transient=False)
+        self._live.start()
+
+    def on_step_end(self, iteration: int, trials: list, force: bool = False, **info: Any) -> None:
+        if self._live is None or (not force and time.monotonic() - self._last < 1.0):
+            return
+        self._last = time.monotonic()
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        self._live.update(
+            render_status(
+                list(self.recorder.trials.values()), list(self.recorder.epochs.values()),
+                [(o.metric, o.mode) for o in self.space.objectives], self.total, self.started, running,
+            )
+        )
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._live is not None:
+            self.on_step_end(0, trials, force=True)
+            self._live.stop()
+            self._live = None
+
+
+# --------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------
+
+
+def _init_ray(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if address:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise KdsearchError(f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0][:200]}") from None
+    else:
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+
+
+def _prepare_run(space_file: Path, space: SearchSpace, paths: RunPaths, resume: bool, trials: int, address: str | None) -> float:
+    """Create (or check, on resume) the run directory; returns the run's start time."""
+    text = Path(space_file).read_text()
+    if resume:
+        if not paths.meta.exists():
+            raise KdsearchError(f"--resume: {paths.root} holds no run to resume; start it without --resume")
+        import json
+
+        meta = json.loads(paths.meta.read_text())
+        if paths.space.exists() and paths.space.read_text() != text:
+            raise KdsearchError(f"--resume: {space_file} differs from the space the run started with ({paths.space})")
+        return float(meta["started"])
+    if paths.meta.exists():
+        raise KdsearchError(f"--name: a run already exists at {paths.root}; use --resume to continue it or another --name")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    tmp = paths.space.with_name(".space.yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, paths.space)
+    started = time.time()
+    write_json(paths.meta, {
+        "name": paths.root.name, "space_file": str(Path(space_file).resolve()), "space_name": space.name,
+        "trials": trials, "started": started, "address": address, "kdsearch": __version__,
+        "objectives": [[o.metric, o.mode] for o in space.objectives],
+    })
+    return started
+
+
+def _teacher_cache(space: SearchSpace, paths: RunPaths, say: Callable[[str], None]):
+    """Compute (or read) the teacher's logits once for the whole search; None when unused."""
+    from kdsearch.data import load_data
+    from kdsearch.teacher import load_teacher, teacher_logits
+
+    soft = [d for k, d in space.dims.items() if k in ("recipe.alpha", "recipe.hard_weight")]
+    if all(max(d.values()) == 0 for d in soft):
+        return None
+    data = load_data(space)
+    if data.random_augment:
+        say("training augmentation is random: trials run the teacher live (the logit cache is off)")
+        return None
+    teacher = load_teacher(space, train_if_missing=True, log=say, data=data)
+    t0 = time.perf_counter()
+    logits, images = teacher_logits(teacher, data, space.teacher, paths.cache)
+    if images:
+        say(f"teacher logits cached once for the search: {images:,} images in {time.perf_counter() - t0:.1f} s")
+    return logits
+
+
+def run_search(
+    space_file: str | os.PathLike,
+    *,
+    trials: int | None = None,
+    address: str | None = None,
+    name: str | None = None,
+    storage: str | os.PathLike | None = None,
+    resume: bool = False,
+    live: bool = True,
+    say: Callable[[str], None] = print,
+) -> SearchResult:
+    """Run (or resume) a search; returns the trials table and the front."""
+    space_file = Path(space_file)
+    space = load_space(space_file)
+    storage_str = str(storage or "runs")
+    if "://" in storage_str:
+        raise KdsearchError(f"--storage {storage_str}: kdsearch writes its tables to a local or shared filesystem path; mount the bucket and give its path")
+    paths = RunPaths((Path(storage_str) / (name or space.name)).resolve())
+    total = trials or space.search.trials
+    started = _prepare_run(space_file, space, paths, resume, total, address)
+
+    _init_ray(address)
+    cached = _teacher_cache(space, paths, say)
+
+    acc = next((o.metric for o in space.objectives if o.mode == "max"), "val_acc")
+    costs = tuple(o.metric for o in space.objectives if o.mode == "min")
+    searcher = KdsearchOptunaSearch(
+        space=DefineByRun(space),
+        metric=[o.metric for o in space.objectives],
+        mode=[o.mode for o in space.objectives],
+        sampler=make_sampler(space),
+        study_path=str(paths.study),
+    )
+    scheduler = ParetoHalving(ParetoHalvingRule(space.early_stopping), acc, costs, str(paths.epochs))
+    recorder = ResultsRecorder(paths, searcher)
+    callbacks: list[tune.Callback] = [recorder]
+    if live:
+        callbacks.append(LiveView(recorder, space, total, started))
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, run_dir=str(paths.root), cached_logits=cached, threads=max(1, int(space.resources.cpus))),
+        {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
+    )
+    if resume and tune.Tuner.can_restore(str(paths.tune)):
+        tuner = tune.Tuner.restore(str(paths.tune), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        say(f"resuming {paths.root}")
+    elif resume:
+        raise KdsearchError(f"--resume: {paths.tune} holds no Ray Tune state (the search died before its first checkpoint); start it again")
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=total,
+                max_concurrent_trials=space.search.max_concurrent,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(paths.root),
+                failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
+                callbacks=callbacks,
+                verbose=0,
+            ),
+        )
+    tuner.fit()  # SIGINT makes fit() return what finished, without raising
+    rows = read_rows(paths.trials)
+    objectives = [(o.metric, o.mode) for o in space.objectives]
+    return SearchResult(paths, rows, front_rows(rows, objectives), interrupted=len(rows) < total)
+
