@@ -24,7 +24,7 @@ STATUSES = ("completed", "stopped_early", "infeasible", "failed")
 # Columns every trials.parquet has, before the config columns (student.*, recipe.*, ...)
 TRIAL_COLUMNS = (
     "trial_id", "status", "val_acc", "best_val_acc", "flops", "macs", "params",
-    "epochs", "epochs_total", "wall_seconds", "checkpoint", "error", "finished_at",
+    "epochs", "epochs_total", "wall_seconds", "checkpoint", "error", "retries", "optuna_trial", "finished_at",
 )
 EPOCH_COLUMNS = (
     "trial_id", "epoch", "val_acc", "train_loss", "flops", "epoch_seconds", "images_per_second",

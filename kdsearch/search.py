@@ -49,6 +49,7 @@ class SearchResult:
     trials: list[dict[str, Any]]
     front: list[dict[str, Any]]
     interrupted: bool
+    grid: Any = None  # Ray Tune's ResultGrid
 
 
 # --------------------------------------------------------------------------------------
@@ -177,7 +178,13 @@ class DefineByRun:
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         spec = self.space.suggest(trial)  # calls trial.set_constraint for the budgets
-        return {"kdsearch": {"spec": spec.to_dict(), "infeasible": not self.space.budget.feasible(spec.student)}}
+        return {
+            "kdsearch": {
+                "spec": spec.to_dict(),
+                "infeasible": not self.space.budget.feasible(spec.student),
+                "optuna_trial": int(trial.number),
+            }
+        }
 
 
 # --------------------------------------------------------------------------------------
@@ -229,11 +236,13 @@ class ResultsRecorder(tune.Callback):
         self.flush_seconds = flush_seconds
         self.trials: dict[str, dict[str, Any]] = {}
         self.epochs: dict[tuple[str, int], dict[str, Any]] = {}
+        self.retries: dict[str, int] = {}
         self._last_flush = 0.0
 
     def setup(self, **info: Any) -> None:
         self.trials = {r["trial_id"]: r for r in read_rows(self.paths.trials)}
         self.epochs = {(r["trial_id"], r["epoch"]): r for r in read_rows(self.paths.epochs)}
+        self.retries = {r["trial_id"]: r.get("retries") or 0 for r in self.trials.values()}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if result.get("infeasible") or not result.get("epoch"):
@@ -263,6 +272,11 @@ class ResultsRecorder(tune.Callback):
         self._row(trial, "failed", error=_error_text(trial))
         self.flush()
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A failed attempt that Tune retries (up to the space's max_failures)."""
+        self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
+        log.warning("trial %s failed (%s); retrying", trial.trial_id, _error_text(trial))
+
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.flush()
         try:
@@ -291,6 +305,8 @@ class ResultsRecorder(tune.Callback):
             "wall_seconds": float(last.get("time_total_s", 0.0) or 0.0),
             "checkpoint": str(ckpt) if status == "completed" and ckpt.exists() else None,
             "error": error,
+            "retries": self.retries.get(tid, 0),
+            "optuna_trial": meta.get("optuna_trial"),
             "finished_at": time.time(),
             **spec.to_dict(),
         }
@@ -442,7 +458,16 @@ def run_search(
     total = trials or space.search.trials
     started = _prepare_run(space_file, space, paths, resume, total, address)
 
+    owns_ray = not ray.is_initialized()
     _init_ray(address)
+    try:
+        return _search(space, paths, total, started, resume, live, say)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def _search(space: SearchSpace, paths: RunPaths, total: int, started: float, resume: bool, live: bool, say: Callable[[str], None]) -> SearchResult:
     cached = _teacher_cache(space, paths, say)
 
     acc = next((o.metric for o in space.objectives if o.mode == "max"), "val_acc")
@@ -487,8 +512,8 @@ def run_search(
                 verbose=0,
             ),
         )
-    tuner.fit()  # SIGINT makes fit() return what finished, without raising
+    grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
     rows = read_rows(paths.trials)
     objectives = [(o.metric, o.mode) for o in space.objectives]
-    return SearchResult(paths, rows, front_rows(rows, objectives), interrupted=len(rows) < total)
+    return SearchResult(paths, rows, front_rows(rows, objectives), interrupted=len(rows) < total, grid=grid)
 

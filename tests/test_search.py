@@ -1,0 +1,142 @@
+"""The search on a real local Ray with a real Optuna study and real trials (no mocks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from kdsearch.results import STATUSES
+from kdsearch.search import run_search
+from kdsearch.specs import TrialSpec
+from tests.helpers import run_cli
+
+SEARCH_SPACE = """
+name: digits_search
+data: {{name: digits, img_size: 16}}
+teacher: {{model: kdsearch/digits_cnn, checkpoint: {checkpoint}}}
+student:
+  embed_dim: [32, 48]
+  depth: [1, 2]
+  num_heads: [2, 4]
+  mlp_ratio: 2.0
+  patch_size: [4, 2]
+  pos_embed: [learned, sincos, relpos, rope, cpe, none]
+  distill_token: [false, true]
+recipe:
+  alpha: {{low: 0.0, high: 1.0}}
+  temperature: {{low: 1.0, high: 8.0, log: true}}
+train: {{epochs: {epochs}, batch_size: 64, lr: 2.0e-3, warmup_epochs: 1}}
+early_stopping: {{grace_epochs: 2, reduction_factor: 2, beaten_by: 1}}
+budget: {{max_gflops: 0.004}}
+resources: {{cpus: 1}}
+search: {{trials: {trials}, sampler: {sampler}, seed: {seed}, max_failures: 2}}
+"""
+
+
+def write_space(tmp_path: Path, teacher: Path, trials: int = 8, epochs: int = 6, sampler: str = "random", seed: int = 3) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(SEARCH_SPACE.format(checkpoint=teacher, trials=trials, epochs=epochs, sampler=sampler, seed=seed))
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_search(digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("search")
+    space = write_space(tmp, digits_teacher_path)
+    return run_search(space, storage=tmp / "runs", live=False, say=lambda s: None), space
+
+
+def test_search_records_every_trial(local_search) -> None:
+    result, _ = local_search
+    trials = pd.read_parquet(result.paths.trials)
+    assert len(trials) == 8 and trials.trial_id.is_unique
+    assert set(trials.status) <= set(STATUSES)
+    assert {"completed", "stopped_early", "infeasible"} <= set(trials.status), trials.status.tolist()
+    for col in ("trial_id", "status", "val_acc", "flops", "macs", "params", "epochs", "wall_seconds", "checkpoint", "error",
+                "student.depth", "student.pos_embed", "recipe.alpha", "train.epochs"):
+        assert col in trials.columns
+    # every row rebuilds its TrialSpec from its own config columns
+    for _, row in trials.iterrows():
+        spec = TrialSpec.from_dict({k: row[k] for k in trials.columns if k.split(".")[0] in ("student", "recipe", "train", "data", "teacher")})
+        assert spec.student.depth == row["student.depth"]
+
+
+def test_rows_agree_with_ray_and_optuna(local_search) -> None:
+    result, _ = local_search
+    trials = pd.read_parquet(result.paths.trials).set_index("trial_id")
+    epochs = pd.read_parquet(result.paths.epochs)
+    study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{result.paths.study}")
+    by_number = {t.number: t for t in study.trials}
+    ray_results = {r.metrics["trial_id"]: r.metrics for r in result.grid}
+    assert set(ray_results) == set(trials.index)
+    for tid, row in trials.iterrows():
+        ray_last = ray_results[tid]
+        ot = by_number[row["optuna_trial"]]
+        assert ot.params["student.depth"] == row["student.depth"]
+        assert ot.params["recipe.alpha"] == row["recipe.alpha"]
+        if row.status == "completed":
+            assert ot.state == optuna.trial.TrialState.COMPLETE
+            assert ot.values == [row.val_acc, row.flops]
+            assert ray_last["val_acc"] == row.val_acc and ray_last["epoch"] == row.epochs == row.epochs_total
+            assert Path(row.checkpoint).is_file()
+        elif row.status == "stopped_early":
+            # never told to Optuna as finished with an early-epoch accuracy
+            assert ot.state == optuna.trial.TrialState.PRUNED and ot.values is None
+            assert 0 < row.epochs < row.epochs_total and ray_last["epoch"] == row.epochs
+            assert pd.isna(row.checkpoint)
+        assert len(epochs[epochs.trial_id == tid]) == row.epochs
+
+
+def test_infeasible_configs_cost_no_training(local_search) -> None:
+    result, _ = local_search
+    trials = pd.read_parquet(result.paths.trials)
+    epochs = pd.read_parquet(result.paths.epochs)
+    study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{result.paths.study}")
+    infeasible = trials[trials.status == "infeasible"]
+    assert len(infeasible)
+    for _, row in infeasible.iterrows():
+        assert row.flops > 0.004e9 and row.epochs == 0 and pd.isna(row.checkpoint) and pd.isna(row.val_acc)
+        assert not result.paths.trial_dir(row.trial_id).exists()
+        assert row.trial_id not in set(epochs.trial_id)
+        ot = study.trials[row.optuna_trial]
+        assert ot.system_attrs["constraints:max_gflops"] > 0  # the sampler saw it as infeasible
+    feasible = trials[trials.status != "infeasible"]
+    assert all(study.trials[n].system_attrs["constraints:max_gflops"] <= 0 for n in feasible.optuna_trial)
+    # and Optuna keeps it off its own front
+    assert all(t.system_attrs["constraints:max_gflops"] <= 0 for t in study.best_trials)
+
+
+def test_front_is_the_non_dominated_completed_trials(local_search) -> None:
+    result, _ = local_search
+    done = [r for r in result.trials if r["status"] == "completed"]
+    front_ids = {r["trial_id"] for r in result.front}
+    for r in done:
+        dominated = any(o["val_acc"] >= r["val_acc"] and o["flops"] <= r["flops"] and (o["val_acc"], o["flops"]) != (r["val_acc"], r["flops"]) for o in done)
+        assert (r["trial_id"] in front_ids) == (not dominated)
+
+
+def test_status_command_reads_the_files(local_search, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    result, _ = local_search
+    assert run_cli(["status", str(result.paths.root), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    trials = pd.read_parquet(result.paths.trials)
+    assert status["finished"] == 8 and status["running"] == 0
+    assert status["stopped_early"] == (trials.status == "stopped_early").sum()
+    assert [f["trial_id"] for f in status["front"]] == [r["trial_id"] for r in result.front]
+    assert run_cli(["status", str(result.paths.root)]) == 0
+    assert "front so far" in capsys.readouterr().out
+
+
+def test_existing_run_needs_resume(local_search, capsys: pytest.CaptureFixture[str]) -> None:
+    result, space = local_search
+    storage = result.paths.root.parent
+    assert run_cli(["search", str(space), "--storage", str(storage)]) == 2
+    assert "use --resume" in capsys.readouterr().err
+    assert run_cli(["search", str(space), "--storage", str(storage), "--name", "nothing", "--resume"]) == 2
+    assert "holds no run to resume" in capsys.readouterr().err
+    assert run_cli(["status", str(storage / "nothing")]) == 2
