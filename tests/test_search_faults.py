@@ -1,0 +1,130 @@
+"""Faults: a Ray node lost mid-trial (several real nodes on one machine) and a driver killed
+with SIGKILL mid-search, then resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kdsearch.search import run_search
+from tests.test_search import write_space
+
+CONFIG_COLUMNS = ["student.embed_dim", "student.depth", "student.num_heads", "student.patch_size",
+                  "student.pos_embed", "student.distill_token", "recipe.alpha", "recipe.temperature"]
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (from /proc: no psutil needed)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_all(pids: list[int]) -> None:
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(0.2)
+
+
+def epochs_seen(path: Path) -> int:
+    try:
+        return len(pd.read_parquet(path)) if path.exists() else 0
+    except Exception:  # mid-rename on some filesystems: try again
+        return 0
+
+
+def test_node_lost_mid_trial_is_retried_elsewhere(digits_teacher_path: Path, tmp_path: Path) -> None:
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    space = write_space(tmp_path, digits_teacher_path, trials=5, epochs=8, seed=11)
+    epochs_file = tmp_path / "runs" / "digits_search" / "epochs.parquet"
+    removed: list[float] = []
+
+    def remove_a_worker() -> None:
+        wait_for(lambda: epochs_seen(epochs_file) >= 2, 180, "a trial to be under way")
+        cluster.remove_node(workers[0])
+        removed.append(time.monotonic())
+
+    killer = threading.Thread(target=remove_a_worker, daemon=True)
+    killer.start()
+    try:
+        result = run_search(space, storage=tmp_path / "runs", address=cluster.address, live=False, say=lambda s: None)
+    finally:
+        killer.join(timeout=5)
+        cluster.shutdown()
+    assert removed, "the worker node was never removed"
+    trials = pd.read_parquet(result.paths.trials)
+    assert len(trials) == 5 and trials.trial_id.is_unique  # every trial accounted for
+    assert "failed" not in set(trials.status), trials[["status", "error"]]
+    assert trials.retries.sum() >= 1  # the trial on the lost node ran again on the other
+    retried = trials[trials.retries > 0].iloc[0]
+    epochs = pd.read_parquet(result.paths.epochs)
+    curve = epochs[epochs.trial_id == retried.trial_id].epoch.tolist()
+    assert curve == list(range(1, retried.epochs + 1))  # one clean curve: the retry's, from epoch 1
+
+
+def test_sigkilled_driver_resumes_without_losing_or_repeating(digits_teacher_path: Path, tmp_path: Path) -> None:
+    space = write_space(tmp_path, digits_teacher_path, trials=8, epochs=5, seed=5)
+    runs = tmp_path / "runs"
+    kdsearch = Path(sys.executable).with_name("kdsearch")
+    cmd = [str(kdsearch), "search", str(space), "--storage", str(runs), "--name", "killed"]
+    trials_file = runs / "killed" / "trials.parquet"
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    helpers: list[int] = []
+    try:
+        wait_for(lambda: epochs_seen(trials_file) >= 3, 240, "three finished trials")
+        helpers = descendants(driver.pid)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        kill_all(helpers + descendants(driver.pid))  # Ray's helpers can outlive a killed driver
+        log.close()
+    before = pd.read_parquet(trials_file)
+    assert 3 <= len(before) < 8, "the kill came too late to test a resume"
+
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = pd.read_parquet(trials_file)
+    assert len(after) == 8, after[["trial_id", "status"]]
+    assert after.trial_id.is_unique
+    assert not after.duplicated(subset=CONFIG_COLUMNS).any(), "a lost attempt's config ran twice"
+    # nothing finished before the kill was lost or changed
+    kept = after.set_index("trial_id").loc[before.trial_id]
+    assert (kept.status.values == before.status.values).all()
+    assert (kept["recipe.alpha"].values == before["recipe.alpha"].values).all()
+    epochs = pd.read_parquet(runs / "killed" / "epochs.parquet")
+    assert not epochs.duplicated(subset=["trial_id", "epoch"]).any()
