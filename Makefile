@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# The main job on the embedded default; each demo is a new run (nothing earlier is overwritten).
 demo: $(STAMP)
 	$(BIN)/kdsearch space show search_spaces/digits_quick.yaml
+	$(BIN)/kdsearch search search_spaces/digits_quick.yaml --name digits_quick-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

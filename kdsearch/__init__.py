@@ -26,6 +26,11 @@ _EXPORTS = {
     "build_student": "kdsearch.student",
     "count_flops": "kdsearch.flops",
     "FlopCount": "kdsearch.flops",
+    "run_trial": "kdsearch.trial",
+    "TrialDiverged": "kdsearch.trial",
+    "load_teacher": "kdsearch.teacher",
+    "load_data": "kdsearch.data",
+    "DistillLoss": "kdsearch.distill",
     "KdsearchError": "kdsearch.errors",
     "SpaceError": "kdsearch.errors",
 }

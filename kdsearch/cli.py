@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdsearch.errors import KdsearchError
+from kdsearch.status import wide_console
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -26,7 +27,7 @@ space_app = typer.Typer(no_args_is_help=True, help="Inspect search-space files."
 app.add_typer(space_app, name="space")
 teacher_app = typer.Typer(no_args_is_help=True, help="Train or inspect a space's teacher.")
 app.add_typer(teacher_app, name="teacher")
-err_console = Console(stderr=True)
+err_console = wide_console(stderr=True)
 
 
 @space_app.command("show")
@@ -47,7 +48,7 @@ def space_show(
 
 
 def _print_summary(s: dict) -> None:
-    console = Console()
+    console = wide_console()
     console.print(f"[bold]{s['name']}[/bold]  ({s['source']})")
     if s["description"]:
         console.print(s["description"])
@@ -146,7 +147,7 @@ def trial(
     table = Table("metric", "value")
     for key, value in result.items():
         table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    wide_console().print(table)
 
 
 @app.command("search")
@@ -170,7 +171,7 @@ def search(
     picture = plot_front(result.trials, objectives, plot or result.paths.root / "front.png", title=result.paths.root.name)
     _print_front(result.front)
     where = f"run: {result.paths.root}  (trials.parquet, epochs.parquet, study.db)  front picture: {picture}"
-    Console().print(where)
+    wide_console().print(where)
     if result.interrupted:
         err_console.print(f"the search stopped early; continue it with: kdsearch search {space_file} --name {result.paths.root.name} --storage {storage} --resume")
 
@@ -192,7 +193,7 @@ def status(
     if as_json:
         typer.echo(_json.dumps(status_dict(trials, epochs, meta["objectives"], meta["trials"], meta["started"]), default=str))
         return
-    Console().print(render_status(trials, epochs, meta["objectives"], meta["trials"], meta["started"]))
+    wide_console().print(render_status(trials, epochs, meta["objectives"], meta["trials"], meta["started"]))
 
 
 def _print_front(front: list) -> None:
@@ -203,7 +204,7 @@ def _print_front(front: list) -> None:
             str(r["student.depth"]), str(r["student.num_heads"]), f"{r['student.mlp_ratio']:g}", str(r["student.patch_size"]),
             r["student.pos_embed"], "yes" if r["student.distill_token"] else "no", f"{r['recipe.alpha']:.2f}", f"{r['recipe.temperature']:.2f}",
         )
-    Console().print(table)
+    wide_console().print(table)
 
 
 def _needs_teacher(spec) -> bool:

@@ -44,3 +44,40 @@ def non_dominated_mask(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarr
         dominated = np.any(le & lt, axis=0)
         mask[np.flatnonzero(valid)] = ~dominated
     return mask if n else np.zeros(0, dtype=bool)
+
+
+def hypervolume_2d(points: np.ndarray, maximize: Sequence[bool], reference: Sequence[float]) -> float:
+    """Area dominated by `points` and bounded by `reference` (2 objectives, any max/min mix).
+
+    Points no better than the reference in both objectives add nothing; NaN rows are ignored.
+    """
+    if len(maximize) != 2:
+        raise ValueError("hypervolume_2d takes exactly two objectives")
+    pts = _as_min(np.asarray(points, dtype=float).reshape(-1, 2), maximize)
+    ref = _as_min(np.asarray([reference], dtype=float), maximize)[0]
+    pts = pts[~np.isnan(pts).any(axis=1)]
+    pts = pts[(pts[:, 0] < ref[0]) & (pts[:, 1] < ref[1])]
+    if not len(pts):
+        return 0.0
+    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]  # by first objective, then second
+    area, best_second = 0.0, ref[1]
+    for x, y in pts:
+        if y < best_second:
+            area += (ref[0] - x) * (best_second - y)
+            best_second = y
+    return float(area)
+
+
+def normalized_hypervolume(acc: np.ndarray, cost: np.ndarray, cost_ref: float) -> float:
+    """Hypervolume of (accuracy max, cost min) in the unit box: accuracy from the reference 0,
+    cost divided by `cost_ref` (kdsearch's default: 1.1 x the largest cost seen). In [0, 1]."""
+    if cost_ref <= 0 or not np.isfinite(cost_ref):
+        return 0.0
+    pts = np.column_stack([np.asarray(acc, dtype=float), np.asarray(cost, dtype=float) / cost_ref])
+    return hypervolume_2d(pts, [True, False], [0.0, 1.0])
+
+
+def hypervolume_history(acc: np.ndarray, cost: np.ndarray, cost_ref: float) -> np.ndarray:
+    """Normalized hypervolume after each point, in the order given (e.g. trials by finish time)."""
+    acc, cost = np.asarray(acc, dtype=float), np.asarray(cost, dtype=float)
+    return np.array([normalized_hypervolume(acc[: i + 1], cost[: i + 1], cost_ref) for i in range(len(acc))])

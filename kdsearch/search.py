@@ -37,7 +37,7 @@ from kdsearch.flops import count_flops
 from kdsearch.results import EPOCH_COLUMNS, TRIAL_COLUMNS, RunPaths, read_rows, write_json, write_table
 from kdsearch.space import SearchSpace, load_space
 from kdsearch.specs import TrialSpec
-from kdsearch.status import front_rows, render_status
+from kdsearch.status import front_rows, render_status, wide_console
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -77,7 +77,7 @@ def _worker_teacher(spec: TrialSpec, data):
     return _WORKER[key]
 
 
-def _trainable(config: dict[str, Any], run_dir: str, cached_logits: Any, threads: int) -> None:
+def _trainable(config: dict[str, Any], run_dir: str, data: Any, cached_logits: Any, threads: int) -> None:
     """One Ray Tune trial: an infeasible config reports at once; the rest run `run_trial`."""
     import torch
 
@@ -93,7 +93,7 @@ def _trainable(config: dict[str, Any], run_dir: str, cached_logits: Any, threads
         tune.report({"epoch": 0, "val_acc": 0.0, "flops": fc.flops, "macs": fc.macs, "params": fc.params, **fixed})
         return
     trial_id = tune.get_context().get_trial_id()
-    data = _worker_data(spec)
+    data = data or _worker_data(spec)  # the driver's copy, through the object store
     r = spec.recipe
     live = r.feature_weight > 0 or r.attention_weight > 0 or ((r.alpha > 0 or r.hard_weight > 0) and cached_logits is None)
     teacher = _worker_teacher(spec, data) if live else None
@@ -345,7 +345,7 @@ class LiveView(tune.Callback):
         from rich.console import Console
         from rich.live import Live
 
-        self._live = Live(console=Console(stderr=True), refresh_per_second=2, transient=False)
+        self._live = Live(console=wide_console(stderr=True), refresh_per_second=2, transient=False)
         self._live.start()
 
     def on_step_end(self, iteration: int, trials: list, force: bool = False, **info: Any) -> None:
@@ -376,6 +376,7 @@ def _init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing; LiveView shows progress
     if address:
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
@@ -417,24 +418,31 @@ def _prepare_run(space_file: Path, space: SearchSpace, paths: RunPaths, resume: 
     return started
 
 
-def _teacher_cache(space: SearchSpace, paths: RunPaths, say: Callable[[str], None]):
-    """Compute (or read) the teacher's logits once for the whole search; None when unused."""
+def _load_once(space: SearchSpace, paths: RunPaths, say: Callable[[str], None]):
+    """Load the data and compute (or read) the teacher's logits once for the whole search.
+
+    Both go to the workers through Ray's object store, so no worker loads the data or runs
+    the teacher for the cache. The logits are None where unused or where augmentation is random.
+    """
     from kdsearch.data import load_data
     from kdsearch.teacher import load_teacher, teacher_logits
 
+    data = load_data(space)
+    teacher_dims = [d for k, d in space.dims.items() if k.startswith("recipe.") and k != "recipe.temperature"]
+    if all(max(d.values()) == 0 for d in teacher_dims):
+        return data, None
+    teacher = load_teacher(space, train_if_missing=True, log=say, data=data)  # trains the built-in one if missing
     soft = [d for k, d in space.dims.items() if k in ("recipe.alpha", "recipe.hard_weight")]
     if all(max(d.values()) == 0 for d in soft):
-        return None
-    data = load_data(space)
+        return data, None
     if data.random_augment:
         say("training augmentation is random: trials run the teacher live (the logit cache is off)")
-        return None
-    teacher = load_teacher(space, train_if_missing=True, log=say, data=data)
+        return data, None
     t0 = time.perf_counter()
     logits, images = teacher_logits(teacher, data, space.teacher, paths.cache)
     if images:
         say(f"teacher logits cached once for the search: {images:,} images in {time.perf_counter() - t0:.1f} s")
-    return logits
+    return data, logits
 
 
 def run_search(
@@ -447,8 +455,13 @@ def run_search(
     resume: bool = False,
     live: bool = True,
     say: Callable[[str], None] = print,
+    reuse_actors: bool = True,
 ) -> SearchResult:
-    """Run (or resume) a search; returns the trials table and the front."""
+    """Run (or resume) a search; returns the trials table and the front.
+
+    `reuse_actors=False` is Ray's default, kept as a baseline for benchmarks: every trial
+    then pays a fresh worker's imports and data loading.
+    """
     space_file = Path(space_file)
     space = load_space(space_file)
     storage_str = str(storage or "runs")
@@ -461,14 +474,17 @@ def run_search(
     owns_ray = not ray.is_initialized()
     _init_ray(address)
     try:
-        return _search(space, paths, total, started, resume, live, say)
+        return _search(space, paths, total, started, resume, live, say, reuse_actors)
     finally:
         if owns_ray:
             ray.shutdown()
 
 
-def _search(space: SearchSpace, paths: RunPaths, total: int, started: float, resume: bool, live: bool, say: Callable[[str], None]) -> SearchResult:
-    cached = _teacher_cache(space, paths, say)
+def _search(
+    space: SearchSpace, paths: RunPaths, total: int, started: float, resume: bool, live: bool,
+    say: Callable[[str], None], reuse_actors: bool,
+) -> SearchResult:
+    data, cached = _load_once(space, paths, say)
 
     acc = next((o.metric for o in space.objectives if o.mode == "max"), "val_acc")
     costs = tuple(o.metric for o in space.objectives if o.mode == "min")
@@ -486,7 +502,9 @@ def _search(space: SearchSpace, paths: RunPaths, total: int, started: float, res
         callbacks.append(LiveView(recorder, space, total, started))
 
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, run_dir=str(paths.root), cached_logits=cached, threads=max(1, int(space.resources.cpus))),
+        tune.with_parameters(
+            _trainable, run_dir=str(paths.root), data=data, cached_logits=cached, threads=max(1, int(space.resources.cpus))
+        ),
         {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
     )
     if resume and tune.Tuner.can_restore(str(paths.tune)):
@@ -502,7 +520,7 @@ def _search(space: SearchSpace, paths: RunPaths, total: int, started: float, res
                 scheduler=scheduler,
                 num_samples=total,
                 max_concurrent_trials=space.search.max_concurrent,
-                reuse_actors=True,
+                reuse_actors=reuse_actors,  # warm workers: imports, data and teacher load once each
             ),
             run_config=tune.RunConfig(
                 name="tune",

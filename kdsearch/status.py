@@ -5,17 +5,24 @@ Drawn live by the search (kdsearch.search.LiveView) and from the files by `kdsea
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Sequence
 
 import numpy as np
-from rich.console import Group
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from kdsearch.pareto import non_dominated_mask
 
 Objectives = Sequence[tuple[str, str]]  # (metric, "max" | "min")
+
+
+def wide_console(stderr: bool = False) -> Console:
+    """A console that does not squeeze tables to 80 columns when writing to a file or pipe."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
 
 
 def front_rows(trials: Sequence[dict[str, Any]], objectives: Objectives) -> list[dict[str, Any]]:
