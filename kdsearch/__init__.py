@@ -31,6 +31,8 @@ _EXPORTS = {
     "load_teacher": "kdsearch.teacher",
     "load_data": "kdsearch.data",
     "DistillLoss": "kdsearch.distill",
+    "load_student": "kdsearch.export",
+    "export_student": "kdsearch.export",
     "KdsearchError": "kdsearch.errors",
     "SpaceError": "kdsearch.errors",
 }

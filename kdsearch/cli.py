@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -194,6 +195,122 @@ def status(
         typer.echo(_json.dumps(status_dict(trials, epochs, meta["objectives"], meta["trials"], meta["started"]), default=str))
         return
     wide_console().print(render_status(trials, epochs, meta["objectives"], meta["trials"], meta["started"]))
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command("pareto")
+def pareto(
+    run: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
+    fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
+    plot: Path = typer.Option(None, "--plot", help="Write a PNG of all trials and the front."),
+    html_out: Path = typer.Option(None, "--html", help="Write an interactive HTML plot (a trial's config on hover)."),
+    objectives: str = typer.Option(None, "--objectives", help="Comma-separated, e.g. val_acc,params [default: the run's]."),
+) -> None:
+    """The front of a run: its members, their architecture and recipe, and the hypervolume."""
+    from kdsearch.plots import plot_front
+    from kdsearch.report import front_table, hypervolume, load_run, require_finished, write_front_html
+
+    r = load_run(run, objectives.split(",") if objectives else None)
+    require_finished(r)
+    rows = front_table(r)
+    hv = hypervolume(r)
+    if plot:
+        plot_front(r.trials, r.objectives, plot, title=r.name)
+    if html_out:
+        write_front_html(r, html_out)
+    if fmt is Format.json:
+        hv_obj = {"value": hv.value, "reference": hv.reference, "normalized": True} if hv else None
+        typer.echo(json.dumps({"run": str(r.paths.root), "objectives": r.objectives, "hypervolume": hv_obj, "front": rows}, default=str))
+    elif fmt is Format.csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        table = Table(*rows[0].keys(), title=f"Pareto front of {r.name}: " + ", ".join(f"{m} ({d})" for m, d in r.objectives))
+        for row in rows:
+            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+        console = wide_console()
+        console.print(table)
+        if hv:
+            cost = hv.cost
+            console.print(f"hypervolume {hv.value:.4f} (normalized; reference point: accuracy 0, {cost} {hv.reference[cost]:,.0f} = 1.1 x the largest seen)")
+
+
+@app.command("report")
+def report(
+    run: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
+    out: Path = typer.Option(None, "--out", help="Folder for report.html, report.md and pictures [default: RUN/report]."),
+) -> None:
+    """One self-contained HTML page (and the same as Markdown): the front, hypervolume over time,
+    each encoding's front, parameter importances, failed and stopped trials."""
+    from kdsearch.report import load_run, write_report
+
+    r = load_run(run)
+    page, md = write_report(r, out or r.paths.root / "report")
+    wide_console().print(f"report: {page}  markdown: {md}")
+
+
+@app.command("export")
+def export(
+    run: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write student.yaml, model.safetensors and README.md to."),
+    trial_id: str = typer.Option(None, "--trial", help="Export this completed trial."),
+    max_gflops: float = typer.Option(None, "--max-gflops", help="The most accurate front member under this many GFLOPs."),
+    min_acc: float = typer.Option(None, "--min-acc", help="The cheapest front member with at least this val accuracy (0-1)."),
+) -> None:
+    """Export a student: config, weights and a model card that load without kdsearch's search machinery."""
+    from kdsearch.export import export_student, select_trial
+    from kdsearch.report import load_run
+
+    r = load_run(run)
+    row = select_trial(r.trials, r.objectives, trial_id=trial_id, max_gflops=max_gflops, min_acc=min_acc)
+    folder = export_student(row, out, run=r.paths.root)
+    wide_console().print(
+        f"exported trial {row['trial_id']} (val_acc {row['val_acc']:.4f}, {row['flops'] / 1e9:.4g} GFLOPs, {row['params']:,} params) to {folder}"
+    )
+
+
+@app.command("eval")
+def eval_(
+    student: Path = typer.Argument(..., help="An exported student folder."),
+    data: str = typer.Option(None, "--data", help="A space file whose data to use, or 'digits' [default: the student's own data]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    """Re-measure an exported student's val accuracy."""
+    import torch
+
+    from kdsearch.data import load_data
+    from kdsearch.export import card_spec, load_student, read_card
+    from kdsearch.specs import DataSpec
+    from kdsearch.trial import evaluate
+
+    card = read_card(student)
+    spec = card_spec(card)
+    dspec = spec.data
+    if data == "digits":
+        dspec = DataSpec(img_size=spec.student.img_size)
+    elif data:
+        from kdsearch.space import load_space
+
+        dspec = load_space(data).data
+    if dspec.img_size != spec.student.img_size:
+        raise KdsearchError(f"--data {data}: images are {dspec.img_size}px but the student takes {spec.student.img_size}px")
+    loaded = load_data(dspec)
+    if loaded.num_classes != spec.student.num_classes or loaded.in_chans != spec.student.in_chans:
+        raise KdsearchError(f"--data {data}: {loaded.num_classes} classes x {loaded.in_chans} channels, the student has {spec.student.num_classes} x {spec.student.in_chans}")
+    acc = evaluate(load_student(student), loaded, torch.device("cpu"))
+    result = {"student": str(student), "data": dspec.name, "val_acc": acc, "recorded_val_acc": card["metrics"]["val_acc"], "images": len(loaded.val)}
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        wide_console().print(f"val_acc {acc:.4f} on {len(loaded.val):,} {dspec.name} val images (recorded at export: {card['metrics']['val_acc']:.4f})")
 
 
 def _print_front(front: list) -> None:

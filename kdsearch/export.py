@@ -109,7 +109,7 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: str | os.Pa
         "metrics": {"val_acc": float(row["val_acc"]), "best_val_acc": _float(row.get("best_val_acc")), "epochs": int(row["epochs"])},
         "cost": {"flops": fc.flops, "macs": fc.macs, "params": fc.params, "gflops": fc.flops / 1e9, "counted": FLOPS_COUNTED},
         "source": {"run": str(run) if run else None, "trial_id": row["trial_id"]},
-        "versions": {"kdsearch": __version__, "torch": torch.__version__, "timm": timm.__version__},
+        "versions": {"kdsearch": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__)},
     }
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "student.yaml", yaml.safe_dump(card, sort_keys=False))

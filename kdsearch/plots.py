@@ -12,14 +12,33 @@ from kdsearch.status import Objectives, front_rows
 MARKERS = {"completed": "o", "stopped_early": "v"}  # failed and infeasible trials have no accuracy to plot
 
 
-def plot_front(trials: Sequence[dict[str, Any]], objectives: Objectives, path: str | os.PathLike, title: str = "") -> Path:
-    """Write a PNG (800x560 px) of the trials and the front; returns its path."""
+PNG_SIZE = (800, 560)  # pixels of every picture: 8 x 5.6 inches at 100 dpi
+
+
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(PNG_SIZE[0] / 100, PNG_SIZE[1] / 100), dpi=100)
+    return plt, fig, ax
+
+
+def _save(plt, fig, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_front(trials: Sequence[dict[str, Any]], objectives: Objectives, path: str | os.PathLike, title: str = "") -> Path:
+    """Write a PNG (800x560 px) of the trials and the front; returns its path."""
+    plt, fig, ax = _figure()
     colors = dict(zip(POS_EMBEDS, plt.get_cmap("tab10").colors))
     for status, marker in MARKERS.items():
         for pe in POS_EMBEDS:
@@ -42,12 +61,30 @@ def plot_front(trials: Sequence[dict[str, Any]], objectives: Objectives, path: s
     ax.set_ylabel("val accuracy (%)")
     ax.set_title(title or "accuracy against FLOPs")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    ax.legend(fontsize=8, loc="best")
+    return _save(plt, fig, path)
+
+
+def plot_pe_fronts(fronts: dict[str, list[dict[str, Any]]], objectives: Objectives, path: str | os.PathLike) -> Path:
+    """The front of each positional encoding, drawn together: which encoding wins at which cost."""
+    plt, fig, ax = _figure()
+    colors = dict(zip(POS_EMBEDS, plt.get_cmap("tab10").colors))
+    for pe, front in fronts.items():
+        ax.step([r["flops"] / 1e6 for r in front], [r["val_acc"] * 100 for r in front], where="post", marker="o", color=colors[pe], label=pe)
+    ax.set_xlabel("MFLOPs per image (inference, 2 FLOPs per multiply-add, attention included)")
+    ax.set_ylabel("val accuracy (%)")
+    ax.set_title("the front of each positional encoding")
+    ax.grid(alpha=0.3)
+    if fronts:
+        ax.legend(fontsize=8, loc="best")
+    return _save(plt, fig, path)
+
+
+def plot_hypervolume(by_trial: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Normalized hypervolume after each completed trial, against minutes since the start."""
+    plt, fig, ax = _figure()
+    ax.step([h["seconds"] / 60 for h in by_trial], [h["hypervolume"] for h in by_trial], where="post", marker="o")
+    ax.set_xlabel("minutes since the start of the run")
+    ax.set_ylabel("normalized hypervolume (accuracy x FLOPs)")
+    ax.grid(alpha=0.3)
+    return _save(plt, fig, path)

@@ -57,3 +57,14 @@ def digits_space(digits_space_file: Path):
     from kdsearch.space import load_space
 
     return load_space(digits_space_file)
+
+
+@pytest.fixture(scope="session")
+def small_run(digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One real search (8 trials on a local Ray) shared by the tests that inspect a run."""
+    from kdsearch.search import run_search
+    from tests.helpers import write_space
+
+    tmp = tmp_path_factory.mktemp("search")
+    space = write_space(tmp, digits_teacher_path)
+    return run_search(space, storage=tmp / "runs", live=False, say=lambda s: None), space

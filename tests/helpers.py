@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kdsearch.cli import main
 
 
@@ -12,3 +14,32 @@ def run_cli(args: list[str]) -> int:
     except SystemExit as e:
         return 0 if e.code is None else int(e.code)
     return 0
+
+
+SEARCH_SPACE = """
+name: digits_search
+data: {{name: digits, img_size: 16}}
+teacher: {{model: kdsearch/digits_cnn, checkpoint: {checkpoint}}}
+student:
+  embed_dim: [32, 48]
+  depth: [1, 2]
+  num_heads: [2, 4]
+  mlp_ratio: 2.0
+  patch_size: [4, 2]
+  pos_embed: [learned, sincos, relpos, rope, cpe, none]
+  distill_token: [false, true]
+recipe:
+  alpha: {{low: 0.0, high: 1.0}}
+  temperature: {{low: 1.0, high: 8.0, log: true}}
+train: {{epochs: {epochs}, batch_size: 64, lr: 2.0e-3, warmup_epochs: 1}}
+early_stopping: {{grace_epochs: 2, reduction_factor: 2, beaten_by: 1}}
+budget: {{max_gflops: 0.004}}
+resources: {{cpus: 1}}
+search: {{trials: {trials}, sampler: {sampler}, seed: {seed}, max_failures: 2}}
+"""
+
+
+def write_space(tmp_path: Path, teacher: Path, trials: int = 8, epochs: int = 6, sampler: str = "random", seed: int = 3) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(SEARCH_SPACE.format(checkpoint=teacher, trials=trials, epochs=epochs, sampler=sampler, seed=seed))
+    return path

@@ -9,44 +9,12 @@ import pandas as pd
 import pytest
 
 from kdsearch.results import STATUSES
-from kdsearch.search import run_search
 from kdsearch.specs import TrialSpec
 from tests.helpers import run_cli
 
-SEARCH_SPACE = """
-name: digits_search
-data: {{name: digits, img_size: 16}}
-teacher: {{model: kdsearch/digits_cnn, checkpoint: {checkpoint}}}
-student:
-  embed_dim: [32, 48]
-  depth: [1, 2]
-  num_heads: [2, 4]
-  mlp_ratio: 2.0
-  patch_size: [4, 2]
-  pos_embed: [learned, sincos, relpos, rope, cpe, none]
-  distill_token: [false, true]
-recipe:
-  alpha: {{low: 0.0, high: 1.0}}
-  temperature: {{low: 1.0, high: 8.0, log: true}}
-train: {{epochs: {epochs}, batch_size: 64, lr: 2.0e-3, warmup_epochs: 1}}
-early_stopping: {{grace_epochs: 2, reduction_factor: 2, beaten_by: 1}}
-budget: {{max_gflops: 0.004}}
-resources: {{cpus: 1}}
-search: {{trials: {trials}, sampler: {sampler}, seed: {seed}, max_failures: 2}}
-"""
-
-
-def write_space(tmp_path: Path, teacher: Path, trials: int = 8, epochs: int = 6, sampler: str = "random", seed: int = 3) -> Path:
-    path = tmp_path / "space.yaml"
-    path.write_text(SEARCH_SPACE.format(checkpoint=teacher, trials=trials, epochs=epochs, sampler=sampler, seed=seed))
-    return path
-
-
 @pytest.fixture(scope="module")
-def local_search(digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("search")
-    space = write_space(tmp, digits_teacher_path)
-    return run_search(space, storage=tmp / "runs", live=False, say=lambda s: None), space
+def local_search(small_run):
+    return small_run
 
 
 def test_search_records_every_trial(local_search) -> None:

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from kdsearch.search import run_search
-from tests.test_search import write_space
+from tests.helpers import write_space
 
 CONFIG_COLUMNS = ["student.embed_dim", "student.depth", "student.num_heads", "student.patch_size",
                   "student.pos_embed", "student.distill_token", "recipe.alpha", "recipe.temperature"]

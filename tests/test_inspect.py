@@ -1,0 +1,162 @@
+"""Inspecting and exporting a real small run: pareto, report, export, load_student, eval."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import kdsearch
+from kdsearch.data import load_data
+from kdsearch.export import spec_of
+from kdsearch.student import build_student
+from tests.helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_run) -> Path:
+    return small_run[0].paths.root
+
+
+@pytest.fixture(scope="module")
+def trials(run_dir: Path) -> pd.DataFrame:
+    return pd.read_parquet(run_dir / "trials.parquet")
+
+
+def test_pareto_formats(run_dir: Path, small_run, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["pareto", str(run_dir), "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["trial_id"] for r in out["front"]] == [r["trial_id"] for r in small_run[0].front]
+    hv = out["hypervolume"]
+    assert 0 < hv["value"] <= 1 and hv["reference"]["val_acc"] == 0.0
+    assert run_cli(["pareto", str(run_dir), "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("trial_id,val_acc,gflops") and len(lines) == len(out["front"]) + 1
+    assert run_cli(["pareto", str(run_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "hypervolume" in table and "reference point" in table
+    assert run_cli(["pareto", str(run_dir), "--objectives", "val_acc,params", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["objectives"] == [["val_acc", "max"], ["params", "min"]]
+
+
+def test_pareto_plot_is_an_image_of_the_expected_size(run_dir: Path, tmp_path: Path) -> None:
+    png, page = tmp_path / "front.png", tmp_path / "front.html"
+    assert run_cli(["pareto", str(run_dir), "--plot", str(png), "--html", str(page)]) == 0
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size == (800, 560)
+        assert len(set(img.convert("L").tobytes())) > 10  # not a blank canvas
+    text = page.read_text()
+    assert "student.pos_embed" in text and "Plotly" in text
+
+
+def test_bad_runs_exit_2(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["pareto", str(tmp_path / "nope")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    shutil.copytree(run_dir, empty)
+    (empty / "trials.parquet").unlink()
+    assert run_cli(["pareto", str(empty)]) == 2
+    assert "no finished trial" in capsys.readouterr().err
+    assert run_cli(["report", str(empty)]) == 2
+    capsys.readouterr()
+    assert run_cli(["export", str(run_dir), "--max-gflops", "1e-9", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no front member is that cheap; the cheapest:" in err
+    assert run_cli(["export", str(run_dir), "--min-acc", "1.0", "--out", str(tmp_path / "x")]) == 2
+    assert "the most accurate:" in capsys.readouterr().err
+    assert run_cli(["export", str(run_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_loads_in_a_fresh_process(run_dir: Path, trials: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    best = trials[trials.status == "completed"].sort_values("val_acc").iloc[-1]
+    out = tmp_path / "student"
+    assert run_cli(["export", str(run_dir), "--trial", best.trial_id, "--out", str(out)]) == 0
+    assert f"exported trial {best.trial_id}" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {"student.yaml", "model.safetensors", "README.md"}
+    card = kdsearch.export.read_card(out)
+    assert card["cost"]["flops"] == best.flops == kdsearch.count_flops(kdsearch.StudentSpec(**card["student"])).flops
+    assert card["metrics"]["val_acc"] == best.val_acc and "FlopCounterMode" in card["cost"]["counted"]
+    # the trained model, rebuilt here from the run's own checkpoint
+    spec = spec_of(best.to_dict())
+    trained = build_student(spec.student)
+    trained.load_state_dict(load_file(best.checkpoint))
+    trained.eval()
+    data = load_data(spec.data)
+    x = torch.cat([b[0] for b in data.val_batches(512)])
+    with torch.no_grad():
+        expected = trained(x)
+    # the export, loaded with nothing but its folder, in a fresh Python process
+    code = f"""
+import sys, torch, kdsearch
+from kdsearch.data import load_data
+from kdsearch.specs import DataSpec
+model = kdsearch.load_student({str(out)!r})
+assert 'ray' not in sys.modules
+data = load_data(DataSpec(img_size=16))
+x = torch.cat([b[0] for b in data.val_batches(512)])
+y = torch.cat([b[1] for b in data.val_batches(512)])
+with torch.no_grad():
+    logits = model(x)
+torch.save({{'logits': logits, 'acc': (logits.argmax(-1) == y).sum().item() / len(y)}}, {str(tmp_path / 'out.pt')!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    torch.testing.assert_close(got["logits"], expected, rtol=0, atol=0)
+    assert got["acc"] == pytest.approx(best.val_acc, abs=1e-9)
+    assert run_cli(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_acc"] == pytest.approx(best.val_acc, abs=1e-9)
+
+
+def test_export_picks_from_the_front(run_dir: Path, small_run, tmp_path: Path) -> None:
+    front = small_run[0].front
+    cheapest, best = front[0], max(front, key=lambda r: r["val_acc"])
+    assert run_cli(["export", str(run_dir), "--max-gflops", str(cheapest["flops"] / 1e9), "--out", str(tmp_path / "a")]) == 0
+    assert kdsearch.export.read_card(tmp_path / "a")["source"]["trial_id"] == cheapest["trial_id"]
+    assert run_cli(["export", str(run_dir), "--min-acc", str(best["val_acc"]), "--out", str(tmp_path / "b")]) == 0
+    assert kdsearch.export.read_card(tmp_path / "b")["source"]["trial_id"] == best["trial_id"]
+
+
+# ---- the HTML report in a real browser ---------------------------------------------------------
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def render(page: Path) -> tuple[str, list[str]]:
+    """Headless Chromium loads the page; returns the DOM after scripts ran and the console errors."""
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+    errors = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and ("Error" in ln or "Uncaught" in ln)]
+    return proc.stdout, errors
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (.ci/run installs Debian's chromium package)")
+def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
+    assert run_cli(["report", str(run_dir), "--out", str(tmp_path)]) == 0
+    assert {"report.html", "report.md", "front.png", "pe_fronts.png"} <= {p.name for p in tmp_path.iterdir()}
+    md = (tmp_path / "report.md").read_text()
+    assert "## Front members" in md and "## Failed and early-stopped trials" in md and "Hypervolume" in md
+    dom, errors = render(tmp_path / "report.html")
+    assert errors == []
+    assert "<title>kdsearch report" in dom and "<title>ERROR" not in dom
+    assert dom.count('class="main-svg"') >= 2 * 4  # front, encodings, hypervolume and importance plots drawn
+    # the check can fail: a page whose script throws is caught
+    broken = tmp_path / "broken.html"
+    broken.write_text((tmp_path / "report.html").read_text().replace("</body>", "<script>undefinedFunction()</script></body>"))
+    _, errors = render(broken)
+    assert errors
