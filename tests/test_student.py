@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import pytest
 import torch
@@ -19,19 +18,8 @@ from kdsearch.student import (
     explicit_attention,
     set_fused_attn,
 )
+from tests.helpers import GRID, SIZES
 
-SIZES = {
-    "tiny": StudentSpec(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
-    "small": StudentSpec(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4, mlp_ratio=3.0),
-    "deit_tiny": StudentSpec(
-        img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
-        in_chans=3, num_classes=1000, mlp_ratio=4.0,
-    ),
-}
-GRID = [
-    pytest.param(dataclasses.replace(SIZES[size], pos_embed=pe, distill_token=dt), id=f"{size}-{pe}-{'dist' if dt else 'cls'}")
-    for size, pe, dt in itertools.product(SIZES, POS_EMBEDS, (False, True))
-]
 
 
 def _images(spec: StudentSpec, batch: int | None = None, seed: int = 0) -> torch.Tensor:
