@@ -20,6 +20,7 @@ import numpy as np
 
 from kdsearch.errors import KdsearchError
 from kdsearch.pareto import hypervolume_history, normalized_hypervolume
+from kdsearch.plots import cost_axis
 from kdsearch.results import RunPaths, open_run, read_rows
 from kdsearch.specs import POS_EMBEDS
 from kdsearch.status import Objectives, front_rows
@@ -182,7 +183,7 @@ def front_figure(run: Run):
 
     acc = next(m for m, mode in run.objectives if mode == "max")
     cost = next(m for m, mode in run.objectives if mode == "min")
-    scale, unit = _cost_scale(cost)
+    scale, unit = cost_axis(cost)
     fig = go.Figure()
     symbols = {"completed": "circle", "stopped_early": "triangle-down"}
     for pe in POS_EMBEDS:
@@ -198,7 +199,7 @@ def front_figure(run: Run):
     if front:
         fig.add_trace(go.Scatter(x=[r[cost] / scale for r in front], y=[r[acc] * 100 for r in front], mode="lines",
                                  line={"shape": "hv", "color": "black"}, name="front", hoverinfo="skip"))
-    fig.update_layout(title=f"{run.name}: accuracy against {cost}", xaxis_title=f"{cost} ({unit})", yaxis_title=f"{acc} (%)",
+    fig.update_layout(title=f"{run.name}: accuracy against {cost}", xaxis_title=unit, yaxis_title=f"{acc} (%)",
                       template="plotly_white", height=520)
     return fig
 
@@ -208,12 +209,12 @@ def pe_fronts_figure(run: Run):
 
     acc = next(m for m, mode in run.objectives if mode == "max")
     cost = next(m for m, mode in run.objectives if mode == "min")
-    scale, unit = _cost_scale(cost)
+    scale, unit = cost_axis(cost)
     fig = go.Figure()
     for pe, front in pe_fronts(run).items():
         fig.add_trace(go.Scatter(x=[r[cost] / scale for r in front], y=[r[acc] * 100 for r in front], mode="lines+markers",
                                  line={"shape": "hv"}, name=pe, hovertext=[_hover(r) for r in front], hoverinfo="text"))
-    fig.update_layout(title="the front of each positional encoding", xaxis_title=f"{cost} ({unit})", yaxis_title=f"{acc} (%)",
+    fig.update_layout(title="the front of each positional encoding", xaxis_title=unit, yaxis_title=f"{acc} (%)",
                       template="plotly_white", height=480)
     return fig
 
@@ -242,10 +243,6 @@ def importance_figure(imp: dict[str, float], title: str):
     fig = go.Figure(go.Bar(x=[v for _, v in items], y=[k for k, _ in items], orientation="h"))
     fig.update_layout(title=title, xaxis_title="importance for val_acc (normalized)", template="plotly_white", height=120 + 28 * len(items))
     return fig
-
-
-def _cost_scale(cost: str) -> tuple[float, str]:
-    return {"flops": (1e6, "MFLOPs per image"), "macs": (1e6, "M MACs per image"), "params": (1e3, "thousand parameters")}.get(cost, (1.0, cost))
 
 
 # --------------------------------------------------------------------------------------

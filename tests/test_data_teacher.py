@@ -1,0 +1,105 @@
+"""An image folder with a timm teacher from a local checkpoint, random augmentation (the
+teacher then runs live), and the top-k sparse logit cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from kdsearch.data import load_data
+from kdsearch.errors import KdsearchError
+from kdsearch.space import load_space
+from kdsearch.teacher import TeacherLogits, load_teacher
+from kdsearch.trial import run_trial
+
+CLASSES = ("circle", "square", "stripes")
+
+
+def draw(kind: str, rng: np.random.Generator) -> Image.Image:
+    img = np.zeros((32, 32, 3), dtype=np.uint8) + rng.integers(0, 40, (32, 32, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:32, :32]
+    if kind == "circle":
+        img[(yy - 16) ** 2 + (xx - 16) ** 2 < 80] = 220
+    elif kind == "square":
+        img[8:24, 8:24] = 220
+    else:
+        img[:, ::4] = 220
+    return Image.fromarray(img)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                draw(c, rng).save(root / split / c / f"{i}.png")
+    return root
+
+
+def space_file(tmp_path: Path, folder: Path, checkpoint: str, augment: bool = True, num_classes: int = 3) -> Path:
+    path = tmp_path / "shapes.yaml"
+    path.write_text(f"""
+data: {{name: imagefolder, root: {folder}, num_classes: {num_classes}, img_size: 32, augment: {str(augment).lower()}}}
+teacher: {{model: resnet10t, checkpoint: {checkpoint}}}
+student: {{embed_dim: 32, depth: 1, num_heads: 2, patch_size: 8}}
+recipe: {{alpha: 0.5, feature_weight: 0.5}}
+train: {{epochs: 2, batch_size: 8}}
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=3)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet10t.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_image_folder_with_a_timm_teacher_runs_live(folder: Path, teacher_checkpoint: Path, tmp_path: Path) -> None:
+    space = load_space(space_file(tmp_path, folder, teacher_checkpoint))
+    data = load_data(space)
+    assert data.num_classes == 3 and data.num_train == 36 and len(data.val) == 12 and data.random_augment
+    x, y, idx = next(data.train_batches(8, 0, 0))
+    assert x.shape == (8, 3, 32, 32) and idx.dtype == torch.long
+    teacher = load_teacher(space, data=data)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    reports: list[dict] = []
+    run_trial(space.default_spec(), reports.append, tmp_path / "w", data=data, teacher=teacher)
+    # random augmentation: the cache cannot replay it, so every batch went through the teacher
+    assert reports[0]["teacher_images"] == 32 and reports[-1]["teacher_images"] == 64
+    assert reports[-1]["loss_feature"] > 0  # resnet features (B, C, 1, 1) at 32px, matched by resizing
+
+
+def test_image_folder_class_count_is_checked(folder: Path, teacher_checkpoint: Path, tmp_path: Path) -> None:
+    space = load_space(space_file(tmp_path, folder, teacher_checkpoint, num_classes=4))
+    with pytest.raises(KdsearchError, match="says 4 but .* has 3 class folders"):
+        load_data(space)
+
+
+def test_checkpoint_that_does_not_fit(folder: Path, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(wrong))
+    space = load_space(space_file(tmp_path, folder, wrong))
+    with pytest.raises(KdsearchError, match="does not fit the teacher model"):
+        load_teacher(space)
+
+
+def test_sparse_logits_keep_the_top_k_and_fill_the_rest() -> None:
+    logits = torch.tensor([[5.0, 1.0, 3.0, -2.0, 0.0], [0.0, 9.0, 8.0, 7.0, 1.0]])
+    top = logits.topk(2, dim=1)
+    sparse = TeacherLogits(top.values, top.indices.int(), num_classes=5)
+    dense = sparse.take(torch.tensor([1, 0]))
+    assert dense.tolist() == [[8.0, 9.0, 8.0, 8.0, 8.0], [5.0, 3.0, 3.0, 3.0, 3.0]]
+    assert (dense.argmax(1) == logits[[1, 0]].argmax(1)).all()
+    assert TeacherLogits(logits).take(torch.tensor([0])).tolist() == [logits[0].tolist()]
