@@ -125,7 +125,7 @@ def trial(
     run_dir = Path("runs") / space.name
     workdir = (workdir or run_dir / "trials" / _time.strftime("%Y%m%d-%H%M%S")).resolve()
     data = load_data(space)
-    teacher = load_teacher(space, train_if_missing=True, log=err_console.print, data=data) if _needs_teacher(spec) else None
+    teacher = load_teacher(space, train_if_missing=True, log=err_console.print, data=data) if spec.recipe.uses_teacher else None
     s = spec.student
     err_console.print(
         f"student: D {s.embed_dim}, depth {s.depth}, heads {s.num_heads}, mlp {s.mlp_ratio:g}, patch {s.patch_size}, "
@@ -322,11 +322,6 @@ def _print_front(front: list) -> None:
             r["student.pos_embed"], "yes" if r["student.distill_token"] else "no", f"{r['recipe.alpha']:.2f}", f"{r['recipe.temperature']:.2f}",
         )
     wide_console().print(table)
-
-
-def _needs_teacher(spec) -> bool:
-    r = spec.recipe
-    return r.alpha > 0 or r.hard_weight > 0 or r.feature_weight > 0 or r.attention_weight > 0
 
 
 def parse_overrides(items: list[str], source: str) -> dict:

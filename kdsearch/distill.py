@@ -244,7 +244,7 @@ class DistillLoss(nn.Module):
     @property
     def needs_teacher_logits(self) -> bool:
         """Whether `forward` needs `teacher_logits` (soft or hard distillation is on)."""
-        return self.recipe.alpha > 0 or self.recipe.hard_weight > 0
+        return self.recipe.uses_teacher_logits
 
     @property
     def needs_features(self) -> bool:

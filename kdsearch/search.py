@@ -95,7 +95,7 @@ def _trainable(config: dict[str, Any], run_dir: str, data: Any, cached_logits: A
     trial_id = tune.get_context().get_trial_id()
     data = data or _worker_data(spec)  # the driver's copy, through the object store
     r = spec.recipe
-    live = r.feature_weight > 0 or r.attention_weight > 0 or ((r.alpha > 0 or r.hard_weight > 0) and cached_logits is None)
+    live = r.needs_live_teacher or (r.uses_teacher_logits and cached_logits is None)
     teacher = _worker_teacher(spec, data) if live else None
     run_trial(
         spec,

@@ -96,6 +96,20 @@ class RecipeSpec:
     feature_weight: float = 0.0
     attention_weight: float = 0.0
 
+    @property
+    def uses_teacher_logits(self) -> bool:
+        """Soft KL or hard-label distillation: the teacher's logits, cacheable once per search."""
+        return self.alpha > 0 or self.hard_weight > 0
+
+    @property
+    def needs_live_teacher(self) -> bool:
+        """Feature or attention distillation: the teacher must run on every batch."""
+        return self.feature_weight > 0 or self.attention_weight > 0
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.uses_teacher_logits or self.needs_live_teacher
+
 
 @dataclass(frozen=True)
 class TrainSpec:

@@ -70,12 +70,8 @@ def run_trial(
 
     data = data or load_data(spec.data)
     model: StudentViT = build_student(spec.student).to(device)
-    needs_teacher = spec.recipe.alpha > 0 or spec.recipe.hard_weight > 0
-    needs_live = (
-        spec.recipe.feature_weight > 0
-        or spec.recipe.attention_weight > 0
-        or (needs_teacher and (data.random_augment or live_teacher))
-    )
+    needs_teacher = spec.recipe.uses_teacher_logits
+    needs_live = spec.recipe.needs_live_teacher or (needs_teacher and (data.random_augment or live_teacher))
     teacher_images = 0
     if (needs_live or (needs_teacher and cached_logits is None)) and teacher is None:
         teacher = load_teacher(spec, log=log, data=data)
