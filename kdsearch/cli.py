@@ -157,7 +157,7 @@ def search(
     trials: int = typer.Option(None, "--trials", min=1, help="Trials to run [default: the space's search.trials]."),
     address: str = typer.Option(None, "--address", help="Join a Ray cluster: 'auto' or ray://HOST:PORT [default: a local Ray]."),
     name: str = typer.Option(None, "--name", help="The run's name [default: the space's name]."),
-    storage: Path = typer.Option(Path("runs"), "--storage", help="Folder holding runs (local or shared filesystem)."),
+    storage: str = typer.Option("runs", "--storage", help="Folder holding runs (local or shared filesystem)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run NAME after its driver died."),
     plot: Path = typer.Option(None, "--plot", help="Write the front as a PNG here [default: RUN/front.png]."),
 ) -> None:

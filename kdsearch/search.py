@@ -15,6 +15,7 @@ experiment state (tune/), the teacher-logit cache (cache/) and each trial's weig
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ import optuna
 import ray
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from kdsearch import __version__
@@ -130,10 +132,49 @@ class KdsearchOptunaSearch(OptunaSearch):
     finished with an early-epoch accuracy), failed ones as FAIL, and the study mirrored to a
     SQLite file in the run directory for optuna-dashboard."""
 
-    def __init__(self, *args: Any, study_path: str, **kwargs: Any):
+    def __init__(self, *args: Any, study_path: str, trials_path: str, total: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._study_path = study_path
+        self._trials_path = trials_path
+        self._total = total
         self._last_export = 0.0
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        """Ask Optuna for a config, reconciling with trials.parquet after a resume.
+
+        Ray saves the searcher's state every few seconds, so a driver killed with SIGKILL can
+        come back without trials that finished after the last save; trials.parquet still has
+        them. They count toward the requested total (FINISHED once it is reached), and when the
+        restored sampler proposes one of their configs again, that trial is told its recorded
+        outcome and a fresh config is asked for: no config runs twice.
+        """
+        if trial_id in self._ot_trials:
+            return super().suggest(trial_id)
+        recorded = {r["trial_id"]: r for r in read_rows(Path(self._trials_path))}
+        if len(set(recorded) | set(self._ot_trials)) >= self._total:
+            return Searcher.FINISHED
+        lost = {tid: r for tid, r in recorded.items() if tid not in self._ot_trials}
+        while True:
+            config = super().suggest(trial_id)
+            spec = config["kdsearch"]["spec"]
+            match = next((tid for tid, r in lost.items() if all(r.get(k) == v for k, v in spec.items())), None)
+            if match is None:
+                return config
+            row = lost.pop(match)
+            ot_trial = self._ot_trials.pop(trial_id)
+            self._tell_recorded(ot_trial, row)
+            self._ot_trials[match] = ot_trial
+            self._completed_trials.add(match)
+            if len(set(recorded) | set(self._ot_trials)) >= self._total:
+                return Searcher.FINISHED
+
+    def _tell_recorded(self, ot_trial: Any, row: dict[str, Any]) -> None:
+        if row["status"] == "failed":
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+        elif row["status"] == "stopped_early":
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+        else:  # completed, or infeasible (reported to Optuna with accuracy 0, as the trainable does)
+            self._ot_study.tell(ot_trial, [float(row.get(m) or 0.0) for m in self._metric])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -397,8 +438,6 @@ def _prepare_run(space_file: Path, space: SearchSpace, paths: RunPaths, resume: 
     if resume:
         if not paths.meta.exists():
             raise KdsearchError(f"--resume: {paths.root} holds no run to resume; start it without --resume")
-        import json
-
         meta = json.loads(paths.meta.read_text())
         if paths.space.exists() and paths.space.read_text() != text:
             raise KdsearchError(f"--resume: {space_file} differs from the space the run started with ({paths.space})")
@@ -494,6 +533,8 @@ def _search(
         mode=[o.mode for o in space.objectives],
         sampler=make_sampler(space),
         study_path=str(paths.study),
+        trials_path=str(paths.trials),
+        total=total,
     )
     scheduler = ParetoHalving(ParetoHalvingRule(space.early_stopping), acc, costs, str(paths.epochs))
     recorder = ResultsRecorder(paths, searcher)

@@ -108,3 +108,9 @@ def test_existing_run_needs_resume(local_search, capsys: pytest.CaptureFixture[s
     assert run_cli(["search", str(space), "--storage", str(storage), "--name", "nothing", "--resume"]) == 2
     assert "holds no run to resume" in capsys.readouterr().err
     assert run_cli(["status", str(storage / "nothing")]) == 2
+
+
+def test_storage_uri_is_refused(local_search, capsys: pytest.CaptureFixture[str]) -> None:
+    _, space = local_search
+    assert run_cli(["search", str(space), "--storage", "s3://bucket/runs"]) == 2
+    assert "--storage s3://bucket/runs: kdsearch writes its tables to a local or shared filesystem path" in capsys.readouterr().err

@@ -128,3 +128,31 @@ def test_sigkilled_driver_resumes_without_losing_or_repeating(digits_teacher_pat
     assert (kept["recipe.alpha"].values == before["recipe.alpha"].values).all()
     epochs = pd.read_parquet(runs / "killed" / "epochs.parquet")
     assert not epochs.duplicated(subset=["trial_id", "epoch"]).any()
+
+
+def test_trials_missing_from_the_saved_state_are_reconciled(small_run, tmp_path: Path) -> None:
+    """What a resume after SIGKILL meets, made deterministic: trials.parquet holds trials that
+    Ray's saved searcher state never saw. A seeded random sampler proposes the same configs
+    again; they are told their recorded outcome instead of running twice, and they count
+    toward the total."""
+    import optuna
+
+    first, space = small_run
+    done = pd.read_parquet(first.paths.trials).sort_values("optuna_trial")
+    seeded = done.iloc[:3]
+    run = tmp_path / "runs" / "digits_search"
+    run.mkdir(parents=True)
+    seeded.to_parquet(run / "trials.parquet", index=False)
+    result = run_search(space, storage=tmp_path / "runs", trials=5, live=False, say=lambda s: None)
+    after = pd.read_parquet(result.paths.trials)
+    assert len(after) == 5 and after.trial_id.is_unique
+    assert set(seeded.trial_id) <= set(after.trial_id)
+    assert not after.duplicated(subset=CONFIG_COLUMNS).any()
+    new = after[~after.trial_id.isin(seeded.trial_id)].sort_values("optuna_trial")
+    # the sampler went on where the recorded trials left it: the next two configs of the first run
+    for (_, got), (_, want) in zip(new.iterrows(), done.iloc[3:5].iterrows()):
+        assert [got[c] for c in CONFIG_COLUMNS] == [want[c] for c in CONFIG_COLUMNS]
+    study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{result.paths.study}")
+    states = [t.state.name for t in study.trials[:3]]
+    expected = {"completed": "COMPLETE", "infeasible": "COMPLETE", "stopped_early": "PRUNED", "failed": "FAIL"}
+    assert states == [expected[s] for s in seeded.status]
