@@ -405,6 +405,8 @@ class LiveView(tune.Callback):
         if self._live is not None:
             self.on_step_end(0, trials, force=True)
             self._live.stop()
+            if not self._live.console.is_terminal:
+                self._live.console.line()  # a file or pipe gets no newline after the last render
             self._live = None
 
 
