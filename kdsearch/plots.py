@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kdsearch.specs import POS_EMBEDS
-from kdsearch.status import Objectives, front_rows
+from kdsearch.status import Objectives, accuracy_and_cost, front_rows
 
 MARKERS = {"completed": "o", "stopped_early": "v"}  # failed and infeasible trials have no accuracy to plot
 
@@ -47,8 +47,7 @@ def _save(plt, fig, path: str | os.PathLike) -> Path:
 
 def plot_front(trials: Sequence[dict[str, Any]], objectives: Objectives, path: str | os.PathLike, title: str = "") -> Path:
     """Write a PNG (800x560 px) of the trials and the front; returns its path."""
-    acc = next((m for m, mode in objectives if mode == "max"), "val_acc")
-    cost = next((m for m, mode in objectives if mode == "min"), "flops")
+    acc, cost = accuracy_and_cost(objectives)
     scale, label = cost_axis(cost)
     plt, fig, ax = _figure()
     colors = dict(zip(POS_EMBEDS, plt.get_cmap("tab10").colors))
@@ -79,8 +78,7 @@ def plot_front(trials: Sequence[dict[str, Any]], objectives: Objectives, path: s
 
 def plot_pe_fronts(fronts: dict[str, list[dict[str, Any]]], objectives: Objectives, path: str | os.PathLike) -> Path:
     """The front of each positional encoding, drawn together: which encoding wins at which cost."""
-    acc = next((m for m, mode in objectives if mode == "max"), "val_acc")
-    cost = next((m for m, mode in objectives if mode == "min"), "flops")
+    acc, cost = accuracy_and_cost(objectives)
     scale, label = cost_axis(cost)
     plt, fig, ax = _figure()
     colors = dict(zip(POS_EMBEDS, plt.get_cmap("tab10").colors))

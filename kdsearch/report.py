@@ -23,7 +23,7 @@ from kdsearch.pareto import hypervolume_history, normalized_hypervolume
 from kdsearch.plots import cost_axis
 from kdsearch.results import RunPaths, open_run, read_rows
 from kdsearch.specs import POS_EMBEDS
-from kdsearch.status import Objectives, front_rows
+from kdsearch.status import Objectives, accuracy_and_cost, front_rows
 
 REF_FACTOR = 1.1  # the cost reference point: 1.1 x the largest cost seen
 ARCH = ("student.embed_dim", "student.depth", "student.num_heads", "student.mlp_ratio", "student.patch_size",
@@ -79,10 +79,9 @@ class Hypervolume:
 
 def hypervolume(run: Run) -> Hypervolume | None:
     """Normalized 2-D hypervolume of (accuracy, cost) against (0, 1.1 x the largest cost seen)."""
-    acc = next((m for m, mode in run.objectives if mode == "max"), None)
-    cost = next((m for m, mode in run.objectives if mode == "min"), None)
-    if acc is None or cost is None:
+    if {mode for _, mode in run.objectives} != {"max", "min"}:
         return None
+    acc, cost = accuracy_and_cost(run.objectives)
     seen = [r[cost] for r in run.trials if r.get(cost) is not None and r["status"] != "infeasible"]
     if not seen:
         return None
@@ -181,8 +180,7 @@ def front_figure(run: Run):
     """Every trial by cost and accuracy, coloured by pos_embed and shaped by status; the front."""
     import plotly.graph_objects as go
 
-    acc = next(m for m, mode in run.objectives if mode == "max")
-    cost = next(m for m, mode in run.objectives if mode == "min")
+    acc, cost = accuracy_and_cost(run.objectives)
     scale, unit = cost_axis(cost)
     fig = go.Figure()
     symbols = {"completed": "circle", "stopped_early": "triangle-down"}
@@ -207,8 +205,7 @@ def front_figure(run: Run):
 def pe_fronts_figure(run: Run):
     import plotly.graph_objects as go
 
-    acc = next(m for m, mode in run.objectives if mode == "max")
-    cost = next(m for m, mode in run.objectives if mode == "min")
+    acc, cost = accuracy_and_cost(run.objectives)
     scale, unit = cost_axis(cost)
     fig = go.Figure()
     for pe, front in pe_fronts(run).items():

@@ -25,6 +25,13 @@ def wide_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=None if stream.isatty() else 160)
 
 
+def accuracy_and_cost(objectives: Objectives) -> tuple[str, str]:
+    """The objective plotted up (the first maximized) and across (the first minimized)."""
+    acc = next((m for m, mode in objectives if mode == "max"), "val_acc")
+    cost = next((m for m, mode in objectives if mode == "min"), "flops")
+    return acc, cost
+
+
 def front_rows(trials: Sequence[dict[str, Any]], objectives: Objectives) -> list[dict[str, Any]]:
     """The completed trials no other completed trial dominates, cheapest first."""
     done = [r for r in trials if r.get("status") == "completed" and all(r.get(m) is not None for m, _ in objectives)]
@@ -33,7 +40,7 @@ def front_rows(trials: Sequence[dict[str, Any]], objectives: Objectives) -> list
     points = np.array([[float(r[m]) for m, _ in objectives] for r in done])
     mask = non_dominated_mask(points, [mode == "max" for _, mode in objectives])
     front = [r for r, keep in zip(done, mask) if keep]
-    cost = next((m for m, mode in objectives if mode == "min"), objectives[0][0])
+    _, cost = accuracy_and_cost(objectives)
     return sorted(front, key=lambda r: (r[cost], r["trial_id"]))
 
 
