@@ -66,5 +66,5 @@ def small_run(digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactor
     from tests.helpers import write_space
 
     tmp = tmp_path_factory.mktemp("search")
-    space = write_space(tmp, digits_teacher_path)
+    space = write_space(tmp, digits_teacher_path, max_concurrent=1)  # one at a time: the same trials stop early every run
     return run_search(space, storage=tmp / "runs", live=False, say=lambda s: None), space

@@ -54,11 +54,18 @@ train: {{epochs: {epochs}, batch_size: 64, lr: 2.0e-3, warmup_epochs: 1}}
 early_stopping: {{grace_epochs: 2, reduction_factor: 2, beaten_by: 1}}
 budget: {{max_gflops: 0.004}}
 resources: {{cpus: 1}}
-search: {{trials: {trials}, sampler: {sampler}, seed: {seed}, max_failures: 2}}
+search: {{trials: {trials}, sampler: {sampler}, seed: {seed}, max_failures: 2, max_concurrent: {max_concurrent}}}
 """
 
 
-def write_space(tmp_path: Path, teacher: Path, trials: int = 8, epochs: int = 6, sampler: str = "random", seed: int = 3) -> Path:
+def write_space(
+    tmp_path: Path, teacher: Path, trials: int = 8, epochs: int = 6, sampler: str = "random", seed: int = 3,
+    max_concurrent: int | None = None,
+) -> Path:
+    """A digits search space; `max_concurrent=1` makes the order of trials, and so early stopping, deterministic."""
     path = tmp_path / "space.yaml"
-    path.write_text(SEARCH_SPACE.format(checkpoint=teacher, trials=trials, epochs=epochs, sampler=sampler, seed=seed))
+    path.write_text(SEARCH_SPACE.format(
+        checkpoint=teacher, trials=trials, epochs=epochs, sampler=sampler, seed=seed,
+        max_concurrent="null" if max_concurrent is None else max_concurrent,
+    ))
     return path
