@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 
@@ -111,8 +112,6 @@ def trial(
     workdir: Path = typer.Option(None, help="Where the weights go [default: runs/SPACE_NAME/trials/TIMESTAMP]."),
 ) -> None:
     """Run one trial locally: each dimension at its default unless --set; prints its metrics."""
-    import time as _time
-
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kdsearch.data import load_data
@@ -123,7 +122,7 @@ def trial(
     space = load_space(space_file)
     spec = space.default_spec(parse_overrides(set_, str(space_file)))
     run_dir = Path("runs") / space.name
-    workdir = (workdir or run_dir / "trials" / _time.strftime("%Y%m%d-%H%M%S")).resolve()
+    workdir = (workdir or run_dir / "trials" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     data = load_data(space)
     teacher = load_teacher(space, train_if_missing=True, log=err_console.print, data=data) if spec.recipe.uses_teacher else None
     s = spec.student
@@ -166,9 +165,7 @@ def search(
     from kdsearch.search import run_search
 
     result = run_search(space_file, trials=trials, address=address, name=name, storage=storage, resume=resume, say=err_console.print)
-    import json as _json
-
-    objectives = _json.loads(result.paths.meta.read_text())["objectives"]
+    objectives = json.loads(result.paths.meta.read_text())["objectives"]
     picture = plot_front(result.trials, objectives, plot or result.paths.root / "front.png", title=result.paths.root.name)
     _print_front(result.front)
     where = f"run: {result.paths.root}  (trials.parquet, epochs.parquet, study.db)  front picture: {picture}"
@@ -183,16 +180,14 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
 ) -> None:
     """Progress and the front so far, from a run's files (while it runs or after)."""
-    import json as _json
-
     from kdsearch.results import open_run, read_rows
     from kdsearch.status import render_status, status_dict
 
     paths = open_run(run)
-    meta = _json.loads(paths.meta.read_text())
+    meta = json.loads(paths.meta.read_text())
     trials, epochs = read_rows(paths.trials), read_rows(paths.epochs)
     if as_json:
-        typer.echo(_json.dumps(status_dict(trials, epochs, meta["objectives"], meta["trials"], meta["started"]), default=str))
+        typer.echo(json.dumps(status_dict(trials, epochs, meta["objectives"], meta["trials"], meta["started"]), default=str))
         return
     wide_console().print(render_status(trials, epochs, meta["objectives"], meta["trials"], meta["started"]))
 

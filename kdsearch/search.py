@@ -58,16 +58,7 @@ class SearchResult:
 # The trainable (runs in Ray workers)
 # --------------------------------------------------------------------------------------
 
-_WORKER: dict[str, Any] = {}  # per worker process: data and teacher, loaded once and reused
-
-
-def _worker_data(spec: TrialSpec):
-    from kdsearch.data import load_data
-
-    key = f"data:{spec.data}"
-    if key not in _WORKER:
-        _WORKER[key] = load_data(spec.data)
-    return _WORKER[key]
+_WORKER: dict[str, Any] = {}  # per worker process: a live teacher, loaded once and reused
 
 
 def _worker_teacher(spec: TrialSpec, data):
@@ -80,7 +71,10 @@ def _worker_teacher(spec: TrialSpec, data):
 
 
 def _trainable(config: dict[str, Any], run_dir: str, data: Any, cached_logits: Any, threads: int) -> None:
-    """One Ray Tune trial: an infeasible config reports at once; the rest run `run_trial`."""
+    """One Ray Tune trial: an infeasible config reports at once; the rest run `run_trial`.
+
+    `data` and `cached_logits` are the driver's, through the object store (tune.with_parameters).
+    """
     import torch
 
     from kdsearch.trial import run_trial
@@ -95,7 +89,6 @@ def _trainable(config: dict[str, Any], run_dir: str, data: Any, cached_logits: A
         tune.report({"epoch": 0, "val_acc": 0.0, "flops": fc.flops, "macs": fc.macs, "params": fc.params, **fixed})
         return
     trial_id = tune.get_context().get_trial_id()
-    data = data or _worker_data(spec)  # the driver's copy, through the object store
     r = spec.recipe
     live = r.needs_live_teacher or (r.uses_teacher_logits and cached_logits is None)
     teacher = _worker_teacher(spec, data) if live else None
