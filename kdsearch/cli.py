@@ -7,6 +7,7 @@ usage errors exit 2 as well. Nothing here holds logic the Python API lacks.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from enum import Enum
@@ -138,7 +139,8 @@ def trial(
             progress.update(task, completed=m["epoch"], description=f"val_acc {m['val_acc']:.4f}  loss {m['train_loss']:.4f}")
 
         try:
-            result = run_trial(spec, report, workdir, data=data, teacher=teacher, cache_dir=run_dir / "cache")
+            workers = max(0, min(8, (os.cpu_count() or 1) - 1))
+            result = run_trial(spec, report, workdir, data=data, teacher=teacher, cache_dir=run_dir / "cache", loader_workers=workers)
         except TrialDiverged as e:
             raise KdsearchError(f"trial: {e}; lower train.lr or the recipe's weights") from None
     if as_json:

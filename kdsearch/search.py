@@ -99,6 +99,7 @@ def _trainable(config: dict[str, Any], run_dir: str, data: Any, cached_logits: A
         data=data,
         teacher=teacher,
         cached_logits=cached_logits,
+        loader_workers=max(0, threads - 1),  # the trial's other CPUs decode images (unused for in-memory digits)
     )
 
 

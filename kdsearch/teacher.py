@@ -343,11 +343,13 @@ def teacher_logits(
         values = torch.from_numpy(np.load(vpath))
         indices = torch.from_numpy(np.load(ipath)) if sparse else None
         return TeacherLogits(values, indices, data.num_classes, key), 0
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = teacher.to(device)
     chunks = []
     seen = 0
     for x, _, idx in data.train_batches_in_order(batch_size):
         assert int(idx[0]) == seen, "training images must come in index order"
-        chunks.append(run_teacher(teacher, x).logits)
+        chunks.append(run_teacher(teacher, x.to(device)).logits.cpu())
         seen += len(idx)
     logits = torch.cat(chunks)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ def run_trial(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     live_teacher: bool = False,
+    loader_workers: int = 0,
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Train `spec`'s student by distillation; report after each epoch; return the last metrics.
@@ -61,6 +62,7 @@ def run_trial(
     `cache_dir` (default: `workdir/cache`). The final weights are saved as
     `workdir/model.safetensors` with `workdir/trial_spec.json` beside them. `live_teacher`
     runs the teacher on every batch even where the cache would do (a baseline to compare with).
+    `loader_workers` are DataLoader processes for datasets read from disk (in-memory ones need none).
     """
     t_start = time.perf_counter()
     workdir = Path(workdir)
@@ -96,7 +98,7 @@ def run_trial(
         model.train()
         sums: dict[str, float] = {}
         seen = 0
-        for step, (x, y, idx) in enumerate(data.train_batches(spec.train.batch_size, epoch, spec.train.seed)):
+        for step, (x, y, idx) in enumerate(data.train_batches(spec.train.batch_size, epoch, spec.train.seed, loader_workers)):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast:
                 out = model.forward_distill(x, attn=loss_fn.needs_attention)
@@ -130,7 +132,7 @@ def run_trial(
                 sums[name] = sums.get(name, 0.0) + value * len(x)
             seen += len(x)
         train_seconds = time.perf_counter() - t0
-        val_acc = evaluate(model, data, device)
+        val_acc = evaluate(model, data, device, workers=loader_workers)
         metrics = {
             "epoch": epoch + 1,
             "val_acc": val_acc,
@@ -151,11 +153,11 @@ def run_trial(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data, device: torch.device, batch_size: int = 512) -> float:
+def evaluate(model: nn.Module, data: Data, device: torch.device, batch_size: int = 512, workers: int = 0) -> float:
     """Top-1 val accuracy; a student with a distillation token averages its two heads (DeiT)."""
     model.eval()
     correct = total = 0
-    for x, y, _ in data.val_batches(batch_size):
+    for x, y, _ in data.val_batches(batch_size, workers):
         logits = model(x.to(device))
         correct += int((logits.argmax(-1).cpu() == y).sum())
         total += len(y)

@@ -75,7 +75,7 @@ def test_image_folder_with_a_timm_teacher_runs_live(folder: Path, teacher_checkp
     teacher = load_teacher(space, data=data)
     assert not any(p.requires_grad for p in teacher.parameters())
     reports: list[dict] = []
-    run_trial(space.default_spec(), reports.append, tmp_path / "w", data=data, teacher=teacher)
+    run_trial(space.default_spec(), reports.append, tmp_path / "w", data=data, teacher=teacher, loader_workers=1)
     # random augmentation: the cache cannot replay it, so every batch went through the teacher
     assert reports[0]["teacher_images"] == 32 and reports[-1]["teacher_images"] == 64
     assert reports[-1]["loss_feature"] > 0  # resnet features (B, C, 1, 1) at 32px, matched by resizing
