@@ -7,30 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-SPACE_YAML = """
-name: digits_test
-data: {{name: digits, img_size: 16}}
-teacher: {{model: kdsearch/digits_cnn, checkpoint: {checkpoint}}}
-student:
-  embed_dim: {{choices: [32, 48], default: 32}}
-  depth: {{choices: [1, 2], default: 2}}
-  num_heads: [2, 4]
-  mlp_ratio: 2.0
-  patch_size: [4, 2]
-  pos_embed: [learned, sincos, relpos, rope, cpe, none]
-  distill_token: [false, true]
-recipe:
-  alpha: {{low: 0.0, high: 1.0, default: 0.5}}
-  temperature: 4.0
-  hard_weight: 0.0
-train: {{epochs: 2, batch_size: 64, lr: 2.0e-3, warmup_epochs: 1, seed: 0}}
-budget: {{max_gflops: 0.004}}
-search: {{trials: 6, sampler: random}}
-"""
-
-
 @pytest.fixture(scope="session")
 def digits_teacher_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in CNN, trained briefly (3 epochs, about 95% val) and saved once per session."""
@@ -47,9 +23,9 @@ def digits_teacher_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_space_file(digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("space") / "digits_test.yaml"
-    path.write_text(SPACE_YAML.format(checkpoint=digits_teacher_path))
-    return path
+    from tests.helpers import write_space
+
+    return write_space(tmp_path_factory.mktemp("space"), digits_teacher_path, epochs=2)
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,7 @@ data: {{name: digits, img_size: 16}}
 teacher: {{model: kdsearch/digits_cnn, checkpoint: {checkpoint}}}
 student:
   embed_dim: [32, 48]
-  depth: [1, 2]
+  depth: {{choices: [1, 2], default: 2}}
   num_heads: [2, 4]
   mlp_ratio: 2.0
   patch_size: [4, 2]
@@ -49,7 +49,7 @@ student:
   distill_token: [false, true]
 recipe:
   alpha: {{low: 0.0, high: 1.0}}
-  temperature: {{low: 1.0, high: 8.0, log: true}}
+  temperature: {{low: 1.0, high: 8.0, log: true, default: 4.0}}
 train: {{epochs: {epochs}, batch_size: 64, lr: 2.0e-3, warmup_epochs: 1}}
 early_stopping: {{grace_epochs: 2, reduction_factor: 2, beaten_by: 1}}
 budget: {{max_gflops: 0.004}}
@@ -62,7 +62,10 @@ def write_space(
     tmp_path: Path, teacher: Path, trials: int = 8, epochs: int = 6, sampler: str = "random", seed: int = 3,
     max_concurrent: int | None = None,
 ) -> Path:
-    """A digits search space; `max_concurrent=1` makes the order of trials, and so early stopping, deterministic."""
+    """A digits space for tests; its defaults are what `default_spec()` (a single trial) uses.
+
+    `max_concurrent=1` makes the order of trials, and so early stopping, deterministic.
+    """
     path = tmp_path / "space.yaml"
     path.write_text(SEARCH_SPACE.format(
         checkpoint=teacher, trials=trials, epochs=epochs, sampler=sampler, seed=seed,

@@ -119,11 +119,13 @@ def test_attention_distillation_from_a_timm_vit(digits_space, data, tmp_path: Pa
 # ---- the CLI --------------------------------------------------------------------------
 
 
-def test_cli_trial_json(digits_space_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_trial_json(digits_space_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the logit cache goes to ./runs/NAME/cache
     code = run_cli(["trial", str(digits_space_file), "--set", "student.depth=1", "--set", "train.epochs=1", "--json", "--workdir", str(tmp_path)])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["epoch"] == 1 and METRICS <= set(result) and Path(result["checkpoint"]).is_file()
+    assert list((tmp_path / "runs" / "digits_search" / "cache").glob("teacher-logits-*.values.npy"))
 
 
 def _space(tmp_path: Path, body: str) -> Path:
