@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.errors import KdsearchError
 from kdsearch.flops import count_flops
 from kdsearch.specs import DataSpec, RecipeSpec, StudentSpec, TeacherSpec, TrainSpec, TrialSpec
@@ -112,22 +113,15 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: str | os.Pa
         "versions": {"kdsearch": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__)},
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "student.yaml", yaml.safe_dump(card, sort_keys=False))
-    tmp = out / ".model.safetensors.tmp"
-    shutil.copyfile(ckpt, tmp)
-    os.replace(tmp, out / "model.safetensors")
-    _write(out / "README.md", model_card(card))
+    write_text_atomic(out / "student.yaml", yaml.safe_dump(card, sort_keys=False))
+    with atomic_path(out / "model.safetensors") as tmp:
+        shutil.copyfile(ckpt, tmp)
+    write_text_atomic(out / "README.md", model_card(card))
     return out
 
 
 def _float(v: Any) -> float | None:
     return None if _missing(v) else float(v)
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def model_card(card: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from kdsearch.atomic import atomic_path
 from kdsearch.specs import POS_EMBEDS
 from kdsearch.status import Objectives, accuracy_and_cost, front_rows
 
@@ -36,13 +37,10 @@ def _figure():
 
 def _save(plt, fig, path: str | os.PathLike) -> Path:
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def plot_front(trials: Sequence[dict[str, Any]], objectives: Objectives, path: str | os.PathLike, title: str = "") -> Path:

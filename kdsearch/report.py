@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.errors import KdsearchError
 from kdsearch.pareto import hypervolume_history, normalized_hypervolume
 from kdsearch.plots import cost_axis
@@ -304,9 +305,7 @@ FLOPs are per image at inference, 2 per multiply-add, attention matmuls included
 {_table_html(trouble(run))}
 </body></html>
 """
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, page)
     return path
 
 
@@ -337,17 +336,12 @@ def write_markdown(run: Run, hv: Hypervolume | None, imp: dict[str, Any], out: P
             md += [f"## Importance for {name}\n", _table_md([{"parameter": k, "importance": v} for k, v in imp[name].items()])]
     md += ["## Failed and early-stopped trials\n", _table_md(trouble(run))]
     path = out / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(md), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(md))
     return path
 
 
 def write_front_html(run: Run, path: str | os.PathLike) -> Path:
     """The interactive front alone (a trial's full config on hover), self-contained."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    front_figure(run).write_html(str(tmp), include_plotlyjs="inline", full_html=True)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        front_figure(run).write_html(str(tmp), include_plotlyjs="inline", full_html=True)
+    return Path(path)

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.errors import KdsearchError
 
 STATUSES = ("completed", "stopped_early", "infeasible", "failed")
@@ -76,10 +77,8 @@ def write_table(rows: Iterable[dict[str, Any]], path: Path, first_columns: tuple
     names = list(first_columns) + sorted({k for r in rows for k in r} - set(first_columns))
     columns = {n: [r.get(n) for r in rows] for n in names}
     table = pa.table(columns) if rows else pa.table({n: pa.array([], pa.null()) for n in names})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -90,9 +89,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def open_run(path: str | os.PathLike) -> RunPaths:

@@ -33,6 +33,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from kdsearch import __version__
+from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.early_stopping import ParetoHalvingRule
 from kdsearch.errors import KdsearchError
 from kdsearch.flops import count_flops
@@ -187,18 +188,15 @@ class KdsearchOptunaSearch(OptunaSearch):
     def export_study(self) -> None:
         """Copy the in-memory study to study.db (written beside, then renamed)."""
         self._last_export = time.monotonic()
-        path = Path(self._study_path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        with warnings.catch_warnings():
+        with atomic_path(self._study_path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            tmp.unlink(missing_ok=True)  # a copy left by a killed driver
             optuna.copy_study(
                 from_study_name=self._ot_study.study_name,
                 from_storage=self._ot_study._storage,
                 to_storage=f"sqlite:///{tmp}",
                 to_study_name="kdsearch",
             )
-        os.replace(tmp, path)
 
     @property
     def study(self) -> optuna.Study:
@@ -440,10 +438,7 @@ def _prepare_run(space_file: Path, space: SearchSpace, paths: RunPaths, resume: 
         return float(meta["started"])
     if paths.meta.exists():
         raise KdsearchError(f"--name: a run already exists at {paths.root}; use --resume to continue it or another --name")
-    paths.root.mkdir(parents=True, exist_ok=True)
-    tmp = paths.space.with_name(".space.yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, paths.space)
+    write_text_atomic(paths.space, text)
     started = time.time()
     write_json(paths.meta, {
         "name": paths.root.name, "space_file": str(Path(space_file).resolve()), "space_name": space.name,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.data import Data, load_data
 from kdsearch.errors import KdsearchError
 from kdsearch.specs import DataSpec, TeacherSpec
@@ -223,14 +224,9 @@ def save_teacher(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     import yaml
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    meta_path = path.with_suffix(".yaml")
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(meta, sort_keys=False))
-    os.replace(tmp, meta_path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_text_atomic(path.with_suffix(".yaml"), yaml.safe_dump(meta, sort_keys=False))
 
 
 # --------------------------------------------------------------------------------------
@@ -364,7 +360,5 @@ def teacher_logits(
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.data import Data, load_data
 from kdsearch.distill import DistillLoss
 from kdsearch.flops import count_flops
@@ -193,11 +194,7 @@ def save_student(model: nn.Module, spec: TrialSpec, workdir: Path) -> Path:
     from safetensors.torch import save_file
 
     path = workdir / "model.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    spec_path = workdir / "trial_spec.json"
-    tmp = spec_path.with_name(spec_path.name + ".tmp")
-    tmp.write_text(json.dumps(spec.to_dict(), indent=2))
-    os.replace(tmp, spec_path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    write_text_atomic(workdir / "trial_spec.json", json.dumps(spec.to_dict(), indent=2))
     return path
