@@ -84,9 +84,9 @@ def teacher_train(
     force: bool = typer.Option(False, "--force", help="Train again even when the checkpoint exists."),
 ) -> None:
     """Train the space's built-in teacher on its data and save it where the space points."""
-    from kdsearch.data import load_data
+    from kdsearch.data import evaluate, load_data
     from kdsearch.space import load_space
-    from kdsearch.teacher import BUILTIN, evaluate, load_teacher
+    from kdsearch.teacher import BUILTIN, load_teacher
 
     space = load_space(space_file)
     if space.teacher.model != BUILTIN:
@@ -281,12 +281,9 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Re-measure an exported student's val accuracy."""
-    import torch
-
-    from kdsearch.data import load_data
+    from kdsearch.data import evaluate, load_data
     from kdsearch.export import card_spec, load_student, read_card
     from kdsearch.specs import DataSpec
-    from kdsearch.trial import evaluate
 
     card = read_card(student)
     spec = card_spec(card)
@@ -302,7 +299,7 @@ def eval_(
     loaded = load_data(dspec)
     if loaded.num_classes != spec.student.num_classes or loaded.in_chans != spec.student.in_chans:
         raise KdsearchError(f"--data {data}: {loaded.num_classes} classes x {loaded.in_chans} channels, the student has {spec.student.num_classes} x {spec.student.in_chans}")
-    acc = evaluate(load_student(student), loaded, torch.device("cpu"))
+    acc = evaluate(load_student(student), loaded)
     result = {"student": str(student), "data": dspec.name, "val_acc": acc, "recorded_val_acc": card["metrics"]["val_acc"], "images": len(loaded.val)}
     if as_json:
         typer.echo(json.dumps(result))

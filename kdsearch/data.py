@@ -92,6 +92,18 @@ class IndexedDataset(Dataset):
         return x, torch.tensor(y), torch.tensor(i)
 
 
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Data, device: str | torch.device = "cpu", batch_size: int = 512, workers: int = 0) -> float:
+    """Top-1 accuracy of `model` (in eval mode: a DeiT student averages its two heads) on the val split."""
+    model.eval()
+    correct = total = 0
+    for x, y, _ in data.val_batches(batch_size, workers):
+        logits = model(x.to(device))
+        correct += int((logits.argmax(-1).cpu() == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
 def _batches(ds: Dataset, order: torch.Tensor, batch_size: int, workers: int, drop_last: bool = False) -> Iterator[Batch]:
     if isinstance(ds, TensorSplit):  # the fast path: no DataLoader, no per-item Python
         stop = len(order) - (len(order) % batch_size if drop_last else 0)

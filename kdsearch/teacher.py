@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdsearch.atomic import atomic_path, write_text_atomic
-from kdsearch.data import Data, load_data
+from kdsearch.data import Data, evaluate, load_data
 from kdsearch.errors import KdsearchError
 from kdsearch.specs import DataSpec, TeacherSpec
 
@@ -97,18 +97,6 @@ def _shift(x: Tensor, epoch: int) -> Tensor:
     g = torch.Generator().manual_seed(epoch)
     dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Data, batch_size: int = 512) -> float:
-    """Top-1 accuracy on the val split."""
-    model.eval()
-    correct = total = 0
-    for x, y, _ in data.val_batches(batch_size):
-        out = model(x)
-        correct += int((out.argmax(-1) == y).sum())
-        total += len(y)
-    return correct / max(total, 1)
 
 
 # --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kdsearch.atomic import atomic_path, write_text_atomic
-from kdsearch.data import Data, load_data
+from kdsearch.data import Data, evaluate, load_data
 from kdsearch.distill import DistillLoss
 from kdsearch.flops import count_flops
 from kdsearch.specs import TrialSpec
@@ -151,18 +151,6 @@ def run_trial(
 
     checkpoint = save_student(model, spec, workdir)
     return {**metrics, "checkpoint": str(checkpoint), "wall_seconds": time.perf_counter() - t_start}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Data, device: torch.device, batch_size: int = 512, workers: int = 0) -> float:
-    """Top-1 val accuracy; a student with a distillation token averages its two heads (DeiT)."""
-    model.eval()
-    correct = total = 0
-    for x, y, _ in data.val_batches(batch_size, workers):
-        logits = model(x.to(device))
-        correct += int((logits.argmax(-1).cpu() == y).sum())
-        total += len(y)
-    return correct / max(total, 1)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
