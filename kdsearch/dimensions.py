@@ -39,9 +39,6 @@ class Fixed:
     def values(self) -> list[Any]:
         return [self.value]
 
-    def contains(self, v: Any) -> bool:
-        return v == self.value
-
     def describe(self) -> str:
         return f"{self.value!r} (fixed)"
 
@@ -67,9 +64,6 @@ class Choice:
 
     def values(self) -> list[Any]:
         return list(self.choices)
-
-    def contains(self, v: Any) -> bool:
-        return v in self.choices
 
     def describe(self) -> str:
         return "one of " + ", ".join(repr(c) for c in self.choices)
@@ -108,6 +102,7 @@ class IntRange:
         return list(range(self.low, self.high + 1, self.step))
 
     def contains(self, v: Any) -> bool:
+        """On the range's step grid (checked for a `default`)."""
         return isinstance(v, int) and not isinstance(v, bool) and self.low <= v <= self.high and (v - self.low) % self.step == 0
 
     def describe(self) -> str:
@@ -152,9 +147,6 @@ class FloatRange:
         n = int(math.floor((self.high - self.low) / self.step + 1e-9))
         return [self.low + i * self.step for i in range(n + 1)]
 
-    def contains(self, v: Any) -> bool:
-        return _num(v) and self.low <= v <= self.high
-
     def describe(self) -> str:
         step = f" step {self.step}" if self.step is not None else ""
         return f"float {self.low}..{self.high}{step}{' (log)' if self.log else ''}"
@@ -162,10 +154,6 @@ class FloatRange:
     @property
     def searched(self) -> bool:
         return self.high > self.low
-
-    @property
-    def finite(self) -> bool:
-        return self.step is not None
 
 
 Dimension = Fixed | Choice | IntRange | FloatRange
@@ -176,7 +164,3 @@ def cardinality(dim: Dimension) -> float:
     if isinstance(dim, FloatRange) and dim.step is None and dim.high > dim.low:
         return math.inf
     return len(dim.values())
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
