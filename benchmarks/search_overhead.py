@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def bench(space_file: Path, storage: Path, reuse: bool, slots: int) -> dict:
     t0 = time.perf_counter()
-    result = run_search(space_file, storage=storage, name=f"reuse-{reuse}", live=False, say=lambda s: None, reuse_actors=reuse)
+    result = run_search(space_file, storage=storage, name=f"reuse-{reuse}", say=lambda s: None, reuse_actors=reuse)
     wall = time.perf_counter() - t0
     epochs = pd.read_parquet(result.paths.epochs)
     trials = pd.read_parquet(result.paths.trials)
@@ -37,8 +37,14 @@ def bench(space_file: Path, storage: Path, reuse: bool, slots: int) -> dict:
     span = epochs.time.max() - start
     busy = epochs.epoch_seconds.sum()
     in_trial = trials.wall_seconds.sum()
-    return {"reuse_actors": reuse, "search wall s": wall, "span s": span, "busy s": busy,
-            "busy / (span x slots)": busy / (span * slots), "busy / trial time": busy / in_trial}
+    return {
+        "reuse_actors": reuse,
+        "search wall s": wall,
+        "span s": span,
+        "busy s": busy,
+        "busy / (span x slots)": busy / (span * slots),
+        "busy / trial time": busy / in_trial,
+    }
 
 
 def main() -> None:
@@ -59,8 +65,10 @@ def main() -> None:
     print(f"{raw['search']['trials']} trials of {raw['train']['epochs']} epochs, 1 CPU each, 2 slots")
     print(df.to_string(float_format=lambda v: f"{v:.3f}"))
     share = df.loc[True, "busy / (span x slots)"]
-    print(f"kdsearch (reuse_actors=True): {share:.1%} of worker time in train/eval steps (goal >= 90%); "
-          f"Ray's default: {df.loc[False, 'busy / (span x slots)']:.1%}")
+    print(
+        f"kdsearch (reuse_actors=True): {share:.1%} of worker time in train/eval steps (goal >= 90%); "
+        f"Ray's default: {df.loc[False, 'busy / (span x slots)']:.1%}"
+    )
 
 
 if __name__ == "__main__":

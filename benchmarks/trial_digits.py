@@ -28,7 +28,9 @@ def cli_trial(*extra: str) -> tuple[dict, float]:
         t0 = time.perf_counter()
         proc = subprocess.run(
             [str(KDSEARCH), "trial", str(SPACE), "--json", "--workdir", workdir, *extra],
-            capture_output=True, text=True, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
         )
         wall = time.perf_counter() - t0
     if proc.returncode:
@@ -38,7 +40,7 @@ def cli_trial(*extra: str) -> tuple[dict, float]:
 
 def live_baseline() -> tuple[dict, float]:
     """The same trial with the teacher run live on every batch (no cache)."""
-    from kdsearch.space import load_space
+    from kdsearch.space_file import load_space
     from kdsearch.trial import run_trial
 
     space = load_space(SPACE)
@@ -60,8 +62,12 @@ def main() -> None:
         ("run_trial, live teacher (baseline)", live, live_wall),
     ]:
         print(f"{name:<34} {wall:>7.1f} {r['wall_seconds']:>8.1f} {r['val_acc']:>8.4f} {r['teacher_images']:>15,}")
-    print(f"goal: wall < 60 s -> {'met' if cached_wall < 60 else 'NOT met'}; val_acc >= 0.95 -> {'met' if cached['val_acc'] >= 0.95 else 'NOT met'}")
-    print(f"cache speed-up of the training loop over the live teacher: {live['wall_seconds'] / cached['wall_seconds']:.2f}x")
+    print(
+        f"goal: wall < 60 s -> {'met' if cached_wall < 60 else 'NOT met'}; val_acc >= 0.95 -> {'met' if cached['val_acc'] >= 0.95 else 'NOT met'}"
+    )
+    print(
+        f"cache speed-up of the training loop over the live teacher: {live['wall_seconds'] / cached['wall_seconds']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

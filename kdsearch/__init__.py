@@ -12,8 +12,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_space": "kdsearch.space",
-    "parse_space": "kdsearch.space",
+    "load_space": "kdsearch.space_file",
+    "parse_space": "kdsearch.space_file",
     "SearchSpace": "kdsearch.space",
     "Budget": "kdsearch.space",
     "TrialSpec": "kdsearch.specs",
@@ -27,7 +27,9 @@ _EXPORTS = {
     "count_flops": "kdsearch.flops",
     "FlopCount": "kdsearch.flops",
     "run_trial": "kdsearch.trial",
-    "TrialDiverged": "kdsearch.trial",
+    "TrialDiverged": "kdsearch.training",
+    "Objective": "kdsearch.objectives",
+    "load_run": "kdsearch.results",
     "load_teacher": "kdsearch.teacher",
     "load_data": "kdsearch.data",
     "DistillLoss": "kdsearch.distill",

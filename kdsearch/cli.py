@@ -18,7 +18,13 @@ from rich.console import Console
 from rich.table import Table
 
 from kdsearch.errors import KdsearchError
-from kdsearch.status import wide_console
+
+
+def wide_console(stderr: bool = False) -> Console:
+    """A console that does not squeeze tables to 80 columns when writing to a file or pipe."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -40,7 +46,7 @@ def space_show(
     samples: int = typer.Option(2000, help="Random configs drawn to measure the share inside the budgets."),
 ) -> None:
     """Print a space: its dimensions, how many students it holds, their FLOPs and params range."""
-    from kdsearch.space import load_space
+    from kdsearch.space_file import load_space
     from kdsearch.summary import summarize
 
     summary = summarize(load_space(space_file), samples=samples)
@@ -56,9 +62,12 @@ def _print_summary(s: dict) -> None:
     if s["description"]:
         console.print(s["description"])
     d, t = s["data"], s["teacher"]
-    console.print(f"data: {d['name']} at {d['img_size']}px, {d['num_classes']} classes" + (f", root {d['root']}" if d["root"] else ""))
+    console.print(
+        f"data: {d['name']} at {d['img_size']}px, {d['num_classes']} classes"
+        + (f", root {d['root']}" if d["root"] else "")
+    )
     weights = t["checkpoint"] or ("timm pretrained" if t["pretrained"] else "trained by kdsearch")
-    console.print(f"teacher: {t['model']} ({weights})")
+    console.print(f"teacher: {t['model']} ({weights}); trials get its signal from: {', '.join(s['teacher_sources'])}")
     table = Table("dimension", "values", "count", "default")
     for dim in s["dimensions"]:
         style = None if dim["kind"] != "fixed" else "dim"
@@ -70,12 +79,17 @@ def _print_summary(s: dict) -> None:
     console.print(f"GFLOPs: {s['gflops']['min']:.4g} .. {s['gflops']['max']:.4g}  ({s['flops_unit']})")
     console.print(f"params: {s['params']['min']:,} .. {s['params']['max']:,}")
     b = s["budget"]
-    limits = [f"max {b['max_gflops']:g} GFLOPs" if b["max_gflops"] is not None else None, f"max {b['max_params']:,} params" if b["max_params"] is not None else None]
+    limits = [
+        f"max {b['max_gflops']:g} GFLOPs" if b["max_gflops"] is not None else None,
+        f"max {b['max_params']:,} params" if b["max_params"] is not None else None,
+    ]
     limits = [x for x in limits if x] or ["none"]
     console.print(f"budget: {', '.join(limits)}; {b['share_inside']:.1%} of {b['samples']:,} sampled configs inside")
-    objectives = ", ".join(f"{o['metric']} ({o['mode']})" for o in s["objectives"])
+    objectives = ", ".join(f"{o['metric']} ({o['mode']}; {o['unit']})" for o in s["objectives"])
     sr = s["search"]
-    console.print(f"objectives: {objectives}; sampler {sr['sampler']}, {sr['trials']} trials; per trial {s['resources']['cpus']:g} CPU, {s['resources']['gpus']:g} GPU")
+    console.print(
+        f"objectives: {objectives}; sampler {sr['sampler']}, {sr['trials']} trials; per trial {s['resources']['cpus']:g} CPU, {s['resources']['gpus']:g} GPU"
+    )
 
 
 @teacher_app.command("train")
@@ -84,14 +98,16 @@ def teacher_train(
     force: bool = typer.Option(False, "--force", help="Train again even when the checkpoint exists."),
 ) -> None:
     """Train the space's built-in teacher on its data and save it where the space points."""
-    from kdsearch.data import evaluate, load_data
-    from kdsearch.space import load_space
-    from kdsearch.teacher import BUILTIN, load_teacher
+    from kdsearch.data import load_data
+    from kdsearch.space_file import load_space
+    from kdsearch.specs import BUILTIN_TEACHER
+    from kdsearch.teacher import load_teacher
+    from kdsearch.training import evaluate
 
     space = load_space(space_file)
-    if space.teacher.model != BUILTIN:
+    if space.teacher.model != BUILTIN_TEACHER:
         raise KdsearchError(
-            f"{space_file}: teacher.model: only the built-in {BUILTIN} is trained by kdsearch; "
+            f"{space_file}: teacher.model: only the built-in {BUILTIN_TEACHER} is trained by kdsearch; "
             f"fine-tune {space.teacher.model} with timm's train script and give its checkpoint"
         )
     path = Path(space.teacher.checkpoint)
@@ -116,31 +132,42 @@ def trial(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kdsearch.data import load_data
-    from kdsearch.space import load_space
+    from kdsearch.space_file import load_space, parse_sets
+    from kdsearch.specs import TeacherSource, teacher_source
     from kdsearch.teacher import load_teacher
     from kdsearch.trial import TrialDiverged, run_trial
 
     space = load_space(space_file)
-    spec = space.default_spec(parse_overrides(set_, str(space_file)))
+    spec = space.default_spec(parse_sets(space, set_))
     run_dir = Path("runs") / space.name
     workdir = (workdir or run_dir / "trials" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     data = load_data(space)
-    teacher = load_teacher(space, train_if_missing=True, log=err_console.print, data=data) if spec.recipe.uses_teacher else None
+    needs_teacher = teacher_source(spec.recipe, data.random_augment) is not TeacherSource.NONE
+    teacher = load_teacher(space, train_if_missing=True, log=err_console.print, data=data) if needs_teacher else None
     s = spec.student
     err_console.print(
         f"student: D {s.embed_dim}, depth {s.depth}, heads {s.num_heads}, mlp {s.mlp_ratio:g}, patch {s.patch_size}, "
         f"{s.pos_embed}{', distillation token' if s.distill_token else ''}; recipe: {spec.recipe}"
     )
-    columns = [TextColumn("epoch {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn()]
+    columns = [
+        TextColumn("epoch {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=err_console, transient=as_json) as progress:
         task = progress.add_task("", total=spec.train.epochs)
 
         def report(m: dict) -> None:
-            progress.update(task, completed=m["epoch"], description=f"val_acc {m['val_acc']:.4f}  loss {m['train_loss']:.4f}")
+            progress.update(
+                task, completed=m["epoch"], description=f"val_acc {m['val_acc']:.4f}  loss {m['train_loss']:.4f}"
+            )
 
         try:
             workers = max(0, min(8, (os.cpu_count() or 1) - 1))
-            result = run_trial(spec, report, workdir, data=data, teacher=teacher, cache_dir=run_dir / "cache", loader_workers=workers)
+            result = run_trial(
+                spec, report, workdir, data=data, teacher=teacher, cache_dir=run_dir / "cache", loader_workers=workers
+            )
         except TrialDiverged as e:
             raise KdsearchError(f"trial: {e}; lower train.lr or the recipe's weights") from None
     if as_json:
@@ -156,7 +183,9 @@ def trial(
 def search(
     space_file: Path = typer.Argument(..., help="A search-space YAML file."),
     trials: int = typer.Option(None, "--trials", min=1, help="Trials to run [default: the space's search.trials]."),
-    address: str = typer.Option(None, "--address", help="Join a Ray cluster: 'auto' or ray://HOST:PORT [default: a local Ray]."),
+    address: str = typer.Option(
+        None, "--address", help="Join a Ray cluster: 'auto' or ray://HOST:PORT [default: a local Ray]."
+    ),
     name: str = typer.Option(None, "--name", help="The run's name [default: the space's name]."),
     storage: str = typer.Option("runs", "--storage", help="Folder holding runs (local or shared filesystem)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run NAME after its driver died."),
@@ -164,16 +193,32 @@ def search(
 ) -> None:
     """Run a multi-objective search: Ray Tune runs trials, Optuna chooses them."""
     from kdsearch.plots import plot_front
+    from kdsearch.results import front_records
     from kdsearch.search import run_search
+    from kdsearch.status import front_table
 
-    result = run_search(space_file, trials=trials, address=address, name=name, storage=storage, resume=resume, say=err_console.print)
+    result = run_search(
+        space_file,
+        trials=trials,
+        address=address,
+        name=name,
+        storage=storage,
+        resume=resume,
+        say=err_console.print,
+        console=err_console,
+    )
     objectives = json.loads(result.paths.meta.read_text())["objectives"]
-    picture = plot_front(result.trials, objectives, plot or result.paths.root / "front.png", title=result.paths.root.name)
-    _print_front(result.front)
+    picture = plot_front(
+        result.trials, objectives, plot or result.paths.root / "front.png", title=result.paths.root.name
+    )
+    title = "Pareto front (" + ", ".join(f"{m} {d}" for m, d in objectives) + ")"
+    wide_console().print(front_table(front_records(result.front, objectives), title))
     where = f"run: {result.paths.root}  (trials.parquet, epochs.parquet, study.db)  front picture: {picture}"
     wide_console().print(where)
     if result.interrupted:
-        err_console.print(f"the search stopped early; continue it with: kdsearch search {space_file} --name {result.paths.root.name} --storage {storage} --resume")
+        err_console.print(
+            f"the search stopped early; continue it with: kdsearch search {space_file} --name {result.paths.root.name} --storage {storage} --resume"
+        )
 
 
 @app.command("status")
@@ -189,7 +234,9 @@ def status(
     meta = json.loads(paths.meta.read_text())
     trials, epochs = read_rows(paths.trials), read_rows(paths.epochs)
     if as_json:
-        typer.echo(json.dumps(status_dict(trials, epochs, meta["objectives"], meta["trials"], meta["started"]), default=str))
+        typer.echo(
+            json.dumps(status_dict(trials, epochs, meta["objectives"], meta["trials"], meta["started"]), default=str)
+        )
         return
     wide_console().print(render_status(trials, epochs, meta["objectives"], meta["trials"], meta["started"]))
 
@@ -206,11 +253,16 @@ def pareto(
     fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
     plot: Path = typer.Option(None, "--plot", help="Write a PNG of all trials and the front."),
     html_out: Path = typer.Option(None, "--html", help="Write an interactive HTML plot (a trial's config on hover)."),
-    objectives: str = typer.Option(None, "--objectives", help="Comma-separated, e.g. val_acc,params [default: the run's]."),
+    objectives: str = typer.Option(
+        None, "--objectives", help="Comma-separated, e.g. val_acc,params or val_acc,params:min [default: the run's]."
+    ),
 ) -> None:
     """The front of a run: its members, their architecture and recipe, and the hypervolume."""
+    from kdsearch import objectives as objective_table
     from kdsearch.plots import plot_front
-    from kdsearch.report import front_table, hypervolume, load_run, require_finished, write_front_html
+    from kdsearch.report import front_table, hypervolume, write_front_html
+    from kdsearch.results import load_run, require_finished
+    from kdsearch.status import front_table as rich_front_table
 
     r = load_run(run, objectives.split(",") if objectives else None)
     require_finished(r)
@@ -221,8 +273,15 @@ def pareto(
     if html_out:
         write_front_html(r, html_out)
     if fmt is Format.json:
-        hv_obj = {"value": hv.value, "reference": hv.reference, "normalized": True} if hv else None
-        typer.echo(json.dumps({"run": str(r.paths.root), "objectives": r.objectives, "hypervolume": hv_obj, "front": rows}, default=str))
+        units = {c: objective_table.get(c).unit for c in rows[0] if c in objective_table.OBJECTIVES}
+        out = {
+            "run": str(r.paths.root),
+            "objectives": r.objectives,
+            "units": units,
+            "hypervolume": hv.as_json(),
+            "front": rows,
+        }
+        typer.echo(json.dumps(out, default=str))
     elif fmt is Format.csv:
         import csv
 
@@ -230,24 +289,24 @@ def pareto(
         writer.writeheader()
         writer.writerows(rows)
     else:
-        table = Table(*rows[0].keys(), title=f"Pareto front of {r.name}: " + ", ".join(f"{m} ({d})" for m, d in r.objectives))
-        for row in rows:
-            table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
         console = wide_console()
-        console.print(table)
-        if hv:
-            cost = hv.cost
-            console.print(f"hypervolume {hv.value:.4f} (normalized; reference point: accuracy 0, {cost} {hv.reference[cost]:,.0f} = 1.1 x the largest seen)")
+        console.print(
+            rich_front_table(rows, f"Pareto front of {r.name}: " + ", ".join(f"{m} ({d})" for m, d in r.objectives))
+        )
+        console.print(hv.describe())
 
 
 @app.command("report")
 def report(
     run: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
-    out: Path = typer.Option(None, "--out", help="Folder for report.html, report.md and pictures [default: RUN/report]."),
+    out: Path = typer.Option(
+        None, "--out", help="Folder for report.html, report.md and pictures [default: RUN/report]."
+    ),
 ) -> None:
     """One self-contained HTML page (and the same as Markdown): the front, hypervolume over time,
     each encoding's front, parameter importances, failed and stopped trials."""
-    from kdsearch.report import load_run, write_report
+    from kdsearch.report import write_report
+    from kdsearch.results import load_run
 
     r = load_run(run)
     page, md = write_report(r, out or r.paths.root / "report")
@@ -259,16 +318,20 @@ def export(
     run: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
     out: Path = typer.Option(..., "--out", help="Folder to write student.yaml, model.safetensors and README.md to."),
     trial_id: str = typer.Option(None, "--trial", help="Export this completed trial."),
-    max_gflops: float = typer.Option(None, "--max-gflops", help="The most accurate front member under this many GFLOPs."),
-    min_acc: float = typer.Option(None, "--min-acc", help="The cheapest front member with at least this val accuracy (0-1)."),
+    max_gflops: float = typer.Option(
+        None, "--max-gflops", help="The most accurate front member under this many GFLOPs."
+    ),
+    min_acc: float = typer.Option(
+        None, "--min-acc", help="The cheapest front member with at least this val accuracy (0-1)."
+    ),
 ) -> None:
     """Export a student: config, weights and a model card that load without kdsearch's search machinery."""
     from kdsearch.export import export_student, select_trial
-    from kdsearch.report import load_run
+    from kdsearch.results import load_run
 
     r = load_run(run)
     row = select_trial(r.trials, r.objectives, trial_id=trial_id, max_gflops=max_gflops, min_acc=min_acc)
-    folder = export_student(row, out, run=r.paths.root)
+    folder = export_student(row, out, run=r.paths.root, objectives=r.objectives)
     wide_console().print(
         f"exported trial {row['trial_id']} (val_acc {row['val_acc']:.4f}, {row['flops'] / 1e9:.4g} GFLOPs, {row['params']:,} params) to {folder}"
     )
@@ -277,63 +340,52 @@ def export(
 @app.command("eval")
 def eval_(
     student: Path = typer.Argument(..., help="An exported student folder."),
-    data: str = typer.Option(None, "--data", help="A space file whose data to use, or 'digits' [default: the student's own data]."),
+    data: str = typer.Option(
+        None,
+        "--data",
+        help="A space file whose data to use, or a dataset that needs no root (digits) [default: the student's own data].",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Re-measure an exported student's val accuracy."""
-    from kdsearch.data import evaluate, load_data
+    from kdsearch.data import load_data
+    from kdsearch.datasets import DATASETS
     from kdsearch.export import card_spec, load_student, read_card
     from kdsearch.specs import DataSpec
+    from kdsearch.training import evaluate
 
     card = read_card(student)
     spec = card_spec(card)
     dspec = spec.data
-    if data == "digits":
-        dspec = DataSpec(img_size=spec.student.img_size)
+    if data in DATASETS and not DATASETS[data].needs_root:
+        dspec = DataSpec(name=data, img_size=spec.student.img_size)
     elif data:
-        from kdsearch.space import load_space
+        from kdsearch.space_file import load_space
 
         dspec = load_space(data).data
     if dspec.img_size != spec.student.img_size:
-        raise KdsearchError(f"--data {data}: images are {dspec.img_size}px but the student takes {spec.student.img_size}px")
+        raise KdsearchError(
+            f"--data {data}: images are {dspec.img_size}px but the student takes {spec.student.img_size}px"
+        )
     loaded = load_data(dspec)
     if loaded.num_classes != spec.student.num_classes or loaded.in_chans != spec.student.in_chans:
-        raise KdsearchError(f"--data {data}: {loaded.num_classes} classes x {loaded.in_chans} channels, the student has {spec.student.num_classes} x {spec.student.in_chans}")
+        raise KdsearchError(
+            f"--data {data}: {loaded.num_classes} classes x {loaded.in_chans} channels, the student has {spec.student.num_classes} x {spec.student.in_chans}"
+        )
     acc = evaluate(load_student(student), loaded)
-    result = {"student": str(student), "data": dspec.name, "val_acc": acc, "recorded_val_acc": card["metrics"]["val_acc"], "images": len(loaded.val)}
+    result = {
+        "student": str(student),
+        "data": dspec.name,
+        "val_acc": acc,
+        "recorded_val_acc": card["metrics"]["val_acc"],
+        "images": len(loaded.val),
+    }
     if as_json:
         typer.echo(json.dumps(result))
     else:
-        wide_console().print(f"val_acc {acc:.4f} on {len(loaded.val):,} {dspec.name} val images (recorded at export: {card['metrics']['val_acc']:.4f})")
-
-
-def _print_front(front: list) -> None:
-    table = Table("trial", "val_acc", "MFLOPs", "params", "D", "depth", "heads", "mlp", "patch", "pos_embed", "dist", "alpha", "T", title="Pareto front (val_acc max, FLOPs min)")
-    for r in front:
-        table.add_row(
-            r["trial_id"], f"{r['val_acc']:.4f}", f"{r['flops'] / 1e6:.3f}", f"{r['params']:,}", str(r["student.embed_dim"]),
-            str(r["student.depth"]), str(r["student.num_heads"]), f"{r['student.mlp_ratio']:g}", str(r["student.patch_size"]),
-            r["student.pos_embed"], "yes" if r["student.distill_token"] else "no", f"{r['recipe.alpha']:.2f}", f"{r['recipe.temperature']:.2f}",
+        wide_console().print(
+            f"val_acc {acc:.4f} on {len(loaded.val):,} {dspec.name} val images (recorded at export: {card['metrics']['val_acc']:.4f})"
         )
-    wide_console().print(table)
-
-
-def parse_overrides(items: list[str], source: str) -> dict:
-    """`["student.depth=4", "recipe.alpha=0.5"]` -> {"student.depth": 4, "recipe.alpha": 0.5} (YAML values)."""
-    import yaml
-
-    from kdsearch.space import _Loader
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise KdsearchError(f"--set {item}: expected KEY=VALUE, e.g. --set student.depth=4")
-        try:
-            out[key.strip()] = yaml.load(value, Loader=_Loader)
-        except yaml.YAMLError:
-            raise KdsearchError(f"--set {item}: {value!r} is not a value") from None
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

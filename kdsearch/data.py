@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from kdsearch.datasets import DATASETS
 from kdsearch.errors import KdsearchError
 from kdsearch.specs import DataSpec
 
@@ -92,19 +93,9 @@ class IndexedDataset(Dataset):
         return x, torch.tensor(y), torch.tensor(i)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Data, device: str | torch.device = "cpu", batch_size: int = 512, workers: int = 0) -> float:
-    """Top-1 accuracy of `model` (in eval mode: a DeiT student averages its two heads) on the val split."""
-    model.eval()
-    correct = total = 0
-    for x, y, _ in data.val_batches(batch_size, workers):
-        logits = model(x.to(device))
-        correct += int((logits.argmax(-1).cpu() == y).sum())
-        total += len(y)
-    return correct / max(total, 1)
-
-
-def _batches(ds: Dataset, order: torch.Tensor, batch_size: int, workers: int, drop_last: bool = False) -> Iterator[Batch]:
+def _batches(
+    ds: Dataset, order: torch.Tensor, batch_size: int, workers: int, drop_last: bool = False
+) -> Iterator[Batch]:
     if isinstance(ds, TensorSplit):  # the fast path: no DataLoader, no per-item Python
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
@@ -115,20 +106,20 @@ def _batches(ds: Dataset, order: torch.Tensor, batch_size: int, workers: int, dr
 
 
 def load_data(spec: DataSpec | object) -> Data:
-    """The data a space (or a DataSpec) names. Raises KdsearchError on a missing root."""
+    """The data a space (or a DataSpec) names, by its loader in kdsearch.datasets' table.
+    Raises KdsearchError on an unknown name or a missing root."""
     if not isinstance(spec, DataSpec):
         spec = spec.data  # a SearchSpace or a TrialSpec
-    loaders = {"digits": _digits, "cifar10": _cifar, "cifar100": _cifar, "imagefolder": _imagefolder}
-    if spec.name not in loaders:
-        raise KdsearchError(f"data.name: unknown dataset {spec.name!r}; known: {', '.join(loaders)}")
-    return loaders[spec.name](spec)
+    if spec.name not in DATASETS:
+        raise KdsearchError(f"data.name: unknown dataset {spec.name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[spec.name].load_function()(spec)
 
 
 def _fingerprint(**parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _digits(spec: DataSpec) -> Data:
+def load_digits(spec: DataSpec) -> Data:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -143,14 +134,18 @@ def _digits(spec: DataSpec) -> Data:
     )
     train = TensorSplit(x[idx_train].contiguous(), y[idx_train].contiguous())
     val = TensorSplit(x[idx_val].contiguous(), y[idx_val].contiguous())
-    fp = _fingerprint(name="digits", img_size=spec.img_size, val_fraction=spec.val_fraction, split_seed=SPLIT_SEED, n=len(y))
-    return Data(spec, train, val, 10, 1, fp, random_augment=False)
+    fp = _fingerprint(
+        name="digits", img_size=spec.img_size, val_fraction=spec.val_fraction, split_seed=SPLIT_SEED, n=len(y)
+    )
+    return Data(spec, train, val, 10, DATASETS["digits"].in_chans, fp, random_augment=False)
 
 
-def _require_root(spec: DataSpec, what: str) -> Path:
+def _require_root(spec: DataSpec) -> Path:
     root = Path(spec.root or "")
     if not spec.root or not root.is_dir():
-        raise KdsearchError(f"data.root: {spec.root} is not a folder; {what} must be there (kdsearch never downloads)")
+        raise KdsearchError(
+            f"data.root: {spec.root} is not a folder; {DATASETS[spec.name].root_holds} must be there (kdsearch never downloads)"
+        )
     return root
 
 
@@ -170,36 +165,59 @@ def _transforms(spec: DataSpec, native: int, mean: tuple, std: tuple):
     return aug, plain
 
 
-def _cifar(spec: DataSpec) -> Data:
+def load_cifar(spec: DataSpec) -> Data:
     from torchvision.datasets import CIFAR10, CIFAR100
 
-    cls, folder, classes = (CIFAR10, "cifar-10-batches-py", 10) if spec.name == "cifar10" else (CIFAR100, "cifar-100-python", 100)
-    root = _require_root(spec, f"the CIFAR python files ({folder}/)")
+    info = DATASETS[spec.name]
+    cls, folder = (CIFAR10, "cifar-10-batches-py") if spec.name == "cifar10" else (CIFAR100, "cifar-100-python")
+    root = _require_root(spec)
     train_tf, plain_tf = _transforms(spec, 32, CIFAR_MEAN, CIFAR_STD)
     try:
         train = cls(str(root), train=True, transform=train_tf, download=False)
         plain = cls(str(root), train=True, transform=plain_tf, download=False)
         val = cls(str(root), train=False, transform=plain_tf, download=False)
     except RuntimeError:
-        raise KdsearchError(f"data.root: {root} holds no {spec.name} files; expected {root / folder}/ (kdsearch never downloads)") from None
+        raise KdsearchError(
+            f"data.root: {root} holds no {spec.name} files; expected {root / folder}/ (kdsearch never downloads)"
+        ) from None
     fp = _fingerprint(name=spec.name, root=str(root), img_size=spec.img_size, n=len(train))
-    return Data(spec, IndexedDataset(train, plain), IndexedDataset(val), classes, 3, fp, random_augment=spec.augment)
+    return Data(
+        spec,
+        IndexedDataset(train, plain),
+        IndexedDataset(val),
+        info.num_classes,
+        info.in_chans,
+        fp,
+        random_augment=spec.augment,
+    )
 
 
-def _imagefolder(spec: DataSpec) -> Data:
+def load_imagefolder(spec: DataSpec) -> Data:
     from torchvision.datasets import ImageFolder
 
-    root = _require_root(spec, "train/ and val/ folders with one folder per class")
+    root = _require_root(spec)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise KdsearchError(f"data.root: {root} has no {split}/ folder; an image folder needs train/ and val/ with one folder per class")
+            raise KdsearchError(
+                f"data.root: {root} has no {split}/ folder; an image folder needs train/ and val/ with one folder per class"
+            )
     train_tf, plain_tf = _transforms(spec, -1, IMAGENET_MEAN, IMAGENET_STD)
     train = ImageFolder(str(root / "train"), transform=train_tf)
     plain = ImageFolder(str(root / "train"), transform=plain_tf)
     val = ImageFolder(str(root / "val"), transform=plain_tf)
     if spec.num_classes is not None and len(train.classes) != spec.num_classes:
-        raise KdsearchError(f"data.num_classes: the space says {spec.num_classes} but {root / 'train'} has {len(train.classes)} class folders")
+        raise KdsearchError(
+            f"data.num_classes: the space says {spec.num_classes} but {root / 'train'} has {len(train.classes)} class folders"
+        )
     if val.classes != train.classes:
         raise KdsearchError(f"data.root: {root}/val has different class folders from {root}/train")
     fp = _fingerprint(name="imagefolder", root=str(root), img_size=spec.img_size, n=len(train), classes=train.classes)
-    return Data(spec, IndexedDataset(train, plain), IndexedDataset(val), len(train.classes), 3, fp, random_augment=spec.augment)
+    return Data(
+        spec,
+        IndexedDataset(train, plain),
+        IndexedDataset(val),
+        len(train.classes),
+        DATASETS[spec.name].in_chans,
+        fp,
+        random_augment=spec.augment,
+    )

@@ -8,8 +8,9 @@ uniformly for summaries, enumerated when finite, and knows its default value.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -19,7 +20,9 @@ class SuggestTrial(Protocol):
 
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...
-    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False) -> float: ...
+    def suggest_float(
+        self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False
+    ) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,12 @@ class IntRange:
 
     def contains(self, v: Any) -> bool:
         """On the range's step grid (checked for a `default`)."""
-        return isinstance(v, int) and not isinstance(v, bool) and self.low <= v <= self.high and (v - self.low) % self.step == 0
+        return (
+            isinstance(v, int)
+            and not isinstance(v, bool)
+            and self.low <= v <= self.high
+            and (v - self.low) % self.step == 0
+        )
 
     def describe(self) -> str:
         step = f" step {self.step}" if self.step != 1 else ""

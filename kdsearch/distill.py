@@ -19,7 +19,7 @@ Every loss returns a 0-dim tensor. Half-precision inputs are upcast to float32 f
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +39,6 @@ __all__ = [
 
 ATTN_EPS = 1e-8
 """Floor on attention probabilities before each row is renormalised (keeps log finite)."""
-
-TERMS: tuple[str, ...] = ("label", "soft", "hard", "feature", "attention")
-"""Names of the terms, as keys of `DistillLoss`'s `parts`."""
 
 
 def _upcast(*xs: Tensor) -> list[Tensor]:
@@ -130,15 +127,13 @@ def feature_mse(student_tokens: Tensor, teacher_features: Tensor, projector: nn.
         teacher_map = teacher_features
     else:
         raise ValueError(
-            "feature_mse: teacher_features must be (B, Dt, h, w) or (B, M, Dt), "
-            f"got {tuple(teacher_features.shape)}"
+            f"feature_mse: teacher_features must be (B, Dt, h, w) or (B, M, Dt), got {tuple(teacher_features.shape)}"
         )
     proj = projector(student_tokens)
     dt = teacher_map.shape[1]
     if proj.shape[-1] != dt or teacher_map.shape[0] != b:
         raise ValueError(
-            f"feature_mse: projected student {tuple(proj.shape)} does not match "
-            f"teacher map {tuple(teacher_map.shape)}"
+            f"feature_mse: projected student {tuple(proj.shape)} does not match teacher map {tuple(teacher_map.shape)}"
         )
     student_map = proj.transpose(1, 2).reshape(b, dt, g, g)
     h, w = teacher_map.shape[-2:]
@@ -200,7 +195,7 @@ def attention_kl(student_attn: Tensor, teacher_attn: Tensor, student_prefix: int
     return kl_rows.mean()
 
 
-def _require(value: Optional[Tensor], name: str, term: str, why: str) -> Tensor:
+def _require(value: Tensor | None, name: str, term: str, why: str) -> Tensor:
     if value is None:
         raise ValueError(f"the {term} term ({why}) needs {name}, got None")
     return value
@@ -213,16 +208,18 @@ class DistillLoss(nn.Module):
     teacher_dim)` exists only when `recipe.feature_weight > 0` (both dims are then required);
     it is a parameter of this module, so put `DistillLoss.parameters()` in the optimizer.
 
-    `forward(...) -> (total, parts)`: total is the 0-dim loss to backpropagate; parts maps each
-    computed term ("label", "soft", "hard", "feature", "attention") to its unweighted value and
-    "total" to the total, as Python floats (one device sync per call). Teacher inputs are
-    detached. A term with weight 0 is skipped, and its inputs may be None; a term with a
-    non-zero weight and a None input raises ValueError naming it.
+    `forward(student, labels, teacher) -> (total, parts)`: the student's and the teacher's
+    outputs as the models return them; total is the 0-dim loss to backpropagate; parts maps
+    each computed term ("label", "soft", "hard", "feature", "attention") to its unweighted
+    value and "total" to the total, as Python floats (one device sync per call). Teacher
+    inputs are detached. A term with weight 0 is skipped, and its inputs may be None; a term
+    with a non-zero weight and a None input raises ValueError naming it. Half-precision
+    inputs (bf16 autocast) are upcast to float32 by each term.
     """
 
-    projector: Optional[nn.Linear]
+    projector: nn.Linear | None
 
-    def __init__(self, recipe: RecipeSpec, student_dim: Optional[int] = None, teacher_dim: Optional[int] = None):
+    def __init__(self, recipe: RecipeSpec, student_dim: int | None = None, teacher_dim: int | None = None):
         super().__init__()
         if not 0.0 <= recipe.alpha <= 1.0:
             raise ValueError(f"recipe.alpha must be in [0, 1], got {recipe.alpha}")
@@ -234,17 +231,10 @@ class DistillLoss(nn.Module):
         self.recipe = recipe
         if recipe.feature_weight > 0:
             if student_dim is None or teacher_dim is None:
-                raise ValueError(
-                    "recipe.feature_weight > 0 needs student_dim and teacher_dim to build the projector"
-                )
+                raise ValueError("recipe.feature_weight > 0 needs student_dim and teacher_dim to build the projector")
             self.projector = nn.Linear(student_dim, teacher_dim)
         else:
             self.projector = None
-
-    @property
-    def needs_teacher_logits(self) -> bool:
-        """Whether `forward` needs `teacher_logits` (soft or hard distillation is on)."""
-        return self.recipe.uses_teacher_logits
 
     @property
     def needs_features(self) -> bool:
@@ -256,46 +246,40 @@ class DistillLoss(nn.Module):
         """Whether `forward` needs `student_attn` and `teacher_attn`."""
         return self.recipe.attention_weight > 0
 
-    def forward(
-        self,
-        logits: Tensor,
-        labels: Optional[Tensor],
-        teacher_logits: Optional[Tensor] = None,
-        dist_logits: Optional[Tensor] = None,
-        student_tokens: Optional[Tensor] = None,
-        teacher_features: Optional[Tensor] = None,
-        student_attn: Optional[Tensor] = None,
-        teacher_attn: Optional[Tensor] = None,
-        student_prefix: int = 1,
-        teacher_prefix: int = 1,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """logits (B, K) class head; dist_logits (B, K) distillation head or None; see the class doc."""
+    def forward(self, student: Any, labels: Tensor | None, teacher: Any = None) -> tuple[Tensor, dict[str, float]]:
+        """The recipe's loss for one batch.
+
+        student: a `kdsearch.student.StudentOutput` (logits, dist_logits, tokens with the
+        prefix first, attn, num_prefix_tokens); teacher: a `kdsearch.teacher.TeacherOutput`
+        (logits, features, attn, num_prefix_tokens), or None when the recipe uses no teacher.
+        """
         r = self.recipe
-        kd = dist_logits if dist_logits is not None else logits
+        kd = student.dist_logits if student.dist_logits is not None else student.logits
+        t_logits = getattr(teacher, "logits", None)
         terms: dict[str, tuple[float, Tensor]] = {}
         if r.alpha < 1:
             y = _require(labels, "labels", "label", f"recipe.alpha = {r.alpha} < 1")
-            terms["label"] = (1.0 - r.alpha, label_ce(logits, y))
+            terms["label"] = (1.0 - r.alpha, label_ce(student.logits, y))
         if r.alpha > 0:
-            t = _require(teacher_logits, "teacher_logits", "soft", f"recipe.alpha = {r.alpha} > 0")
+            t = _require(t_logits, "teacher_logits", "soft", f"recipe.alpha = {r.alpha} > 0")
             terms["soft"] = (r.alpha, soft_kl(kd, t.detach(), r.temperature))
         if r.hard_weight > 0:
-            t = _require(teacher_logits, "teacher_logits", "hard", f"recipe.hard_weight = {r.hard_weight} > 0")
+            t = _require(t_logits, "teacher_logits", "hard", f"recipe.hard_weight = {r.hard_weight} > 0")
             terms["hard"] = (r.hard_weight, hard_distill(kd, t.detach()))
         if r.feature_weight > 0:
             why = f"recipe.feature_weight = {r.feature_weight} > 0"
-            st = _require(student_tokens, "student_tokens", "feature", why)
-            tf = _require(teacher_features, "teacher_features", "feature", why)
+            st = _require(student.tokens, "student_tokens", "feature", why)[:, student.num_prefix_tokens :]
+            tf = _require(getattr(teacher, "features", None), "teacher_features", "feature", why)
             assert self.projector is not None
             terms["feature"] = (r.feature_weight, feature_mse(st, tf.detach(), self.projector))
         if r.attention_weight > 0:
             why = f"recipe.attention_weight = {r.attention_weight} > 0"
-            sa = _require(student_attn, "student_attn", "attention", why)
-            ta = _require(teacher_attn, "teacher_attn", "attention", why)
-            attn = attention_kl(sa, ta.detach(), student_prefix, teacher_prefix)
+            sa = _require(student.attn, "student_attn", "attention", why)
+            ta = _require(getattr(teacher, "attn", None), "teacher_attn", "attention", why)
+            attn = attention_kl(sa, ta.detach(), student.num_prefix_tokens, teacher.num_prefix_tokens)
             terms["attention"] = (r.attention_weight, attn)
 
-        total: Optional[Tensor] = None
+        total: Tensor | None = None
         for weight, value in terms.values():
             total = weight * value if total is None else total + weight * value
         assert total is not None  # alpha in [0, 1] always leaves label or soft

@@ -43,11 +43,14 @@ class ParetoHalvingRule:
         rec = self.records.get(epoch, {})
         costs, acc = rec[trial_id]
         return [
-            other for other, (c, a) in rec.items()
+            other
+            for other, (c, a) in rec.items()
             if other != trial_id and a > acc and all(ci <= mi for ci, mi in zip(c, costs))
         ]
 
-    def on_result(self, trial_id: str, epoch: int, epochs_total: int, costs: tuple[float, ...], accuracy: float) -> bool:
+    def on_result(
+        self, trial_id: str, epoch: int, epochs_total: int, costs: tuple[float, ...], accuracy: float
+    ) -> bool:
         """Record a result; True when the trial should stop now."""
         if not self.is_milestone(epoch, epochs_total):
             return False

@@ -16,28 +16,25 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
 from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.errors import KdsearchError
 from kdsearch.flops import count_flops
+from kdsearch.objectives import FLOPS_COUNTED, Pairs
+from kdsearch.outcomes import Status
+from kdsearch.pareto import front_rows
 from kdsearch.specs import DataSpec, RecipeSpec, StudentSpec, TeacherSpec, TrainSpec, TrialSpec
-from kdsearch.status import front_rows
-
-FLOPS_COUNTED = (
-    "per image at inference, 2 FLOPs per multiply-add, convolutions, linear layers and both attention "
-    "matmuls included, elementwise work not counted (as torch.utils.flop_counter.FlopCounterMode on the "
-    "explicit attention path); exact formula: kdsearch.count_flops"
-)
 
 
 def select_trial(
     trials: Sequence[dict[str, Any]],
-    objectives: Sequence[tuple[str, str]],
+    objectives: Pairs,
     trial_id: str | None = None,
     max_gflops: float | None = None,
     min_acc: float | None = None,
@@ -46,28 +43,36 @@ def select_trial(
     `max_gflops`, or the cheapest front member reaching `min_acc`. KdsearchError otherwise."""
     if sum(x is not None for x in (trial_id, max_gflops, min_acc)) != 1:
         raise KdsearchError("export: give exactly one of --trial ID, --max-gflops X or --min-acc Y")
-    completed = [r for r in trials if r["status"] == "completed"]
+    completed = [r for r in trials if r["status"] == Status.COMPLETED]
     if not completed:
         raise KdsearchError("export: the run has no completed trial yet")
     if trial_id is not None:
         match = [r for r in trials if r["trial_id"] == trial_id]
         if not match:
-            raise KdsearchError(f"--trial {trial_id}: no such trial; known: {', '.join(r['trial_id'] for r in trials[:12])}")
-        if match[0]["status"] != "completed" or not match[0].get("checkpoint"):
-            raise KdsearchError(f"--trial {trial_id}: is {match[0]['status']} and has no final weights; only completed trials can be exported")
+            raise KdsearchError(
+                f"--trial {trial_id}: no such trial; known: {', '.join(r['trial_id'] for r in trials[:12])}"
+            )
+        if match[0]["status"] != Status.COMPLETED or not match[0].get("checkpoint"):
+            raise KdsearchError(
+                f"--trial {trial_id}: is {match[0]['status']} and has no final weights; only completed trials can be exported"
+            )
         return match[0]
     front = front_rows(trials, objectives)
     if max_gflops is not None:
         ok = [r for r in front if r["flops"] <= max_gflops * 1e9]
         if not ok:
-            raise KdsearchError(f"--max-gflops {max_gflops:g}: no front member is that cheap; the cheapest: {_nearest(front[:3])}")
+            raise KdsearchError(
+                f"--max-gflops {max_gflops:g}: no front member is that cheap; the cheapest: {_nearest(front[:3])}"
+            )
         return max(ok, key=lambda r: (r["val_acc"], -r["flops"]))
     if min_acc is not None and min_acc > 1:
         raise KdsearchError(f"--min-acc {min_acc:g}: give accuracy as a fraction in [0, 1], e.g. 0.95")
     ok = [r for r in front if r["val_acc"] >= min_acc]
     if not ok:
         best = sorted(front, key=lambda r: -r["val_acc"])[:3]
-        raise KdsearchError(f"--min-acc {min_acc:g}: no front member is that accurate; the most accurate: {_nearest(best)}")
+        raise KdsearchError(
+            f"--min-acc {min_acc:g}: no front member is that accurate; the most accurate: {_nearest(best)}"
+        )
     return min(ok, key=lambda r: (r["flops"], -r["val_acc"]))
 
 
@@ -85,8 +90,11 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def export_student(row: dict[str, Any], out: str | os.PathLike, run: str | os.PathLike | None = None) -> Path:
-    """Write student.yaml, model.safetensors and README.md for a trials.parquet row."""
+def export_student(
+    row: dict[str, Any], out: str | os.PathLike, run: str | os.PathLike | None = None, objectives: Pairs = ()
+) -> Path:
+    """Write student.yaml, model.safetensors and README.md for a trials.parquet row; the card's
+    metrics hold val_acc, best_val_acc, epochs and every one of the run's `objectives`."""
     import timm
     import torch
 
@@ -96,7 +104,9 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: str | os.Pa
     spec = spec_of(row)
     fc = count_flops(spec.student)
     if fc.flops != row["flops"]:
-        raise KdsearchError(f"export: trial {row['trial_id']}'s recorded FLOPs ({row['flops']}) differ from its spec's ({fc.flops})")
+        raise KdsearchError(
+            f"export: trial {row['trial_id']}'s recorded FLOPs ({row['flops']}) differ from its spec's ({fc.flops})"
+        )
     ckpt = Path(row["checkpoint"])
     if not ckpt.is_file():
         raise KdsearchError(f"export: {ckpt} is missing; the run directory is incomplete")
@@ -107,8 +117,19 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: str | os.Pa
         "train": asdict(spec.train),
         "data": asdict(spec.data),
         "teacher": asdict(spec.teacher),
-        "metrics": {"val_acc": float(row["val_acc"]), "best_val_acc": _float(row.get("best_val_acc")), "epochs": int(row["epochs"])},
-        "cost": {"flops": fc.flops, "macs": fc.macs, "params": fc.params, "gflops": fc.flops / 1e9, "counted": FLOPS_COUNTED},
+        "metrics": {
+            **{name: _float(row.get(name)) for name, _ in objectives},
+            "val_acc": float(row["val_acc"]),
+            "best_val_acc": _float(row.get("best_val_acc")),
+            "epochs": int(row["epochs"]),
+        },
+        "cost": {
+            "flops": fc.flops,
+            "macs": fc.macs,
+            "params": fc.params,
+            "gflops": fc.flops / 1e9,
+            "counted": FLOPS_COUNTED,
+        },
         "source": {"run": str(run) if run else None, "trial_id": row["trial_id"]},
         "versions": {"kdsearch": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__)},
     }
@@ -127,27 +148,27 @@ def _float(v: Any) -> float | None:
 def model_card(card: dict[str, Any]) -> str:
     s, c, m, r = card["student"], card["cost"], card["metrics"], card["recipe"]
     token = ", with DeiT's distillation token (the two heads are averaged at inference)" if s["distill_token"] else ""
-    return f"""# kdsearch student {card['source']['trial_id']}
+    return f"""# kdsearch student {card["source"]["trial_id"]}
 
-A ViT student distilled by kdsearch from `{card['teacher']['model']}` on `{card['data']['name']}`.
+A ViT student distilled by kdsearch from `{card["teacher"]["model"]}` on `{card["data"]["name"]}`.
 
 | | |
 |---|---|
-| val accuracy | {m['val_acc']:.4f} after {m['epochs']} epochs |
-| FLOPs | {c['flops']:,} ({c['gflops']:.4g} GFLOPs), {c['macs']:,} MACs |
-| params | {c['params']:,} |
-| architecture | width {s['embed_dim']}, depth {s['depth']}, {s['num_heads']} heads, MLP ratio {s['mlp_ratio']:g}, patch {s['patch_size']}, `{s['pos_embed']}` positional encoding{token} |
-| input | {s['in_chans']} x {s['img_size']} x {s['img_size']}, {s['num_classes']} classes |
-| recipe | alpha {r['alpha']:.3g}, temperature {r['temperature']:.3g}, hard {r['hard_weight']:.3g}, feature {r['feature_weight']:.3g}, attention {r['attention_weight']:.3g} |
+| val accuracy | {m["val_acc"]:.4f} after {m["epochs"]} epochs |
+| FLOPs | {c["flops"]:,} ({c["gflops"]:.4g} GFLOPs), {c["macs"]:,} MACs |
+| params | {c["params"]:,} |
+| architecture | width {s["embed_dim"]}, depth {s["depth"]}, {s["num_heads"]} heads, MLP ratio {s["mlp_ratio"]:g}, patch {s["patch_size"]}, `{s["pos_embed"]}` positional encoding{token} |
+| input | {s["in_chans"]} x {s["img_size"]} x {s["img_size"]}, {s["num_classes"]} classes |
+| recipe | alpha {r["alpha"]:.3g}, temperature {r["temperature"]:.3g}, hard {r["hard_weight"]:.3g}, feature {r["feature_weight"]:.3g}, attention {r["attention_weight"]:.3g} |
 
-FLOPs are counted {c['counted']}.
+FLOPs are counted {c["counted"]}.
 
 ```python
 import kdsearch
 model = kdsearch.load_student("path/to/this/folder")   # eval mode; logits = model(images)
 ```
 
-Made with kdsearch {card['versions']['kdsearch']}, torch {card['versions']['torch']}, timm {card['versions']['timm']}.
+Made with kdsearch {card["versions"]["kdsearch"]}, torch {card["versions"]["torch"]}, timm {card["versions"]["timm"]}.
 """
 
 
@@ -173,6 +194,9 @@ def load_student(folder: str | os.PathLike):
 def card_spec(card: dict[str, Any]) -> TrialSpec:
     """The TrialSpec recorded in an exported student's card."""
     return TrialSpec(
-        student=StudentSpec(**card["student"]), recipe=RecipeSpec(**card["recipe"]), train=TrainSpec(**card["train"]),
-        data=DataSpec(**card["data"]), teacher=TeacherSpec(**card["teacher"]),
+        student=StudentSpec(**card["student"]),
+        recipe=RecipeSpec(**card["recipe"]),
+        train=TrainSpec(**card["train"]),
+        data=DataSpec(**card["data"]),
+        teacher=TeacherSpec(**card["teacher"]),
     )

@@ -10,9 +10,13 @@ Conventions, pinned down by tests/test_pareto.py:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+
+from kdsearch.objectives import Pairs, accuracy_and_cost
+from kdsearch.outcomes import Status
 
 
 def _as_min(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
@@ -44,6 +48,20 @@ def non_dominated_mask(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarr
         dominated = np.any(le & lt, axis=0)
         mask[np.flatnonzero(valid)] = ~dominated
     return mask if n else np.zeros(0, dtype=bool)
+
+
+def front_rows(trials: Sequence[dict[str, Any]], objectives: Pairs) -> list[dict[str, Any]]:
+    """The completed trials (rows of trials.parquet) no other completed trial dominates in
+    `objectives`, cheapest first (by the first minimized objective)."""
+    done = [
+        r for r in trials if r.get("status") == Status.COMPLETED and all(r.get(m) is not None for m, _ in objectives)
+    ]
+    if not done:
+        return []
+    points = np.array([[float(r[m]) for m, _ in objectives] for r in done])
+    mask = non_dominated_mask(points, [mode == "max" for _, mode in objectives])
+    _, cost = accuracy_and_cost(objectives)
+    return sorted((r for r, keep in zip(done, mask) if keep), key=lambda r: (r[cost], r["trial_id"]))
 
 
 def hypervolume_2d(points: np.ndarray, maximize: Sequence[bool], reference: Sequence[float]) -> float:

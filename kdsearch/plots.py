@@ -1,41 +1,178 @@
-"""Pictures of a run: every trial by FLOPs and accuracy, coloured by pos_embed, the front as a step line."""
+"""Pictures of a run, each described once and drawn two ways: a PNG (matplotlib, for the
+Markdown report and `--plot`) and an interactive plotly figure (the HTML report, `--html`).
+
+A `Chart` is plain data: titled axes (each saying its unit, from the objectives table) and
+`Series` of points or steps. `front_chart`, `pe_fronts_chart` and `hypervolume_chart` build
+one from a run's rows; `save_png` and `to_plotly` draw any chart, so the two kinds of
+picture cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from kdsearch import objectives as objective_table
 from kdsearch.atomic import atomic_path
+from kdsearch.objectives import Pairs, accuracy_and_cost
+from kdsearch.outcomes import Status
+from kdsearch.pareto import front_rows
+from kdsearch.results import ARCH_COLUMNS, RECIPE_COLUMNS
 from kdsearch.specs import POS_EMBEDS
-from kdsearch.status import Objectives, accuracy_and_cost, front_rows
-
-MARKERS = {"completed": "o", "stopped_early": "v"}  # failed and infeasible trials have no accuracy to plot
-
-
-def cost_axis(cost: str) -> tuple[float, str]:
-    """Divisor and axis label for a cost objective (the x-axis of every picture says its unit)."""
-    return {
-        "flops": (1e6, "MFLOPs per image (inference, 2 FLOPs per multiply-add, attention included)"),
-        "macs": (1e6, "million MACs per image (inference, attention included)"),
-        "params": (1e3, "thousand parameters"),
-    }.get(cost, (1.0, cost))
-
 
 PNG_SIZE = (800, 560)  # pixels of every picture: 8 x 5.6 inches at 100 dpi
+# matplotlib's tab10, so a positional encoding has the same colour in every picture
+COLORS = dict(zip(POS_EMBEDS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")))
+MARKERS = {Status.COMPLETED: "circle", Status.STOPPED_EARLY: "triangle-down"}  # failed/infeasible: no accuracy
+HOVER_KEYS = (
+    "trial_id",
+    "status",
+    "val_acc",
+    "flops",
+    "params",
+    "epochs",
+    *ARCH_COLUMNS,
+    *RECIPE_COLUMNS,
+    "train.lr",
+    "train.epochs",
+)
 
 
-def _figure():
+@dataclass
+class Series:
+    name: str
+    x: list[float]
+    y: list[float]
+    kind: str = "points"  # "points" | "steps" (a front: flat after each point until the next)
+    marker: str | None = "circle"  # "circle" | "triangle-down" | None (steps without markers)
+    color: str | None = None
+    opacity: float = 1.0
+    hover: list[str] | None = None
+    legend: bool = True
+
+
+@dataclass
+class Chart:
+    title: str
+    x_label: str
+    y_label: str
+    series: list[Series] = field(default_factory=list)
+
+
+def _axis(name: str) -> tuple[float, str]:
+    o = objective_table.get(name)
+    return o.scale, o.axis_label()
+
+
+def _hover(r: dict[str, Any]) -> str:
+    return "<br>".join(f"{k}: {r.get(k)}" for k in HOVER_KEYS if k in r)
+
+
+def front_chart(trials: Sequence[dict[str, Any]], objectives: Pairs, title: str = "") -> Chart:
+    """Every trial with an accuracy by cost and accuracy, coloured by pos_embed and shaped by
+    status, and the front as a step line (drawn against the first maximized and minimized objectives)."""
+    acc, cost = accuracy_and_cost(objectives)
+    (xs, xl), (ys, yl) = _axis(cost), _axis(acc)
+    chart = Chart(title or f"{acc} against {cost}", xl, yl)
+    for status, marker in MARKERS.items():
+        for pe in POS_EMBEDS:
+            rows = [
+                r
+                for r in trials
+                if r["status"] == status and r.get("student.pos_embed") == pe and r.get(acc) is not None
+            ]
+            if rows:
+                chart.series.append(
+                    Series(
+                        f"{pe} ({status.value.replace('_', ' ')})",
+                        [r[cost] / xs for r in rows],
+                        [r[acc] / ys for r in rows],
+                        marker=marker,
+                        color=COLORS[pe],
+                        opacity=0.85 if status is Status.COMPLETED else 0.45,
+                        hover=[_hover(r) for r in rows],
+                    )
+                )
+    front = front_rows(trials, objectives)
+    if front:
+        chart.series.append(
+            Series(
+                "front",
+                [r[cost] / xs for r in front],
+                [r[acc] / ys for r in front],
+                kind="steps",
+                marker=None,
+                color="#000000",
+            )
+        )
+    return chart
+
+
+def pe_fronts_chart(fronts: dict[str, list[dict[str, Any]]], objectives: Pairs) -> Chart:
+    """The front of each positional encoding, drawn together: which encoding wins at which cost."""
+    acc, cost = accuracy_and_cost(objectives)
+    (xs, xl), (ys, yl) = _axis(cost), _axis(acc)
+    chart = Chart("the front of each positional encoding", xl, yl)
+    for pe, front in fronts.items():
+        chart.series.append(
+            Series(
+                pe,
+                [r[cost] / xs for r in front],
+                [r[acc] / ys for r in front],
+                kind="steps",
+                color=COLORS[pe],
+                hover=[_hover(r) for r in front],
+            )
+        )
+    return chart
+
+
+def hypervolume_chart(by_trial: Sequence[dict[str, Any]], over: str = "time") -> Chart:
+    """Normalized hypervolume after each completed trial, over minutes since the start
+    (`over="time"`) or over completed trials (`over="trials"`)."""
+    if over == "time":
+        xs, label = [h["seconds"] / 60 for h in by_trial], "minutes since the start of the run"
+    else:
+        xs, label = [h["trial"] for h in by_trial], "completed trials"
+    ys = [h["hypervolume"] for h in by_trial]
+    return Chart(
+        f"hypervolume over {over}",
+        label,
+        "normalized hypervolume",
+        [Series("hypervolume", xs, ys, kind="steps", legend=False)],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Drawing
+# --------------------------------------------------------------------------------------
+
+_MPL_MARKERS = {"circle": "o", "triangle-down": "v"}
+
+
+def save_png(chart: Chart, path: str | os.PathLike) -> Path:
+    """Draw `chart` with matplotlib as an 800x560 px PNG (written, then renamed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(PNG_SIZE[0] / 100, PNG_SIZE[1] / 100), dpi=100)
-    return plt, fig, ax
-
-
-def _save(plt, fig, path: str | os.PathLike) -> Path:
+    for s in chart.series:
+        label = s.name if s.legend else None
+        if s.kind == "points":
+            ax.scatter(s.x, s.y, marker=_MPL_MARKERS[s.marker], color=s.color, alpha=s.opacity, s=36, label=label)
+        else:
+            ax.step(s.x, s.y, where="post", marker=_MPL_MARKERS.get(s.marker), color=s.color, lw=1.2, label=label)
+    ax.set_xlabel(chart.x_label)
+    ax.set_ylabel(chart.y_label)
+    ax.set_title(chart.title)
+    ax.grid(alpha=0.3)
+    if any(s.legend for s in chart.series):
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
@@ -43,59 +180,27 @@ def _save(plt, fig, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def plot_front(trials: Sequence[dict[str, Any]], objectives: Objectives, path: str | os.PathLike, title: str = "") -> Path:
-    """Write a PNG (800x560 px) of the trials and the front; returns its path."""
-    acc, cost = accuracy_and_cost(objectives)
-    scale, label = cost_axis(cost)
-    plt, fig, ax = _figure()
-    colors = dict(zip(POS_EMBEDS, plt.get_cmap("tab10").colors))
-    for status, marker in MARKERS.items():
-        for pe in POS_EMBEDS:
-            pts = [r for r in trials if r["status"] == status and r.get("student.pos_embed") == pe and r.get(acc) is not None]
-            if pts:
-                ax.scatter(
-                    [r[cost] / scale for r in pts], [r[acc] * 100 for r in pts], marker=marker,
-                    color=colors[pe], alpha=0.85 if status == "completed" else 0.45, s=36,
-                    label=f"{pe}" if status == "completed" else None,
-                )
-    front = front_rows(trials, objectives)
-    if front:
-        xs = [r[cost] / scale for r in front]
-        ys = [r[acc] * 100 for r in front]
-        ax.step(xs, ys, where="post", color="black", lw=1.2, label="front")
-    for status, marker in MARKERS.items():
-        if status != "completed" and any(r["status"] == status for r in trials):
-            ax.scatter([], [], marker=marker, color="grey", label=status.replace("_", " "))
-    ax.set_xlabel(label)
-    ax.set_ylabel(f"{acc} (%)")
-    ax.set_title(title or f"{acc} against {cost}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    return _save(plt, fig, path)
+def to_plotly(chart: Chart, height: int = 520):
+    """The same chart as an interactive plotly figure (hover shows each trial's config)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for s in chart.series:
+        common = {"x": s.x, "y": s.y, "name": s.name, "showlegend": s.legend}
+        if s.hover:
+            common.update(hovertext=s.hover, hoverinfo="text")
+        if s.kind == "points":
+            marker = {"symbol": s.marker, "size": 9, "opacity": s.opacity, "color": s.color}
+            fig.add_trace(go.Scatter(mode="markers", marker=marker, **common))
+        else:
+            mode = "lines+markers" if s.marker else "lines"
+            fig.add_trace(go.Scatter(mode=mode, line={"shape": "hv", "color": s.color}, **common))
+    fig.update_layout(
+        title=chart.title, xaxis_title=chart.x_label, yaxis_title=chart.y_label, template="plotly_white", height=height
+    )
+    return fig
 
 
-def plot_pe_fronts(fronts: dict[str, list[dict[str, Any]]], objectives: Objectives, path: str | os.PathLike) -> Path:
-    """The front of each positional encoding, drawn together: which encoding wins at which cost."""
-    acc, cost = accuracy_and_cost(objectives)
-    scale, label = cost_axis(cost)
-    plt, fig, ax = _figure()
-    colors = dict(zip(POS_EMBEDS, plt.get_cmap("tab10").colors))
-    for pe, front in fronts.items():
-        ax.step([r[cost] / scale for r in front], [r[acc] * 100 for r in front], where="post", marker="o", color=colors[pe], label=pe)
-    ax.set_xlabel(label)
-    ax.set_ylabel(f"{acc} (%)")
-    ax.set_title("the front of each positional encoding")
-    ax.grid(alpha=0.3)
-    if fronts:
-        ax.legend(fontsize=8, loc="best")
-    return _save(plt, fig, path)
-
-
-def plot_hypervolume(by_trial: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Normalized hypervolume after each completed trial, against minutes since the start."""
-    plt, fig, ax = _figure()
-    ax.step([h["seconds"] / 60 for h in by_trial], [h["hypervolume"] for h in by_trial], where="post", marker="o")
-    ax.set_xlabel("minutes since the start of the run")
-    ax.set_ylabel("normalized hypervolume (accuracy x FLOPs)")
-    ax.grid(alpha=0.3)
-    return _save(plt, fig, path)
+def plot_front(trials: Sequence[dict[str, Any]], objectives: Pairs, path: str | os.PathLike, title: str = "") -> Path:
+    """A PNG of all trials and the front; returns its path."""
+    return save_png(front_chart(trials, objectives, title), path)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 import ray
@@ -33,14 +33,19 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from kdsearch import __version__
+from kdsearch import objectives as objective_table
 from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.early_stopping import ParetoHalvingRule
 from kdsearch.errors import KdsearchError
-from kdsearch.flops import count_flops
+from kdsearch.objectives import Pairs, accuracy_and_cost, values_for_sampler
+from kdsearch.outcomes import OPTUNA_STATE, Status, status_of
+from kdsearch.pareto import front_rows
 from kdsearch.results import EPOCH_COLUMNS, TRIAL_COLUMNS, RunPaths, read_rows, write_json, write_table
-from kdsearch.space import SearchSpace, load_space
-from kdsearch.specs import TrialSpec
-from kdsearch.status import front_rows, render_status, wide_console
+from kdsearch.samplers import make_sampler
+from kdsearch.space import SearchSpace
+from kdsearch.space_file import load_space
+from kdsearch.specs import TeacherSource, TrialSpec
+from kdsearch.status import render_status
 
 log = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -59,22 +64,22 @@ class SearchResult:
 # The trainable (runs in Ray workers)
 # --------------------------------------------------------------------------------------
 
-_WORKER: dict[str, Any] = {}  # per worker process: a live teacher, loaded once and reused
 
+def _trainable(
+    config: dict[str, Any],
+    run_dir: str,
+    data: Any,
+    cached_logits: Any,
+    threads: int,
+    objectives: Pairs,
+    measured: tuple,
+) -> None:
+    """One Ray Tune trial: an infeasible config reports at once (its exact costs, and the
+    worst value of what it never measured); the rest run `run_trial`.
 
-def _worker_teacher(spec: TrialSpec, data):
-    from kdsearch.teacher import load_teacher
-
-    key = f"teacher:{spec.teacher}:{spec.data}"
-    if key not in _WORKER:
-        _WORKER[key] = load_teacher(spec, data=data)
-    return _WORKER[key]
-
-
-def _trainable(config: dict[str, Any], run_dir: str, data: Any, cached_logits: Any, threads: int) -> None:
-    """One Ray Tune trial: an infeasible config reports at once; the rest run `run_trial`.
-
-    `data` and `cached_logits` are the driver's, through the object store (tune.with_parameters).
+    `data`, `cached_logits` and the run's measured objectives (their definitions) are the
+    driver's, through the object store (tune.with_parameters): a measured objective a user
+    registered in the driver needs no registration in the worker.
     """
     import torch
 
@@ -83,43 +88,33 @@ def _trainable(config: dict[str, Any], run_dir: str, data: Any, cached_logits: A
     torch.set_num_threads(threads)
     meta = config["kdsearch"]
     spec = TrialSpec.from_dict(meta["spec"])
-    fc = count_flops(spec.student)
-    fixed = {"epochs_total": spec.train.epochs, "infeasible": meta["infeasible"]}
     if meta["infeasible"]:
         # over the budget: never trains; Optuna already holds its constraint values
-        tune.report({"epoch": 0, "val_acc": 0.0, "flops": fc.flops, "macs": fc.macs, "params": fc.params, **fixed})
+        computed = objective_table.computed(spec.student)
+        never_trained = dict(zip([name for name, _ in objectives], values_for_sampler(computed, objectives)))
+        tune.report({"epoch": 0, **computed, **never_trained})
         return
     trial_id = tune.get_context().get_trial_id()
-    r = spec.recipe
-    live = r.needs_live_teacher or (r.uses_teacher_logits and cached_logits is None)
-    teacher = _worker_teacher(spec, data) if live else None
     run_trial(
         spec,
-        lambda m: tune.report({**m, **fixed}),
+        tune.report,
         RunPaths(Path(run_dir)).trial_dir(trial_id),
         data=data,
-        teacher=teacher,
         cached_logits=cached_logits,
+        objectives=measured,
         loader_workers=max(0, threads - 1),  # the trial's other CPUs decode images (unused for in-memory digits)
     )
+
+
+def outcome(config: dict[str, Any], last_result: dict[str, Any] | None, errored: bool = False) -> Status:
+    """How a Tune trial ended (kdsearch.outcomes' rule, from the facts its config holds)."""
+    meta = config["kdsearch"]
+    return status_of(meta["infeasible"], int(meta["spec"]["train.epochs"]), last_result, errored)
 
 
 # --------------------------------------------------------------------------------------
 # Optuna, as Ray's searcher
 # --------------------------------------------------------------------------------------
-
-
-def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
-    s = space.search
-    if s.sampler == "nsga2":
-        # NSGA-II is random until its first generation is full: size it to the budget of trials
-        population = s.population_size or max(4, min(50, s.trials // 3))
-        return optuna.samplers.NSGAIISampler(population_size=population, seed=s.seed)
-    if s.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True)
-    if s.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=s.seed)
-    return optuna.samplers.RandomSampler(seed=s.seed)
 
 
 class KdsearchOptunaSearch(OptunaSearch):
@@ -133,6 +128,11 @@ class KdsearchOptunaSearch(OptunaSearch):
         self._trials_path = trials_path
         self._total = total
         self._last_export = 0.0
+        self._configs: dict[str, dict[str, Any]] = {}  # trial id -> config (saved with the searcher)
+
+    @property
+    def objectives(self) -> Pairs:
+        return list(zip(self._metric, self._mode))
 
     def suggest(self, trial_id: str) -> dict | str | None:
         """Ask Optuna for a config, reconciling with trials.parquet after a resume.
@@ -154,33 +154,28 @@ class KdsearchOptunaSearch(OptunaSearch):
             spec = config["kdsearch"]["spec"]
             match = next((tid for tid, r in lost.items() if all(r.get(k) == v for k, v in spec.items())), None)
             if match is None:
+                self._configs[trial_id] = config
                 return config
             row = lost.pop(match)
             ot_trial = self._ot_trials.pop(trial_id)
-            self._tell_recorded(ot_trial, row)
+            self._tell(ot_trial, Status(row["status"]), row)
             self._ot_trials[match] = ot_trial
             self._completed_trials.add(match)
             if len(set(recorded) | set(self._ot_trials)) >= self._total:
                 return Searcher.FINISHED
 
-    def _tell_recorded(self, ot_trial: Any, row: dict[str, Any]) -> None:
-        if row["status"] == "failed":
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
-        elif row["status"] == "stopped_early":
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-        else:  # completed, or infeasible (reported to Optuna with accuracy 0, as the trainable does)
-            self._ot_study.tell(ot_trial, [float(row.get(m) or 0.0) for m in self._metric])
+    def _tell(self, ot_trial: Any, status: Status, result: dict[str, Any] | None) -> None:
+        """Tell Optuna how a trial ended (kdsearch.outcomes' mapping to its states)."""
+        state = optuna.trial.TrialState[OPTUNA_STATE[status]]
+        if state is optuna.trial.TrialState.COMPLETE:
+            self._ot_study.tell(ot_trial, values_for_sampler(result or {}, self.objectives))
+        else:
+            self._ot_study.tell(ot_trial, state=state)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        ot_trial = self._ot_trials[trial_id]
-        if error or not result:
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
-        elif not result.get("infeasible") and result.get("epoch", 0) < result.get("epochs_total", 0):
-            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
-        else:
-            self._ot_study.tell(ot_trial, [float(result[m]) for m in self._metric])
+        self._tell(self._ot_trials[trial_id], outcome(self._configs[trial_id], result, error), result)
         self._completed_trials.add(trial_id)
         if time.monotonic() - self._last_export > 10:
             self.export_study()
@@ -241,16 +236,22 @@ class ParetoHalving(FIFOScheduler):
         for row in read_rows(Path(self._epochs_file)):
             if row.get("epochs_total") and self.rule.is_milestone(row["epoch"], row["epochs_total"]):
                 if all(row.get(c) is not None for c in self.costs):
-                    self.rule.record(row["trial_id"], row["epoch"], tuple(row[c] for c in self.costs), row[self.accuracy])
+                    self.rule.record(
+                        row["trial_id"], row["epoch"], tuple(row[c] for c in self.costs), row[self.accuracy]
+                    )
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         if not self._seeded:
             self._seed_from_file()
-        if result.get("infeasible") or not result.get("epoch"):
+        meta = trial.config["kdsearch"]
+        if meta["infeasible"] or not result.get("epoch"):
             return TrialScheduler.CONTINUE
         stop = self.rule.on_result(
-            trial.trial_id, result["epoch"], result["epochs_total"],
-            tuple(float(result[c]) for c in self.costs), float(result[self.accuracy]),
+            trial.trial_id,
+            result["epoch"],
+            int(meta["spec"]["train.epochs"]),
+            tuple(float(result[c]) for c in self.costs),
+            float(result[self.accuracy]),
         )
         return TrialScheduler.STOP if stop else TrialScheduler.CONTINUE
 
@@ -277,32 +278,31 @@ class ResultsRecorder(tune.Callback):
         self.epochs = {(r["trial_id"], r["epoch"]): r for r in read_rows(self.paths.epochs)}
         self.retries = {r["trial_id"]: r.get("retries") or 0 for r in self.trials.values()}
 
+    @property
+    def _metrics(self) -> list[str]:
+        """What a row holds of a result: the run's objectives and every computed one."""
+        names = [name for name, _ in self.searcher.objectives]
+        return names + [o for o in objective_table.names("computed") if o not in names]
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if result.get("infeasible") or not result.get("epoch"):
+        if trial.config["kdsearch"]["infeasible"] or not result.get("epoch"):
             return
         tid = trial.trial_id
         if result["epoch"] == 1:  # a new attempt (first run or a retry): drop the old curve
             self.epochs = {k: v for k, v in self.epochs.items() if k[0] != tid}
             self.trials.pop(tid, None)
-        row = {c: result.get(c) for c in EPOCH_COLUMNS if c not in ("trial_id", "time")}
-        row.update(trial_id=tid, time=time.time(), epochs_total=result.get("epochs_total"), macs=result.get("macs"), params=result.get("params"))
+        row = {c: result.get(c) for c in (*EPOCH_COLUMNS, *self._metrics)}
+        row.update(trial_id=tid, time=time.time(), epochs_total=int(trial.config["kdsearch"]["spec"]["train.epochs"]))
         self.epochs[(tid, result["epoch"])] = row
         if time.monotonic() - self._last_flush > self.flush_seconds:
             self.flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        last = trial.last_result or {}
-        if last.get("infeasible"):
-            status = "infeasible"
-        elif last.get("epoch", 0) < last.get("epochs_total", math.inf):
-            status = "stopped_early"
-        else:
-            status = "completed"
-        self._row(trial, status)
+        self._row(trial, outcome(trial.config, trial.last_result))
         self.flush()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._row(trial, "failed", error=_error_text(trial))
+        self._row(trial, Status.FAILED, error=_error_text(trial))
         self.flush()
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -317,26 +317,24 @@ class ResultsRecorder(tune.Callback):
         except Exception as e:  # the dashboard copy must never fail the search
             log.warning("could not export the Optuna study: %s", e)
 
-    def _row(self, trial: Any, status: str, error: str | None = None) -> None:
+    def _row(self, trial: Any, status: Status, error: str | None = None) -> None:
         meta = trial.config["kdsearch"]
         spec = TrialSpec.from_dict(meta["spec"])
-        fc = count_flops(spec.student)
+        computed = objective_table.computed(spec.student)  # exact whatever happened
         last = trial.last_result or {}
         tid = trial.trial_id
         curve = [r["val_acc"] for (t, _), r in self.epochs.items() if t == tid]
         ckpt = self.paths.trial_dir(tid) / "model.safetensors"
         self.trials[tid] = {
             "trial_id": tid,
-            "status": status,
-            "val_acc": last.get("val_acc") if status in ("completed", "stopped_early") else None,  # measured only
+            "status": status.value,
+            # what training measured, only where the trial trained (never an infeasible trial's placeholder)
+            **{m: computed[m] if m in computed else last.get(m) if status.measured else None for m in self._metrics},
             "best_val_acc": max(curve) if curve else None,
-            "flops": fc.flops,
-            "macs": fc.macs,
-            "params": fc.params,
-            "epochs": int(last.get("epoch", 0) or 0) if status != "failed" else len(curve),
+            "epochs": int(last.get("epoch", 0) or 0) if status is not Status.FAILED else len(curve),
             "epochs_total": spec.train.epochs,
             "wall_seconds": float(last.get("time_total_s", 0.0) or 0.0),
-            "checkpoint": str(ckpt) if status == "completed" and ckpt.exists() else None,
+            "checkpoint": str(ckpt) if status is Status.COMPLETED and ckpt.exists() else None,
             "error": error,
             "retries": self.retries.get(tid, 0),
             "optuna_trial": meta.get("optuna_trial"),
@@ -347,7 +345,9 @@ class ResultsRecorder(tune.Callback):
     def flush(self) -> None:
         self._last_flush = time.monotonic()
         write_table(sorted(self.trials.values(), key=lambda r: r["trial_id"]), self.paths.trials, TRIAL_COLUMNS)
-        write_table(sorted(self.epochs.values(), key=lambda r: (r["trial_id"], r["epoch"])), self.paths.epochs, EPOCH_COLUMNS)
+        write_table(
+            sorted(self.epochs.values(), key=lambda r: (r["trial_id"], r["epoch"])), self.paths.epochs, EPOCH_COLUMNS
+        )
 
 
 def _error_text(trial: Any) -> str:
@@ -364,22 +364,24 @@ def _error_text(trial: Any) -> str:
 
 
 class LiveView(tune.Callback):
-    """A rich live view on stderr: trials done/running/failed/stopped, the front so far, times."""
+    """A rich live view on the console it is given: trials done/running/failed/stopped, the
+    front so far, times."""
 
-    def __init__(self, recorder: ResultsRecorder, space: SearchSpace, total: int, started: float):
+    def __init__(self, recorder: ResultsRecorder, space: SearchSpace, total: int, started: float, console: Any):
         self.recorder, self.space, self.total, self.started = recorder, space, total, started
+        self.console = console
         self._live = None
         self._last = 0.0
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_live": None}
+        return {**self.__dict__, "_live": None, "console": None}
 
     def setup(self, **info: Any) -> None:
-        from rich.console import Console
         from rich.live import Live
 
-        self._live = Live(console=wide_console(stderr=True), refresh_per_second=2, transient=False)
-        self._live.start()
+        if self.console is not None:
+            self._live = Live(console=self.console, refresh_per_second=2, transient=False)
+            self._live.start()
 
     def on_step_end(self, iteration: int, trials: list, force: bool = False, **info: Any) -> None:
         if self._live is None or (not force and time.monotonic() - self._last < 1.0):
@@ -388,8 +390,12 @@ class LiveView(tune.Callback):
         running = sum(1 for t in trials if t.status == "RUNNING")
         self._live.update(
             render_status(
-                list(self.recorder.trials.values()), list(self.recorder.epochs.values()),
-                [(o.metric, o.mode) for o in self.space.objectives], self.total, self.started, running,
+                list(self.recorder.trials.values()),
+                list(self.recorder.epochs.values()),
+                self.space.objectives,
+                self.total,
+                self.started,
+                running,
             )
         )
 
@@ -416,7 +422,9 @@ def _init_ray(address: str | None) -> None:
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise KdsearchError(f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0][:200]}") from None
+            raise KdsearchError(
+                f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0][:200]}"
+            ) from None
     else:
         ray.init(
             _node_ip_address="127.0.0.1",
@@ -426,7 +434,9 @@ def _init_ray(address: str | None) -> None:
         )
 
 
-def _prepare_run(space_file: Path, space: SearchSpace, paths: RunPaths, resume: bool, trials: int, address: str | None) -> float:
+def _prepare_run(
+    space_file: Path, space: SearchSpace, paths: RunPaths, resume: bool, trials: int, address: str | None
+) -> float:
     """Create (or check, on resume) the run directory; returns the run's start time."""
     text = Path(space_file).read_text()
     if resume:
@@ -437,14 +447,24 @@ def _prepare_run(space_file: Path, space: SearchSpace, paths: RunPaths, resume: 
             raise KdsearchError(f"--resume: {space_file} differs from the space the run started with ({paths.space})")
         return float(meta["started"])
     if paths.meta.exists():
-        raise KdsearchError(f"--name: a run already exists at {paths.root}; use --resume to continue it or another --name")
+        raise KdsearchError(
+            f"--name: a run already exists at {paths.root}; use --resume to continue it or another --name"
+        )
     write_text_atomic(paths.space, text)
     started = time.time()
-    write_json(paths.meta, {
-        "name": paths.root.name, "space_file": str(Path(space_file).resolve()), "space_name": space.name,
-        "trials": trials, "started": started, "address": address, "kdsearch": __version__,
-        "objectives": [[o.metric, o.mode] for o in space.objectives],
-    })
+    write_json(
+        paths.meta,
+        {
+            "name": paths.root.name,
+            "space_file": str(Path(space_file).resolve()),
+            "space_name": space.name,
+            "trials": trials,
+            "started": started,
+            "address": address,
+            "kdsearch": __version__,
+            "objectives": [list(o) for o in space.objectives],
+        },
+    )
     return started
 
 
@@ -455,18 +475,17 @@ def _load_once(space: SearchSpace, paths: RunPaths, say: Callable[[str], None]):
     the teacher for the cache. The logits are None where unused or where augmentation is random.
     """
     from kdsearch.data import load_data
-    from kdsearch.teacher import load_teacher, teacher_logits
+    from kdsearch.logit_cache import teacher_logits
+    from kdsearch.teacher import load_teacher
 
     data = load_data(space)
-    teacher_dims = [d for k, d in space.dims.items() if k.startswith("recipe.") and k != "recipe.temperature"]
-    if all(max(d.values()) == 0 for d in teacher_dims):
+    sources = space.teacher_sources(data.random_augment)
+    if sources == {TeacherSource.NONE}:
         return data, None
     teacher = load_teacher(space, train_if_missing=True, log=say, data=data)  # trains the built-in one if missing
-    soft = [d for k, d in space.dims.items() if k in ("recipe.alpha", "recipe.hard_weight")]
-    if all(max(d.values()) == 0 for d in soft):
-        return data, None
-    if data.random_augment:
-        say("training augmentation is random: trials run the teacher live (the logit cache is off)")
+    if TeacherSource.CACHED not in sources:
+        if TeacherSource.CACHED in space.teacher_sources(random_augment=False):
+            say("training augmentation is random: trials run the teacher live (the logit cache is off)")
         return data, None
     t0 = time.perf_counter()
     logits, images = teacher_logits(teacher, data, space.teacher, paths.cache)
@@ -483,12 +502,13 @@ def run_search(
     name: str | None = None,
     storage: str | os.PathLike | None = None,
     resume: bool = False,
-    live: bool = True,
+    console: Any = None,
     say: Callable[[str], None] = print,
     reuse_actors: bool = True,
 ) -> SearchResult:
     """Run (or resume) a search; returns the trials table and the front.
 
+    `console` (a rich Console) gets a live view of the search; `say` its one-line messages.
     `reuse_actors=False` is Ray's default, kept as a baseline for benchmarks: every trial
     then pays a fresh worker's imports and data loading.
     """
@@ -496,7 +516,9 @@ def run_search(
     space = load_space(space_file)
     storage_str = str(storage or "runs")
     if "://" in storage_str:
-        raise KdsearchError(f"--storage {storage_str}: kdsearch writes its tables to a local or shared filesystem path; mount the bucket and give its path")
+        raise KdsearchError(
+            f"--storage {storage_str}: kdsearch writes its tables to a local or shared filesystem path; mount the bucket and give its path"
+        )
     paths = RunPaths((Path(storage_str) / (name or space.name)).resolve())
     total = trials or space.search.trials
     started = _prepare_run(space_file, space, paths, resume, total, address)
@@ -504,25 +526,31 @@ def run_search(
     owns_ray = not ray.is_initialized()
     _init_ray(address)
     try:
-        return _search(space, paths, total, started, resume, live, say, reuse_actors)
+        return _search(space, paths, total, started, resume, console, say, reuse_actors)
     finally:
         if owns_ray:
             ray.shutdown()
 
 
 def _search(
-    space: SearchSpace, paths: RunPaths, total: int, started: float, resume: bool, live: bool,
-    say: Callable[[str], None], reuse_actors: bool,
+    space: SearchSpace,
+    paths: RunPaths,
+    total: int,
+    started: float,
+    resume: bool,
+    console: Any,
+    say: Callable[[str], None],
+    reuse_actors: bool,
 ) -> SearchResult:
     data, cached = _load_once(space, paths, say)
 
-    acc = next((o.metric for o in space.objectives if o.mode == "max"), "val_acc")
-    costs = tuple(o.metric for o in space.objectives if o.mode == "min")
+    acc, _ = accuracy_and_cost(space.objectives)
+    costs = tuple(name for name, mode in space.objectives if mode == "min")
     searcher = KdsearchOptunaSearch(
         space=DefineByRun(space),
-        metric=[o.metric for o in space.objectives],
-        mode=[o.mode for o in space.objectives],
-        sampler=make_sampler(space),
+        metric=[name for name, _ in space.objectives],
+        mode=[mode for _, mode in space.objectives],
+        sampler=make_sampler(space.search),
         study_path=str(paths.study),
         trials_path=str(paths.trials),
         total=total,
@@ -530,12 +558,21 @@ def _search(
     scheduler = ParetoHalving(ParetoHalvingRule(space.early_stopping), acc, costs, str(paths.epochs))
     recorder = ResultsRecorder(paths, searcher)
     callbacks: list[tune.Callback] = [recorder]
-    if live:
-        callbacks.append(LiveView(recorder, space, total, started))
+    if console is not None:
+        callbacks.append(LiveView(recorder, space, total, started, console))
 
+    measured = tuple(
+        objective_table.get(name) for name, _ in space.objectives if objective_table.get(name).source == "measured"
+    )
     trainable = tune.with_resources(
         tune.with_parameters(
-            _trainable, run_dir=str(paths.root), data=data, cached_logits=cached, threads=max(1, int(space.resources.cpus))
+            _trainable,
+            run_dir=str(paths.root),
+            data=data,
+            cached_logits=cached,
+            threads=max(1, int(space.resources.cpus)),
+            objectives=space.objectives,
+            measured=measured,
         ),
         {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
     )
@@ -543,7 +580,9 @@ def _search(
         tuner = tune.Tuner.restore(str(paths.tune), trainable=trainable, resume_unfinished=True, resume_errored=False)
         say(f"resuming {paths.root}")
     elif resume:
-        raise KdsearchError(f"--resume: {paths.tune} holds no Ray Tune state (the search died before its first checkpoint); start it again")
+        raise KdsearchError(
+            f"--resume: {paths.tune} holds no Ray Tune state (the search died before its first checkpoint); start it again"
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -564,6 +603,4 @@ def _search(
         )
     grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
     rows = read_rows(paths.trials)
-    objectives = [(o.metric, o.mode) for o in space.objectives]
-    return SearchResult(paths, rows, front_rows(rows, objectives), interrupted=len(rows) < total, grid=grid)
-
+    return SearchResult(paths, rows, front_rows(rows, space.objectives), interrupted=len(rows) < total, grid=grid)

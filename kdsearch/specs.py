@@ -9,11 +9,29 @@ dict is a Ray Tune config, a row of Parquet columns and a `--set` target.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from enum import Enum
+from typing import Any
 
 POS_EMBEDS: tuple[str, ...] = ("learned", "sincos", "relpos", "rope", "cpe", "none")
-"""Positional encodings a student can use; see the table in DESIGN.md."""
+"""Positional encodings a student can use (kdsearch.student builds each; ARCHITECTURE.md has the table)."""
+
+
+class Problem(str):
+    """One reason a student cannot be built, as text ("patch_size 5 does not divide ..."),
+    with the `field` it is about and the `detail` after the field's name."""
+
+    field: str
+    detail: str
+
+    def __new__(cls, field: str, detail: str) -> Problem:
+        p = super().__new__(cls, f"{field} {detail}")
+        p.field, p.detail = field, detail
+        return p
+
+    def __getnewargs__(self) -> tuple[str, str]:
+        return (self.field, self.detail)
 
 
 @dataclass(frozen=True)
@@ -54,26 +72,30 @@ class StudentSpec:
         """MLP hidden width, rounded down as timm's Block does (`int(dim * mlp_ratio)`)."""
         return int(self.embed_dim * self.mlp_ratio)
 
-    def problems(self) -> list[str]:
-        """Reasons this architecture cannot be built; empty when it can."""
+    def problems(self) -> list[Problem]:
+        """Reasons this architecture cannot be built; empty when it can.
+
+        The one statement of the rules: the space file's validation applies it to every
+        combination a space holds, `build_student` and `count_flops` to one spec.
+        """
         out = []
         if self.pos_embed not in POS_EMBEDS:
-            out.append(f"pos_embed {self.pos_embed!r} is not one of {', '.join(POS_EMBEDS)}")
+            out.append(Problem("pos_embed", f"{self.pos_embed!r} is not one of {', '.join(POS_EMBEDS)}"))
         for name in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth", "num_heads"):
             if getattr(self, name) < 1:
-                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+                out.append(Problem(name, f"must be >= 1, got {getattr(self, name)}"))
         if out:
             return out
         if self.img_size % self.patch_size:
-            out.append(f"patch_size {self.patch_size} does not divide img_size {self.img_size}")
+            out.append(Problem("patch_size", f"{self.patch_size} does not divide the image size {self.img_size}"))
         if self.embed_dim % self.num_heads:
-            out.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            out.append(Problem("embed_dim", f"{self.embed_dim} is not divisible by num_heads {self.num_heads}"))
         elif self.pos_embed == "rope" and self.head_dim % 4:
-            out.append(f"rope needs head_dim (embed_dim / num_heads) divisible by 4, got {self.head_dim}")
+            out.append(Problem("pos_embed", f"rope needs head_dim divisible by 4, got head_dim {self.head_dim}"))
         if self.pos_embed == "sincos" and self.embed_dim % 4:
-            out.append(f"sincos needs embed_dim divisible by 4, got {self.embed_dim}")
+            out.append(Problem("pos_embed", f"sincos needs embed_dim divisible by 4, got embed_dim {self.embed_dim}"))
         if self.mlp_hidden < 1:
-            out.append(f"mlp_ratio {self.mlp_ratio} gives an empty MLP at embed_dim {self.embed_dim}")
+            out.append(Problem("mlp_ratio", f"{self.mlp_ratio} x embed_dim {self.embed_dim} leaves an empty MLP"))
         return out
 
 
@@ -111,6 +133,28 @@ class RecipeSpec:
         return self.uses_teacher_logits or self.needs_live_teacher
 
 
+class TeacherSource(str, Enum):
+    """Where a trial's teacher signal comes from."""
+
+    NONE = "none"  # plain cross-entropy with the labels: no teacher at all
+    CACHED = "cached"  # the logit cache, computed once per search
+    LIVE = "live"  # the teacher runs on every batch
+
+
+def teacher_source(recipe: RecipeSpec, random_augment: bool = False, live: bool = False) -> TeacherSource:
+    """The one rule for where a recipe's teacher signal comes from.
+
+    Feature or attention distillation needs the teacher's inner activations: live. Soft or
+    hard distillation needs only its logits: cached, unless the training view is random
+    (the cache holds the logits of the plain view) or `live` forces it (a baseline).
+    """
+    if recipe.needs_live_teacher:
+        return TeacherSource.LIVE
+    if not recipe.uses_teacher_logits:
+        return TeacherSource.NONE
+    return TeacherSource.LIVE if random_augment or live else TeacherSource.CACHED
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     epochs: int = 10
@@ -133,11 +177,15 @@ class DataSpec:
     augment: bool = False
 
 
+BUILTIN_TEACHER = "kdsearch/digits_cnn"
+"""The teacher kdsearch trains itself (kdsearch.digits_cnn), for the embedded digits."""
+
+
 @dataclass(frozen=True)
 class TeacherSpec:
     """A timm model name (or `kdsearch/digits_cnn`) plus where its weights come from."""
 
-    model: str = "kdsearch/digits_cnn"
+    model: str = BUILTIN_TEACHER
     checkpoint: str | None = None
     pretrained: bool = False
 
@@ -159,7 +207,7 @@ class TrialSpec:
         return out
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrialSpec":
+    def from_dict(cls, d: Mapping[str, Any]) -> TrialSpec:
         """Inverse of `to_dict`. Unknown keys raise KeyError; missing keys take the defaults.
 
         Values are coerced to the field's type (Parquet and JSON may hand back numpy
@@ -177,7 +225,7 @@ class TrialSpec:
             grouped[section][name] = _coerce(value, ftypes[name])
         return cls(**{s: section_types[s]().__class__(**kw) for s, kw in grouped.items()})
 
-    def replace(self, **sections: Any) -> "TrialSpec":
+    def replace(self, **sections: Any) -> TrialSpec:
         return dataclasses.replace(self, **sections)
 
 

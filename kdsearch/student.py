@@ -1,6 +1,6 @@
 """The student: a small pre-norm ViT (DeiT style) built from a `StudentSpec` on timm's layers.
 
-Every positional encoding of DESIGN.md is one `PosEncoding` subclass, made by name in
+Every positional encoding (the table in ARCHITECTURE.md) is one `PosEncoding` subclass, made by name in
 `create_pos_encoding`. A `PosEncoding` can touch the model at four points, and each type
 uses only the ones it needs:
 
@@ -17,12 +17,11 @@ Token layout is `[cls, (dist), patch_0 ... patch_{N-1}]`: prefix tokens first, a
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from timm.layers import (
     Mlp,
     PatchEmbed,
@@ -32,6 +31,7 @@ from timm.layers import (
     build_sincos2d_pos_embed,
     trunc_normal_,
 )
+from torch import Tensor, nn
 
 from .specs import POS_EMBEDS, StudentSpec
 
@@ -64,11 +64,11 @@ class PosEncoding(nn.Module):
         """Applied once to `(B, T, D)` right after the prefix tokens are concatenated."""
         return x
 
-    def rope(self) -> Optional[Tensor]:
+    def rope(self) -> Tensor | None:
         """Concatenated sin/cos `(N, 2 * head_dim)` for the patch tokens' q and k, or None."""
         return None
 
-    def attn_bias(self, block: int) -> Optional[Tensor]:
+    def attn_bias(self, block: int) -> Tensor | None:
         """Additive attention-logit bias `(1, H, T, T)` for block `block`, or None."""
         return None
 
@@ -116,11 +116,9 @@ class RelPos(PosEncoding):
     def __init__(self, spec: StudentSpec):
         super().__init__(spec)
         g = spec.grid_size
-        self.rel_pos = nn.ModuleList(
-            RelPosBias((g, g), spec.num_heads, prefix_tokens=0) for _ in range(spec.depth)
-        )
+        self.rel_pos = nn.ModuleList(RelPosBias((g, g), spec.num_heads, prefix_tokens=0) for _ in range(spec.depth))
 
-    def attn_bias(self, block: int) -> Optional[Tensor]:
+    def attn_bias(self, block: int) -> Tensor | None:
         npt = self.num_prefix_tokens
         return F.pad(self.rel_pos[block].get_bias(), (npt, 0, npt, 0))
 
@@ -136,7 +134,7 @@ class RopePos(PosEncoding):
         g = spec.grid_size
         self.rope_embed = RotaryEmbeddingCat(dim=spec.head_dim, in_pixels=False, feat_shape=[g, g])
 
-    def rope(self) -> Optional[Tensor]:
+    def rope(self) -> Tensor | None:
         return self.rope_embed.get_embed()
 
 
@@ -204,10 +202,10 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        rope: Optional[Tensor] = None,
-        bias: Optional[Tensor] = None,
+        rope: Tensor | None = None,
+        bias: Tensor | None = None,
         return_attn: bool = False,
-    ) -> tuple[Tensor, Optional[Tensor]]:
+    ) -> tuple[Tensor, Tensor | None]:
         """`(B, T, D)` -> `((B, T, D), attention probabilities (B, H, T, T) or None)`."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -218,7 +216,7 @@ class Attention(nn.Module):
         if bias is not None:
             bias = bias.to(q.dtype)  # SDPA wants a float mask in q's dtype (matters under autocast)
 
-        attn: Optional[Tensor] = None
+        attn: Tensor | None = None
         if self.fused_attn and not return_attn:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
@@ -244,10 +242,10 @@ class Block(nn.Module):
     def forward(
         self,
         x: Tensor,
-        rope: Optional[Tensor] = None,
-        bias: Optional[Tensor] = None,
+        rope: Tensor | None = None,
+        bias: Tensor | None = None,
         return_attn: bool = False,
-    ) -> tuple[Tensor, Optional[Tensor]]:
+    ) -> tuple[Tensor, Tensor | None]:
         y, attn = self.attn(self.norm1(x), rope=rope, bias=bias, return_attn=return_attn)
         x = x + y
         x = x + self.mlp(self.norm2(x))
@@ -264,14 +262,16 @@ class StudentOutput(NamedTuple):
     without a distillation token. tokens: `(B, T, D)` after the final norm.
     block_features: each block's output `(B, T, D)` (the residual stream the next block
     reads, so after CPVT's PEG for block 0), or None. attn: the last block's attention
-    probabilities `(B, H, T, T)`, or None.
+    probabilities `(B, H, T, T)`, or None. num_prefix_tokens: how many of the T tokens come
+    before the patches (class token, distillation token).
     """
 
     logits: Tensor
-    dist_logits: Optional[Tensor]
+    dist_logits: Tensor | None
     tokens: Tensor
-    block_features: Optional[list[Tensor]]
-    attn: Optional[Tensor]
+    block_features: list[Tensor] | None
+    attn: Tensor | None
+    num_prefix_tokens: int = 1
 
 
 class StudentViT(nn.Module):
@@ -321,11 +321,11 @@ class StudentViT(nn.Module):
 
     def _run_blocks(
         self, x: Tensor, attn: bool, block_features: bool
-    ) -> tuple[Tensor, Optional[list[Tensor]], Optional[Tensor]]:
+    ) -> tuple[Tensor, list[Tensor] | None, Tensor | None]:
         x = self._tokens(x)
         rope = self.pos_enc.rope()
-        feats: Optional[list[Tensor]] = [] if block_features else None
-        last_attn: Optional[Tensor] = None
+        feats: list[Tensor] | None = [] if block_features else None
+        last_attn: Tensor | None = None
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x, a = block(x, rope=rope, bias=self.pos_enc.attn_bias(i), return_attn=attn and i == last)
@@ -358,7 +358,7 @@ class StudentViT(nn.Module):
         tokens, feats, last_attn = self._run_blocks(x, attn=attn, block_features=block_features)
         logits = self.head(tokens[:, 0])
         dist = self.head_dist(tokens[:, 1]) if self.head_dist is not None else None
-        return StudentOutput(logits, dist, tokens, feats, last_attn)
+        return StudentOutput(logits, dist, tokens, feats, last_attn, self.num_prefix_tokens)
 
 
 def build_student(spec: StudentSpec) -> StudentViT:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from kdsearch import objectives
 from kdsearch.dimensions import Choice, Fixed, FloatRange, IntRange, cardinality
 from kdsearch.flops import count_flops
 from kdsearch.space import SearchSpace, iter_architectures
@@ -30,8 +31,17 @@ def summarize(space: SearchSpace, samples: int = 2000, seed: int = 0) -> dict[st
         "name": space.name,
         "source": space.source,
         "description": space.description,
-        "data": {"name": space.data.name, "img_size": space.data.img_size, "num_classes": space.data.num_classes, "root": space.data.root},
-        "teacher": {"model": space.teacher.model, "checkpoint": space.teacher.checkpoint, "pretrained": space.teacher.pretrained},
+        "data": {
+            "name": space.data.name,
+            "img_size": space.data.img_size,
+            "num_classes": space.data.num_classes,
+            "root": space.data.root,
+        },
+        "teacher": {
+            "model": space.teacher.model,
+            "checkpoint": space.teacher.checkpoint,
+            "pretrained": space.teacher.pretrained,
+        },
         "dimensions": [
             {"name": name, "kind": _kind(dim), "values": dim.describe(), "count": _count(dim), "default": dim.default}
             for name, dim in space.dims.items()
@@ -47,7 +57,11 @@ def summarize(space: SearchSpace, samples: int = 2000, seed: int = 0) -> dict[st
             "share_inside": inside / samples,
             "samples": samples,
         },
-        "objectives": [{"metric": o.metric, "mode": o.mode} for o in space.objectives],
+        "objectives": [
+            {"metric": name, "mode": mode, "unit": objectives.get(name).unit, "how": objectives.get(name).how}
+            for name, mode in space.objectives
+        ],
+        "teacher_sources": sorted(s.value for s in space.teacher_sources()),
         "search": {"trials": space.search.trials, "sampler": space.search.sampler, "seed": space.search.seed},
         "resources": {"cpus": space.resources.cpus, "gpus": space.resources.gpus},
     }

@@ -1,10 +1,9 @@
-"""One trial: data -> teacher logits -> student -> distillation loop -> a report per epoch.
+"""One trial: data -> teacher signal -> student -> distillation loop -> a report per epoch.
 
 `run_trial(spec, report, workdir)` knows nothing of Ray: it calls `report(metrics)` after
 every epoch, so the same function runs under Ray Tune (the report is `ray.tune.report`), in a
-test (a list's `append`) or in a notebook. The teacher's logits come from the once-per-search
-cache unless the recipe needs the teacher live (feature or attention distillation, or a
-random training augmentation the cache can't replay).
+test (a list's `append`) or in a notebook. Where the teacher's signal comes from (none, the
+once-per-search logit cache, or the teacher live) is `kdsearch.specs.teacher_source`'s rule.
 """
 
 from __future__ import annotations
@@ -13,33 +12,25 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from kdsearch import objectives as objective_table
 from kdsearch.atomic import atomic_path, write_text_atomic
-from kdsearch.data import Data, evaluate, load_data
+from kdsearch.data import Data, load_data
 from kdsearch.distill import DistillLoss
-from kdsearch.flops import count_flops
-from kdsearch.specs import TrialSpec
-from kdsearch.student import StudentViT, build_student
-from kdsearch.teacher import TeacherLogits, load_teacher, run_teacher, teacher_logits
+from kdsearch.objectives import MeasureContext, Objective
+from kdsearch.specs import TeacherSource, TrialSpec, teacher_source
+from kdsearch.student import build_student
+from kdsearch.training import TeacherSignal, TrialDiverged, evaluate, make_optimizer, train_epoch
+
+__all__ = ["Report", "TrialDiverged", "run_trial", "save_student", "teacher_signal"]
 
 Report = Callable[[dict[str, Any]], None]
-
-
-class TrialDiverged(RuntimeError):
-    """The loss became NaN or infinite; carries the epoch (1-based) and the step it happened at."""
-
-    def __init__(self, epoch: int, step: int, loss: float):
-        self.epoch, self.step, self.loss = epoch, step, loss
-        super().__init__(f"training diverged: loss {loss} at epoch {epoch}, step {step}")
-
-    def __reduce__(self):  # picklable across Ray processes
-        return (TrialDiverged, (self.epoch, self.step, self.loss))
 
 
 def run_trial(
@@ -49,21 +40,24 @@ def run_trial(
     *,
     data: Data | None = None,
     teacher: nn.Module | None = None,
-    cached_logits: TeacherLogits | None = None,
+    cached_logits: Any = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     live_teacher: bool = False,
     loader_workers: int = 0,
+    objectives: Sequence[Objective] = (),
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Train `spec`'s student by distillation; report after each epoch; return the last metrics.
 
     data, teacher and cached_logits may be passed in (a search loads them once per worker);
     otherwise they are loaded here. The teacher's logits are read from (or written once to)
-    `cache_dir` (default: `workdir/cache`). The final weights are saved as
-    `workdir/model.safetensors` with `workdir/trial_spec.json` beside them. `live_teacher`
-    runs the teacher on every batch even where the cache would do (a baseline to compare with).
-    `loader_workers` are DataLoader processes for datasets read from disk (in-memory ones need none).
+    `cache_dir` (default: `workdir/cache`). `live_teacher` runs the teacher on every batch
+    even where the cache would do (a baseline to compare with). `loader_workers` are
+    DataLoader processes for datasets read from disk (in-memory ones need none). Each report
+    holds val_acc, every computed objective (FLOPs, MACs, params), the measured ones among
+    `objectives`, the loss parts and timings. The final weights are saved as
+    `workdir/model.safetensors` with `workdir/trial_spec.json` beside them.
     """
     t_start = time.perf_counter()
     workdir = Path(workdir)
@@ -72,80 +66,37 @@ def run_trial(
     torch.manual_seed(spec.train.seed)
 
     data = data or load_data(spec.data)
-    model: StudentViT = build_student(spec.student).to(device)
-    needs_teacher = spec.recipe.uses_teacher_logits
-    needs_live = spec.recipe.needs_live_teacher or (needs_teacher and (data.random_augment or live_teacher))
-    teacher_images = 0
-    if (needs_live or (needs_teacher and cached_logits is None)) and teacher is None:
-        teacher = load_teacher(spec, log=log, data=data)
-    if needs_teacher and not needs_live and cached_logits is None:
-        cached_logits, teacher_images = teacher_logits(teacher, data, spec.teacher, cache_dir or workdir / "cache")
-    if needs_live:
-        teacher = teacher.to(device)
-    loss_fn = DistillLoss(
-        spec.recipe, student_dim=spec.student.embed_dim, teacher_dim=getattr(teacher, "num_features", None)
-    ).to(device)
-
+    model = build_student(spec.student).to(device)
+    source = teacher_source(spec.recipe, data.random_augment, live=live_teacher)
+    signal = teacher_signal(
+        spec, source, data, device, teacher, cached_logits, Path(cache_dir or workdir / "cache"), log
+    )
+    loss_fn = DistillLoss(spec.recipe, student_dim=spec.student.embed_dim, teacher_dim=signal.num_features).to(device)
+    signal.features, signal.attn = loss_fn.needs_features, loss_fn.needs_attention
     steps_per_epoch = max(1, data.num_train // spec.train.batch_size)
-    optimizer = torch.optim.AdamW(_param_groups(model, loss_fn, spec.train.weight_decay), lr=spec.train.lr)
-    schedule = warmup_cosine(spec.train.warmup_epochs * steps_per_epoch, spec.train.epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    flops = count_flops(spec.student)
+    optimizer, schedule = make_optimizer([model, loss_fn], spec.train, steps_per_epoch)
+    computed = objective_table.computed(spec.student)
 
     metrics: dict[str, Any] = {}
-    for epoch in range(spec.train.epochs):
+    for epoch in range(1, spec.train.epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        sums: dict[str, float] = {}
-        seen = 0
-        for step, (x, y, idx) in enumerate(data.train_batches(spec.train.batch_size, epoch, spec.train.seed, loader_workers)):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                out = model.forward_distill(x, attn=loss_fn.needs_attention)
-                t_logits = t_feats = t_attn = None
-                t_prefix = 0
-                if needs_live:
-                    t = run_teacher(teacher, x, features=loss_fn.needs_features, attn=loss_fn.needs_attention)
-                    t_logits, t_feats, t_attn, t_prefix = t.logits, t.features, t.attn, t.num_prefix_tokens
-                    teacher_images += len(x)
-                elif needs_teacher:
-                    t_logits = cached_logits.take(idx).to(device)
-                total, parts = loss_fn(
-                    out.logits.float(),
-                    y,
-                    teacher_logits=t_logits,
-                    dist_logits=None if out.dist_logits is None else out.dist_logits.float(),
-                    student_tokens=out.tokens[:, spec.student.num_prefix_tokens :].float() if loss_fn.needs_features else None,
-                    teacher_features=t_feats,
-                    student_attn=out.attn,
-                    teacher_attn=t_attn,
-                    student_prefix=spec.student.num_prefix_tokens,
-                    teacher_prefix=t_prefix,
-                )
-            if not torch.isfinite(total):
-                raise TrialDiverged(epoch + 1, step, float(total.detach()))
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            scheduler.step()
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + value * len(x)
-            seen += len(x)
+        losses = train_epoch(
+            model, loss_fn, signal, data, optimizer, schedule, spec.train, epoch - 1, device, loader_workers
+        )
         train_seconds = time.perf_counter() - t0
         val_acc = evaluate(model, data, device, workers=loader_workers)
+        ctx = MeasureContext(model, spec, data, device, epoch)
         metrics = {
-            "epoch": epoch + 1,
+            "epoch": epoch,
             "val_acc": val_acc,
-            "train_loss": sums.get("total", math.nan) / max(seen, 1),
-            **{f"loss_{k}": v / max(seen, 1) for k, v in sums.items() if k != "total"},
-            "flops": flops.flops,
-            "macs": flops.macs,
-            "params": flops.params,
+            **computed,
+            **objective_table.measured(objectives, ctx),
+            "train_loss": losses.get("total", math.nan),
+            **{f"loss_{k}": v for k, v in losses.items() if k not in ("total", "images")},
             "epoch_seconds": time.perf_counter() - t0,
-            "images_per_second": seen / train_seconds if train_seconds > 0 else math.nan,
-            "teacher_images": teacher_images,
-            "lr": scheduler.get_last_lr()[0],
+            "images_per_second": losses["images"] / train_seconds if train_seconds > 0 else math.nan,
+            "teacher_images": signal.images,
+            "lr": schedule.get_last_lr()[0],
         }
         report(dict(metrics))
 
@@ -153,28 +104,32 @@ def run_trial(
     return {**metrics, "checkpoint": str(checkpoint), "wall_seconds": time.perf_counter() - t_start}
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear from 1/warmup to 1 over `warmup_steps`, then cosine to 0."""
+def teacher_signal(
+    spec: TrialSpec,
+    source: TeacherSource,
+    data: Data,
+    device: torch.device,
+    teacher: nn.Module | None,
+    cached_logits: Any,
+    cache_dir: Path,
+    log: Callable[[str], None],
+) -> TeacherSignal:
+    """The teacher's signal for `source`: loads the teacher only when it must run (live, or to
+    fill a cache the caller did not pass), and reads or fills the logit cache once."""
+    if source is TeacherSource.NONE:
+        return TeacherSignal(source)
+    teacher_images = 0
+    if teacher is None and (source is TeacherSource.LIVE or cached_logits is None):
+        from kdsearch.teacher import shared_teacher
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        teacher = shared_teacher(spec, data=data, log=log)
+    if source is TeacherSource.CACHED and cached_logits is None:
+        from kdsearch.logit_cache import teacher_logits
 
-    return factor
-
-
-def _param_groups(model: nn.Module, loss_fn: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices and conv kernels only: not on biases, norms, tokens or tables."""
-    decay, no_decay = [], []
-    for module in (model, loss_fn):
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            is_matrix = p.ndim >= 2 and not any(s in name for s in ("token", "pos_embed", "relative_position"))
-            (decay if is_matrix else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        cached_logits, teacher_images = teacher_logits(teacher, data, spec.teacher, cache_dir)
+    if source is TeacherSource.LIVE:
+        return TeacherSignal(source, teacher=teacher.to(device))
+    return TeacherSignal(source, teacher=teacher, cached=cached_logits, images=teacher_images)
 
 
 def save_student(model: nn.Module, spec: TrialSpec, workdir: Path) -> Path:

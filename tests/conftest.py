@@ -7,17 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
+
 @pytest.fixture(scope="session")
 def digits_teacher_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in CNN, trained briefly (3 epochs, about 95% val) and saved once per session."""
     from kdsearch.data import load_data
-    from kdsearch.specs import DataSpec
-    from kdsearch.teacher import BUILTIN, save_teacher, train_digits_teacher
+    from kdsearch.digits_cnn import train_digits_teacher
+    from kdsearch.specs import BUILTIN_TEACHER, DataSpec
+    from kdsearch.teacher import save_teacher
 
     torch.set_num_threads(2)
     path = tmp_path_factory.mktemp("teacher") / "digits_cnn.safetensors"
     model, acc = train_digits_teacher(load_data(DataSpec()), epochs=3)
-    save_teacher(model, path, {"model": BUILTIN, "val_acc": acc})
+    save_teacher(model, path, {"model": BUILTIN_TEACHER, "val_acc": acc})
     return path
 
 
@@ -30,7 +32,7 @@ def digits_space_file(digits_teacher_path: Path, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture(scope="session")
 def digits_space(digits_space_file: Path):
-    from kdsearch.space import load_space
+    from kdsearch.space_file import load_space
 
     return load_space(digits_space_file)
 
@@ -42,5 +44,7 @@ def small_run(digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactor
     from tests.helpers import write_space
 
     tmp = tmp_path_factory.mktemp("search")
-    space = write_space(tmp, digits_teacher_path, max_concurrent=1)  # one at a time: the same trials stop early every run
-    return run_search(space, storage=tmp / "runs", live=False, say=lambda s: None), space
+    space = write_space(
+        tmp, digits_teacher_path, max_concurrent=1
+    )  # one at a time: the same trials stop early every run
+    return run_search(space, storage=tmp / "runs", say=lambda s: None), space

@@ -16,12 +16,20 @@ SIZES = {
     "tiny": StudentSpec(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2),
     "small": StudentSpec(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4, mlp_ratio=3.0),
     "deit_tiny": StudentSpec(
-        img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
-        in_chans=3, num_classes=1000, mlp_ratio=4.0,
+        img_size=224,
+        patch_size=16,
+        embed_dim=192,
+        depth=12,
+        num_heads=3,
+        in_chans=3,
+        num_classes=1000,
+        mlp_ratio=4.0,
     ),
 }
 GRID = [
-    pytest.param(dataclasses.replace(SIZES[size], pos_embed=pe, distill_token=dt), id=f"{size}-{pe}-{'dist' if dt else 'cls'}")
+    pytest.param(
+        dataclasses.replace(SIZES[size], pos_embed=pe, distill_token=dt), id=f"{size}-{pe}-{'dist' if dt else 'cls'}"
+    )
     for size, pe, dt in itertools.product(SIZES, POS_EMBEDS, (False, True))
 ]
 
@@ -59,7 +67,12 @@ search: {{trials: {trials}, sampler: {sampler}, seed: {seed}, max_failures: 2, m
 
 
 def write_space(
-    tmp_path: Path, teacher: Path, trials: int = 8, epochs: int = 6, sampler: str = "random", seed: int = 3,
+    tmp_path: Path,
+    teacher: Path,
+    trials: int = 8,
+    epochs: int = 6,
+    sampler: str = "random",
+    seed: int = 3,
     max_concurrent: int | None = None,
 ) -> Path:
     """A digits space for tests; its defaults are what `default_spec()` (a single trial) uses.
@@ -67,8 +80,14 @@ def write_space(
     `max_concurrent=1` makes the order of trials, and so early stopping, deterministic.
     """
     path = tmp_path / "space.yaml"
-    path.write_text(SEARCH_SPACE.format(
-        checkpoint=teacher, trials=trials, epochs=epochs, sampler=sampler, seed=seed,
-        max_concurrent="null" if max_concurrent is None else max_concurrent,
-    ))
+    path.write_text(
+        SEARCH_SPACE.format(
+            checkpoint=teacher,
+            trials=trials,
+            epochs=epochs,
+            sampler=sampler,
+            seed=seed,
+            max_concurrent="null" if max_concurrent is None else max_concurrent,
+        )
+    )
     return path

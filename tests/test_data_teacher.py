@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 
 from kdsearch.data import load_data
 from kdsearch.errors import KdsearchError
-from kdsearch.space import load_space
-from kdsearch.teacher import TeacherLogits, load_teacher
+from kdsearch.logit_cache import TeacherLogits
+from kdsearch.space_file import load_space
+from kdsearch.teacher import load_teacher
 from kdsearch.trial import run_trial
 
 CLASSES = ("circle", "square", "stripes")

@@ -10,6 +10,8 @@ from torch import nn
 
 from kdsearch.distill import DistillLoss, attention_kl, feature_mse, hard_distill, label_ce, soft_kl
 from kdsearch.specs import RecipeSpec
+from kdsearch.student import StudentOutput
+from kdsearch.teacher import TeacherOutput
 
 LN3, LN4 = math.log(3.0), math.log(4.0)
 
@@ -86,9 +88,7 @@ def test_soft_kl_large_t_limit() -> None:
     # makes the loss tend to a constant, so it neither vanishes nor explodes with T.
     torch.manual_seed(2)
     s, te = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
-    limit = sum(
-        sum((dk - sum(row) / 5) ** 2 for dk in row) / (2 * 5) for row in (te - s).tolist()
-    ) / 4
+    limit = sum(sum((dk - sum(row) / 5) ** 2 for dk in row) / (2 * 5) for row in (te - s).tolist()) / 4
     for temperature in (1e3, 1e4):
         assert soft_kl(s, te, temperature).item() == pytest.approx(limit, rel=5e-3)
     a, b = soft_kl(s, te, 200.0).item(), soft_kl(s, te, 400.0).item()
@@ -283,11 +283,16 @@ def _reference_attention_kl(s: list, te: list, sp: int, tp: int) -> float:
             [
                 sum(
                     w[qy][sy] * w[qx][sx] * w[ky][ty] * w[kx][tx] * a[sy * gs + sx][ty * gs + tx]
-                    for sy in range(gs) for sx in range(gs) for ty in range(gs) for tx in range(gs)
+                    for sy in range(gs)
+                    for sx in range(gs)
+                    for ty in range(gs)
+                    for tx in range(gs)
                 )
-                for ky in range(gt) for kx in range(gt)
+                for ky in range(gt)
+                for kx in range(gt)
             ]
-            for qy in range(gt) for qx in range(gt)
+            for qy in range(gt)
+            for qx in range(gt)
         ]
         for prow, trow in zip(big, b):
             ps, pt = renorm(prow), renorm(trow)
@@ -296,7 +301,9 @@ def _reference_attention_kl(s: list, te: list, sp: int, tp: int) -> float:
     return total / count
 
 
-@pytest.mark.parametrize(("gs", "gt", "hs", "ht", "sp", "tp"), [(2, 3, 2, 3, 1, 2), (3, 2, 1, 4, 2, 0), (2, 4, 3, 1, 0, 1)])
+@pytest.mark.parametrize(
+    ("gs", "gt", "hs", "ht", "sp", "tp"), [(2, 3, 2, 3, 1, 2), (3, 2, 1, 4, 2, 0), (2, 4, 3, 1, 0, 1)]
+)
 def test_attention_kl_resizes_both_axes_like_a_reference(gs: int, gt: int, hs: int, ht: int, sp: int, tp: int) -> None:
     torch.manual_seed(8)
     s = random_attn(2, hs, gs * gs + sp)
@@ -312,9 +319,13 @@ def test_attention_kl_resized_student_matching_teacher_gives_zero() -> None:
     s = t([top, top, bottom, bottom]).view(1, 1, 4, 4)
     w = _bilinear_weights(2, 4)
     resized = [
-        [sum(w[qy][sy] * w[ky][ty] * s[0, 0, sy * 2, ty * 2].item() for sy in range(2) for ty in range(2)) / 4
-         for ky in range(4) for _ in range(4)]
-        for qy in range(4) for _ in range(4)
+        [
+            sum(w[qy][sy] * w[ky][ty] * s[0, 0, sy * 2, ty * 2].item() for sy in range(2) for ty in range(2)) / 4
+            for ky in range(4)
+            for _ in range(4)
+        ]
+        for qy in range(4)
+        for _ in range(4)
     ]
     te = t(resized).view(1, 1, 16, 16)
     assert attention_kl(s, te, 0, 0).item() == pytest.approx(0.0, abs=1e-9)
@@ -348,8 +359,21 @@ def batch(seed: int = 9) -> dict[str, torch.Tensor]:
     )
 
 
+def outputs(
+    x: dict[str, torch.Tensor | None], dist_logits: torch.Tensor | None = None
+) -> tuple[StudentOutput, torch.Tensor | None, TeacherOutput]:
+    """The batch as the models hand it to the loss: the student's tokens with one prefix
+    token in front of its 16 patch tokens, the teacher's attention with two."""
+    tokens = x["student_tokens"]
+    if tokens is not None:
+        tokens = torch.cat([torch.zeros(B, 1, DS), tokens], dim=1)
+    student = StudentOutput(x["logits"], dist_logits, tokens, None, x["student_attn"], num_prefix_tokens=1)
+    teacher = TeacherOutput(x["teacher_logits"], x["teacher_features"], x["teacher_attn"], num_prefix_tokens=2)
+    return student, x["labels"], teacher
+
+
 def call(loss: DistillLoss, inputs: dict[str, torch.Tensor | None], **kw: object) -> tuple[torch.Tensor, dict]:
-    return loss(**inputs, student_prefix=1, teacher_prefix=2, **kw)
+    return loss(*outputs(inputs, **kw))
 
 
 def test_full_recipe_total_is_weighted_sum_of_parts() -> None:
@@ -359,8 +383,11 @@ def test_full_recipe_total_is_weighted_sum_of_parts() -> None:
     assert set(parts) == {"label", "soft", "hard", "feature", "attention", "total"}
     assert all(type(v) is float for v in parts.values())
     expected = (
-        0.7 * parts["label"] + 0.3 * parts["soft"] + 0.5 * parts["hard"]
-        + 0.7 * parts["feature"] + 0.2 * parts["attention"]
+        0.7 * parts["label"]
+        + 0.3 * parts["soft"]
+        + 0.5 * parts["hard"]
+        + 0.7 * parts["feature"]
+        + 0.2 * parts["attention"]
     )
     assert parts["total"] == pytest.approx(expected, rel=1e-6)
     assert total.item() == pytest.approx(parts["total"])
@@ -406,22 +433,22 @@ def test_projector_only_with_feature_weight() -> None:
 
 def test_needs_properties() -> None:
     r = DistillLoss(RecipeSpec(alpha=0.0))
-    assert (r.needs_teacher_logits, r.needs_features, r.needs_attention) == (False, False, False)
-    assert DistillLoss(RecipeSpec(alpha=0.0, hard_weight=1.0)).needs_teacher_logits
+    assert (r.needs_features, r.needs_attention) == (False, False)
     full = DistillLoss(FULL, student_dim=DS, teacher_dim=DT)
-    assert (full.needs_teacher_logits, full.needs_features, full.needs_attention) == (True, True, True)
+    assert (full.needs_features, full.needs_attention) == (True, True)
 
 
 def test_alpha_zero_is_exactly_label_ce() -> None:
     x = batch()
-    total, parts = DistillLoss(RecipeSpec(alpha=0.0))(x["logits"], x["labels"])
+    total, parts = DistillLoss(RecipeSpec(alpha=0.0))(outputs(x)[0], x["labels"])
     assert torch.equal(total, label_ce(x["logits"], x["labels"]))
     assert set(parts) == {"label", "total"}
 
 
 def test_alpha_one_is_exactly_soft_kl() -> None:
     x = batch()
-    total, parts = DistillLoss(RecipeSpec(alpha=1.0, temperature=3.0))(x["logits"], None, x["teacher_logits"])
+    student, _, teacher = outputs(x)
+    total, parts = DistillLoss(RecipeSpec(alpha=1.0, temperature=3.0))(student, None, teacher)
     assert torch.equal(total, soft_kl(x["logits"], x["teacher_logits"], 3.0))
     assert set(parts) == {"soft", "total"}
 
@@ -430,13 +457,14 @@ def test_dist_logits_take_the_teacher_terms_and_logits_the_label_term() -> None:
     x = batch()
     dist = torch.randn(B, K, requires_grad=True)
     loss = DistillLoss(RecipeSpec(alpha=0.5, temperature=2.0, hard_weight=1.0))
-    _, parts = loss(x["logits"], x["labels"], x["teacher_logits"], dist_logits=dist)
+    _, parts = call(loss, x, dist_logits=dist)
     assert parts["label"] == pytest.approx(label_ce(x["logits"], x["labels"]).item())
     assert parts["soft"] == pytest.approx(soft_kl(dist, x["teacher_logits"], 2.0).item())
     assert parts["hard"] == pytest.approx(hard_distill(dist, x["teacher_logits"]).item())
     assert parts["soft"] != pytest.approx(soft_kl(x["logits"], x["teacher_logits"], 2.0).item())
     # with only teacher terms, the class head gets no gradient and the distillation head does
-    total, _ = DistillLoss(RecipeSpec(alpha=1.0))(x["logits"], None, x["teacher_logits"], dist_logits=dist)
+    x["labels"] = None
+    total, _ = call(DistillLoss(RecipeSpec(alpha=1.0)), x, dist_logits=dist)
     total.backward()
     assert x["logits"].grad is None
     assert dist.grad is not None and dist.grad.abs().sum() > 0

@@ -16,7 +16,6 @@ from kdsearch.student import build_student, explicit_attention
 from tests.helpers import GRID, SIZES
 
 
-
 def measured_flops(model: torch.nn.Module, spec: StudentSpec, fused: bool = False) -> int:
     """FlopCounterMode's total for a batch-1 eval forward (explicit attention unless `fused`)."""
     model.eval()
@@ -64,7 +63,9 @@ def test_fused_attention_is_undercounted_on_cpu(spec: StudentSpec) -> None:
 
 # Hand-computed: img 8, patch 4 (N = 4), in_chans 1, D 8, depth 1, heads 2 (head_dim 4),
 # mlp 2.0 (M = 16), 10 classes. Multiply-adds per layer, then x2.
-HAND = StudentSpec(img_size=8, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=10)
+HAND = StudentSpec(
+    img_size=8, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=10
+)
 
 
 def test_hand_computed_learned_cls() -> None:
@@ -85,8 +86,10 @@ def test_hand_computed_learned_cls() -> None:
         + 8  # cls token
         + 5 * 8  # learned pos embed = 40
         + (2 * 8 + 2 * 8)  # norm1, norm2 = 32
-        + (8 * 24 + 24) + (8 * 8 + 8)  # qkv 216, proj 72
-        + (8 * 16 + 16) + (16 * 8 + 8)  # fc1 144, fc2 136
+        + (8 * 24 + 24)
+        + (8 * 8 + 8)  # qkv 216, proj 72
+        + (8 * 16 + 16)
+        + (16 * 8 + 8)  # fc1 144, fc2 136
         + 2 * 8  # final norm
         + (8 * 10 + 10)  # head = 90
     )

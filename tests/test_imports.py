@@ -9,7 +9,9 @@ import sys
 def modules_after(code: str) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", code + "\nimport sys; print('\\n'.join(sys.modules))"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return set(out.split())
 
@@ -21,7 +23,9 @@ def test_import_kdsearch_does_not_import_ray_or_torch() -> None:
 
 
 def test_space_and_cli_do_not_import_ray() -> None:
-    mods = modules_after("import kdsearch.space, kdsearch.summary, kdsearch.cli, kdsearch.student, kdsearch.flops, kdsearch.trial, kdsearch.teacher, kdsearch.data, kdsearch.distill")
+    mods = modules_after(
+        "import kdsearch.space, kdsearch.summary, kdsearch.cli, kdsearch.student, kdsearch.flops, kdsearch.trial, kdsearch.teacher, kdsearch.data, kdsearch.distill"
+    )
     assert "ray" not in mods
     assert "optuna" not in mods  # the space is define-by-run: it needs a trial, not optuna itself
 

@@ -40,7 +40,11 @@ def test_pareto_formats(run_dir: Path, small_run, capsys: pytest.CaptureFixture[
     assert 0 < hv["value"] <= 1 and hv["reference"]["val_acc"] == 0.0
     assert run_cli(["pareto", str(run_dir), "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("trial_id,val_acc,gflops") and len(lines) == len(out["front"]) + 1
+    assert (
+        lines[0].startswith("trial_id,val_acc,flops,macs,params,patch_size,embed_dim")
+        and len(lines) == len(out["front"]) + 1
+    )
+    assert out["units"]["flops"].startswith("FLOPs per image at inference")
     assert run_cli(["pareto", str(run_dir)]) == 0
     table = capsys.readouterr().out
     assert "hypervolume" in table and "reference point" in table
@@ -78,7 +82,9 @@ def test_bad_runs_exit_2(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert not (tmp_path / "x").exists()
 
 
-def test_export_loads_in_a_fresh_process(run_dir: Path, trials: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_loads_in_a_fresh_process(
+    run_dir: Path, trials: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     best = trials[trials.status == "completed"].sort_values("val_acc").iloc[-1]
     out = tmp_path / "student"
     assert run_cli(["export", str(run_dir), "--trial", best.trial_id, "--out", str(out)]) == 0
@@ -108,7 +114,7 @@ x = torch.cat([b[0] for b in data.val_batches(512)])
 y = torch.cat([b[1] for b in data.val_batches(512)])
 with torch.no_grad():
     logits = model(x)
-torch.save({{'logits': logits, 'acc': (logits.argmax(-1) == y).sum().item() / len(y)}}, {str(tmp_path / 'out.pt')!r})
+torch.save({{'logits': logits, 'acc': (logits.argmax(-1) == y).sum().item() / len(y)}}, {str(tmp_path / "out.pt")!r})
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     got = torch.load(tmp_path / "out.pt", weights_only=True)
@@ -121,7 +127,10 @@ torch.save({{'logits': logits, 'acc': (logits.argmax(-1) == y).sum().item() / le
 def test_export_picks_from_the_front(run_dir: Path, small_run, tmp_path: Path) -> None:
     front = small_run[0].front
     cheapest, best = front[0], max(front, key=lambda r: r["val_acc"])
-    assert run_cli(["export", str(run_dir), "--max-gflops", str(cheapest["flops"] / 1e9), "--out", str(tmp_path / "a")]) == 0
+    assert (
+        run_cli(["export", str(run_dir), "--max-gflops", str(cheapest["flops"] / 1e9), "--out", str(tmp_path / "a")])
+        == 0
+    )
     assert kdsearch.export.read_card(tmp_path / "a")["source"]["trial_id"] == cheapest["trial_id"]
     assert run_cli(["export", str(run_dir), "--min-acc", str(best["val_acc"]), "--out", str(tmp_path / "b")]) == 0
     assert kdsearch.export.read_card(tmp_path / "b")["source"]["trial_id"] == best["trial_id"]
@@ -136,10 +145,26 @@ def render(page: Path) -> tuple[str, list[str]]:
     """Headless Chromium loads the page; returns the DOM after scripts ran and the console errors."""
     with tempfile.TemporaryDirectory() as profile:
         proc = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
-            capture_output=True, text=True, timeout=120,
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                page.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     errors = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and ("Error" in ln or "Uncaught" in ln)]
     return proc.stdout, errors
@@ -157,6 +182,8 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     assert dom.count('class="main-svg"') >= 2 * 4  # front, encodings, hypervolume and importance plots drawn
     # the check can fail: a page whose script throws is caught
     broken = tmp_path / "broken.html"
-    broken.write_text((tmp_path / "report.html").read_text().replace("</body>", "<script>undefinedFunction()</script></body>"))
+    broken.write_text(
+        (tmp_path / "report.html").read_text().replace("</body>", "<script>undefinedFunction()</script></body>")
+    )
     _, errors = render(broken)
     assert errors

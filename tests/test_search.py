@@ -8,9 +8,10 @@ import optuna
 import pandas as pd
 import pytest
 
-from kdsearch.results import STATUSES
+from kdsearch.outcomes import STATUSES
 from kdsearch.specs import TrialSpec
 from tests.helpers import run_cli
+
 
 @pytest.fixture(scope="module")
 def local_search(small_run):
@@ -23,12 +24,28 @@ def test_search_records_every_trial(local_search) -> None:
     assert len(trials) == 8 and trials.trial_id.is_unique
     assert set(trials.status) <= set(STATUSES)
     assert {"completed", "stopped_early", "infeasible"} <= set(trials.status), trials.status.tolist()
-    for col in ("trial_id", "status", "val_acc", "flops", "macs", "params", "epochs", "wall_seconds", "checkpoint", "error",
-                "student.depth", "student.pos_embed", "recipe.alpha", "train.epochs"):
+    for col in (
+        "trial_id",
+        "status",
+        "val_acc",
+        "flops",
+        "macs",
+        "params",
+        "epochs",
+        "wall_seconds",
+        "checkpoint",
+        "error",
+        "student.depth",
+        "student.pos_embed",
+        "recipe.alpha",
+        "train.epochs",
+    ):
         assert col in trials.columns
     # every row rebuilds its TrialSpec from its own config columns
     for _, row in trials.iterrows():
-        spec = TrialSpec.from_dict({k: row[k] for k in trials.columns if k.split(".")[0] in ("student", "recipe", "train", "data", "teacher")})
+        spec = TrialSpec.from_dict(
+            {k: row[k] for k in trials.columns if k.split(".")[0] in ("student", "recipe", "train", "data", "teacher")}
+        )
         assert spec.student.depth == row["student.depth"]
 
 
@@ -82,7 +99,12 @@ def test_front_is_the_non_dominated_completed_trials(local_search) -> None:
     done = [r for r in result.trials if r["status"] == "completed"]
     front_ids = {r["trial_id"] for r in result.front}
     for r in done:
-        dominated = any(o["val_acc"] >= r["val_acc"] and o["flops"] <= r["flops"] and (o["val_acc"], o["flops"]) != (r["val_acc"], r["flops"]) for o in done)
+        dominated = any(
+            o["val_acc"] >= r["val_acc"]
+            and o["flops"] <= r["flops"]
+            and (o["val_acc"], o["flops"]) != (r["val_acc"], r["flops"])
+            for o in done
+        )
         assert (r["trial_id"] in front_ids) == (not dominated)
 
 
@@ -113,4 +135,7 @@ def test_existing_run_needs_resume(local_search, capsys: pytest.CaptureFixture[s
 def test_storage_uri_is_refused(local_search, capsys: pytest.CaptureFixture[str]) -> None:
     _, space = local_search
     assert run_cli(["search", str(space), "--storage", "s3://bucket/runs"]) == 2
-    assert "--storage s3://bucket/runs: kdsearch writes its tables to a local or shared filesystem path" in capsys.readouterr().err
+    assert (
+        "--storage s3://bucket/runs: kdsearch writes its tables to a local or shared filesystem path"
+        in capsys.readouterr().err
+    )

@@ -12,13 +12,20 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
 
 from kdsearch.search import run_search
 from tests.helpers import write_space
 
-CONFIG_COLUMNS = ["student.embed_dim", "student.depth", "student.num_heads", "student.patch_size",
-                  "student.pos_embed", "student.distill_token", "recipe.alpha", "recipe.temperature"]
+CONFIG_COLUMNS = [
+    "student.embed_dim",
+    "student.depth",
+    "student.num_heads",
+    "student.patch_size",
+    "student.pos_embed",
+    "student.distill_token",
+    "recipe.alpha",
+    "recipe.temperature",
+]
 
 
 def descendants(pid: int) -> list[int]:
@@ -81,7 +88,7 @@ def test_node_lost_mid_trial_is_retried_elsewhere(digits_teacher_path: Path, tmp
     killer = threading.Thread(target=remove_a_worker, daemon=True)
     killer.start()
     try:
-        result = run_search(space, storage=tmp_path / "runs", address=cluster.address, live=False, say=lambda s: None)
+        result = run_search(space, storage=tmp_path / "runs", address=cluster.address, say=lambda s: None)
     finally:
         killer.join(timeout=5)
         cluster.shutdown()
@@ -143,7 +150,7 @@ def test_trials_missing_from_the_saved_state_are_reconciled(small_run, tmp_path:
     run = tmp_path / "runs" / "digits_search"
     run.mkdir(parents=True)
     seeded.to_parquet(run / "trials.parquet", index=False)
-    result = run_search(space, storage=tmp_path / "runs", trials=5, live=False, say=lambda s: None)
+    result = run_search(space, storage=tmp_path / "runs", trials=5, say=lambda s: None)
     after = pd.read_parquet(result.paths.trials)
     assert len(after) == 5 and after.trial_id.is_unique
     assert set(seeded.trial_id) <= set(after.trial_id)

@@ -11,11 +11,11 @@ import optuna
 import pytest
 
 import kdsearch
-from tests.helpers import run_cli
 from kdsearch.dimensions import Choice, FloatRange, IntRange
 from kdsearch.errors import SpaceError
-from kdsearch.space import load_space, parse_space
+from kdsearch.space_file import load_space, parse_sets, parse_space
 from kdsearch.specs import TrialSpec
+from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -28,7 +28,9 @@ def test_bundled_spaces_are_there() -> None:
 
 
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
-@pytest.mark.parametrize("sampler", [optuna.samplers.RandomSampler, optuna.samplers.NSGAIISampler, optuna.samplers.TPESampler])
+@pytest.mark.parametrize(
+    "sampler", [optuna.samplers.RandomSampler, optuna.samplers.NSGAIISampler, optuna.samplers.TPESampler]
+)
 def test_every_sampled_config_is_consistent_and_replays(path: Path, sampler: type) -> None:
     """Real Optuna studies drive the define-by-run space; FixedTrial replays each config exactly."""
     space = load_space(path)
@@ -89,14 +91,17 @@ def test_default_spec_takes_defaults_then_first_choice_then_middle() -> None:
 
 def test_overrides_are_checked() -> None:
     space = load_space(ROOT / "search_spaces/digits_quick.yaml")
-    spec = space.default_spec({"student.depth": 2, "recipe.alpha": 1})
+    spec = space.default_spec(parse_sets(space, ["student.depth=2", "recipe.alpha=1", "train.lr=1e-3"]))
     assert spec.student.depth == 2 and spec.recipe.alpha == 1.0 and isinstance(spec.recipe.alpha, float)
+    assert spec.train.lr == 1e-3  # a YAML 1.2 float, as in a space file
     with pytest.raises(SpaceError, match="student.dpth: is not a dimension"):
-        space.default_spec({"student.dpth": 2})
+        parse_sets(space, ["student.dpth=2"])
     with pytest.raises(SpaceError, match="student.depth: must be an integer"):
-        space.default_spec({"student.depth": "x"})
+        parse_sets(space, ["student.depth=x"])
+    with pytest.raises(SpaceError, match="expected KEY=VALUE"):
+        parse_sets(space, ["student.depth"])
     with pytest.raises(SpaceError, match="embed_dim 64 is not divisible by num_heads 3"):
-        space.default_spec({"student.num_heads": 3})
+        space.default_spec(parse_sets(space, ["student.num_heads=3"]))
 
 
 def test_head_dim_makes_embed_dim() -> None:
@@ -118,7 +123,11 @@ def test_yaml_12_floats_and_relative_paths(tmp_path: Path) -> None:
 def test_dimension_kinds() -> None:
     space = parse_space(
         {
-            "student": {"embed_dim": 32, "depth": {"low": 2, "high": 8, "step": 2}, "mlp_ratio": {"low": 1.0, "high": 4.0}},
+            "student": {
+                "embed_dim": 32,
+                "depth": {"low": 2, "high": 8, "step": 2},
+                "mlp_ratio": {"low": 1.0, "high": 4.0},
+            },
             "train": {"batch_size": {"low": 16, "high": 256, "log": True}},
         }
     )

@@ -46,7 +46,9 @@ def test_console_script_prints_one_line_and_exits_2() -> None:
     """The installed `kdsearch` command, in its own process: no traceback reaches the user."""
     exe = Path(sys.executable).with_name("kdsearch")
     path = CORPUS / "embed_dim_not_divisible.yaml"
-    proc = subprocess.run([str(exe), "space", "show", str(path)], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    proc = subprocess.run(
+        [str(exe), "space", "show", str(path)], capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

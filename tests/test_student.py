@@ -10,16 +10,15 @@ import torch.nn.functional as F
 
 from kdsearch.specs import POS_EMBEDS, StudentSpec
 from kdsearch.student import (
+    _POS_ENCODINGS,
     Attention,
     StudentOutput,
-    _POS_ENCODINGS,
     build_student,
     create_pos_encoding,
     explicit_attention,
     set_fused_attn,
 )
 from tests.helpers import GRID, SIZES
-
 
 
 def _images(spec: StudentSpec, batch: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -199,6 +198,7 @@ def test_rope_leaves_prefix_tokens_unrotated() -> None:
     with torch.no_grad():
         with_rope, a1 = attn(x, rope=rope, return_attn=True)
         without, a0 = attn(x, return_attn=True)
+
     # log p_ij - log p_i0 = logit_ij - logit_i0, free of the softmax normaliser: among the two
     # prefix tokens (cls, dist) the logits are the same with and without rope.
     def rel(a):

@@ -12,13 +12,25 @@ import torch
 from safetensors.torch import load_file
 
 from kdsearch.data import load_data
+from kdsearch.logit_cache import teacher_logits
 from kdsearch.specs import RecipeSpec, TrainSpec, TrialSpec
 from kdsearch.student import build_student
-from kdsearch.teacher import load_teacher, run_teacher, teacher_logits
-from kdsearch.trial import TrialDiverged, evaluate, run_trial
+from kdsearch.teacher import load_teacher, run_teacher
+from kdsearch.training import TrialDiverged, evaluate
+from kdsearch.trial import run_trial
 from tests.helpers import run_cli
 
-METRICS = {"epoch", "val_acc", "train_loss", "flops", "macs", "params", "epoch_seconds", "images_per_second", "teacher_images"}
+METRICS = {
+    "epoch",
+    "val_acc",
+    "train_loss",
+    "flops",
+    "macs",
+    "params",
+    "epoch_seconds",
+    "images_per_second",
+    "teacher_images",
+}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +116,9 @@ def test_feature_distillation_from_the_cnn_runs_live(digits_space, data, teacher
 
 
 def test_attention_distillation_from_a_timm_vit(digits_space, data, tmp_path: Path) -> None:
-    vit = timm.models.VisionTransformer(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2).eval()
+    vit = timm.models.VisionTransformer(
+        img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2
+    ).eval()
     out = run_teacher(vit, next(data.train_batches(8, 0, 0))[0], features=True, attn=True)
     assert out.attn.shape == (8, 2, 65, 65) and out.features.shape == (8, 64, 32) and out.num_prefix_tokens == 1
     torch.testing.assert_close(out.attn.sum(-1), torch.ones(8, 2, 65))
@@ -119,9 +133,23 @@ def test_attention_distillation_from_a_timm_vit(digits_space, data, tmp_path: Pa
 # ---- the CLI --------------------------------------------------------------------------
 
 
-def test_cli_trial_json(digits_space_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_trial_json(
+    digits_space_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # the logit cache goes to ./runs/NAME/cache
-    code = run_cli(["trial", str(digits_space_file), "--set", "student.depth=1", "--set", "train.epochs=1", "--json", "--workdir", str(tmp_path)])
+    code = run_cli(
+        [
+            "trial",
+            str(digits_space_file),
+            "--set",
+            "student.depth=1",
+            "--set",
+            "train.epochs=1",
+            "--json",
+            "--workdir",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["epoch"] == 1 and METRICS <= set(result) and Path(result["checkpoint"]).is_file()
@@ -138,13 +166,18 @@ def _space(tmp_path: Path, body: str) -> Path:
     "body, message",
     [
         ("data: {name: cifar10, root: nowhere}\nteacher: {model: resnet18, checkpoint: r.pt}", "data.root: "),
-        ("teacher: {model: resnet_nope_42, checkpoint: t.safetensors}", "teacher.model: 'resnet_nope_42' is not a timm model"),
+        (
+            "teacher: {model: resnet_nope_42, checkpoint: t.safetensors}",
+            "teacher.model: 'resnet_nope_42' is not a timm model",
+        ),
         ("teacher: {model: resnet10t, checkpoint: garbage.safetensors}", "teacher.checkpoint: cannot read"),
         ("teacher: {model: resnet10t, checkpoint: garbage.pt}", "teacher.checkpoint: cannot read"),
         ("teacher: {model: resnet10t, checkpoint: missing.pt}", "does not exist"),
     ],
 )
-def test_cli_trial_bad_inputs_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, message: str) -> None:
+def test_cli_trial_bad_inputs_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, message: str
+) -> None:
     (tmp_path / "garbage.safetensors").write_bytes(b"not a checkpoint at all")
     (tmp_path / "garbage.pt").write_bytes(b"\x80\x04not a pickle")
     assert run_cli(["trial", str(_space(tmp_path, body)), "--workdir", str(tmp_path / "w")]) == 2

@@ -1,0 +1,60 @@
+"""How a trial ended: one vocabulary, one rule from its last result to it, one mapping to Optuna.
+
+Used by the recorder (trials.parquet's `status` column), the searcher (what Optuna is told),
+status, the report and the export. Nothing here imports Ray or Optuna.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+
+class Status(str, Enum):
+    """A finished trial's outcome; the value is what trials.parquet stores."""
+
+    COMPLETED = "completed"  # trained every epoch; its weights are saved
+    STOPPED_EARLY = "stopped_early"  # the scheduler stopped it at a milestone (beaten by cheaper trials)
+    INFEASIBLE = "infeasible"  # over the space's budget: never trained, costs exact, accuracy never measured
+    FAILED = "failed"  # raised (diverged, out of memory, a lost node after its retries)
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def measured(self) -> bool:
+        """Whether the trial trained and so has an accuracy (and measured objectives)."""
+        return self in (Status.COMPLETED, Status.STOPPED_EARLY)
+
+
+STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
+
+OPTUNA_STATE: dict[Status, str] = {
+    # the name of the optuna.trial.TrialState the sampler is told
+    Status.COMPLETED: "COMPLETE",
+    Status.INFEASIBLE: "COMPLETE",  # with its constraint values, so the sampler learns the budget
+    Status.STOPPED_EARLY: "PRUNED",  # not COMPLETE with an early epoch's accuracy
+    Status.FAILED: "FAIL",
+}
+
+
+def status_of(
+    infeasible: bool, epochs_total: int, last_result: Mapping[str, Any] | None, errored: bool = False
+) -> Status:
+    """The outcome of a trial that has ended, from its config's two facts and its last result."""
+    if errored:
+        return Status.FAILED
+    if infeasible:
+        return Status.INFEASIBLE
+    if not last_result:
+        return Status.FAILED
+    return Status.COMPLETED if int(last_result.get("epoch") or 0) >= epochs_total else Status.STOPPED_EARLY
+
+
+def counts(statuses: list[str]) -> dict[str, int]:
+    """How many trials ended each way, every status present (0 when none)."""
+    out = dict.fromkeys(STATUSES, 0)
+    for s in statuses:
+        out[str(s)] = out.get(str(s), 0) + 1
+    return out

@@ -1,0 +1,555 @@
+"""The search-space file language: its schema, parsing, validation and error messages.
+
+A space file names the data, the teacher, the student dimensions, the distillation recipe,
+the training settings, the objectives, the budgets, per-trial resources and the sampler.
+Every value under `student`, `recipe` and `train` may be searched; it is written as
+
+    depth: 4                                   # fixed
+    depth: [2, 4, 6]                           # choice
+    depth: {choices: [2, 4, 6], default: 4}    # choice with the default a single trial uses
+    depth: {low: 2, high: 8, step: 2}          # int range (log: true for log scale)
+    lr: {low: 1.0e-4, high: 3.0e-3, log: true} # float range
+
+Everything is validated when the file is loaded, for every combination the space holds:
+a bad file raises `SpaceError` naming the file, the key and what is allowed, and no
+sampled config can be inconsistent (the student rules are `StudentSpec.problems`). The
+result is a `kdsearch.space.SearchSpace`. `parse_sets` checks `--set key=value` overrides
+against the same schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import math
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdsearch.datasets import DATASETS
+from kdsearch.dimensions import Choice, Dimension, Fixed, FloatRange, IntRange
+from kdsearch.early_stopping import EarlyStopping
+from kdsearch.errors import SpaceError
+from kdsearch.flops import count_flops
+from kdsearch.objectives import DEFAULT_OBJECTIVES, MODES, OBJECTIVES
+from kdsearch.samplers import SAMPLERS
+from kdsearch.space import Budget, Resources, SearchSettings, SearchSpace, iter_architectures
+from kdsearch.specs import BUILTIN_TEACHER, POS_EMBEDS, DataSpec, StudentSpec, TeacherSpec
+
+# --------------------------------------------------------------------------------------
+# What each key may hold
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    """One leaf key of the space file: its type, the values allowed, and its default."""
+
+    kind: str  # "int" | "float" | "bool" | "str"
+    default: Any = None
+    check: Callable[[Any], bool] | None = None
+    allowed: str = ""  # words for the error message: what `check` accepts
+    optional: bool = False  # None is a valid value
+
+
+def _ge(x: float) -> Callable[[Any], bool]:
+    return lambda v: v >= x
+
+
+def _gt(x: float) -> Callable[[Any], bool]:
+    return lambda v: v > x
+
+
+def _one_of(values: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda v: v in values
+
+
+SEARCHABLE: dict[str, dict[str, Key]] = {
+    "student": {
+        "embed_dim": Key("int", None, _ge(1), "an integer >= 1", optional=True),
+        "head_dim": Key("int", None, _ge(1), "an integer >= 1", optional=True),
+        "depth": Key("int", 4, _ge(1), "an integer >= 1"),
+        "num_heads": Key("int", 4, _ge(1), "an integer >= 1"),
+        "mlp_ratio": Key("float", 2.0, _gt(0), "a number > 0"),
+        "patch_size": Key("int", 4, _ge(1), "an integer >= 1"),
+        "pos_embed": Key("str", "learned", _one_of(POS_EMBEDS), "one of " + ", ".join(POS_EMBEDS)),
+        "distill_token": Key("bool", False),
+    },
+    "recipe": {
+        "alpha": Key("float", 0.5, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        "temperature": Key("float", 4.0, _gt(0), "a number > 0"),
+        "hard_weight": Key("float", 0.0, _ge(0), "a number >= 0"),
+        "feature_weight": Key("float", 0.0, _ge(0), "a number >= 0"),
+        "attention_weight": Key("float", 0.0, _ge(0), "a number >= 0"),
+    },
+    "train": {
+        "epochs": Key("int", 10, _ge(1), "an integer >= 1"),
+        "batch_size": Key("int", 64, _ge(1), "an integer >= 1"),
+        "lr": Key("float", 1e-3, _gt(0), "a number > 0"),
+        "weight_decay": Key("float", 0.05, _ge(0), "a number >= 0"),
+        "warmup_epochs": Key("int", 1, _ge(0), "an integer >= 0"),
+        "seed": Key("int", 0),
+    },
+}
+
+PLAIN: dict[str, dict[str, Key]] = {
+    "data": {
+        "name": Key("str", "digits", _one_of(tuple(DATASETS)), "one of " + ", ".join(DATASETS)),
+        "img_size": Key("int", None, _ge(1), "an integer >= 1", optional=True),
+        "root": Key("str", None, optional=True),
+        "num_classes": Key("int", None, _ge(2), "an integer >= 2", optional=True),
+        "val_fraction": Key("float", 0.2, lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
+        "augment": Key("bool", False),
+    },
+    "teacher": {
+        "model": Key(
+            "str", "kdsearch/digits_cnn", lambda v: bool(v.strip()), "a timm model name or kdsearch/digits_cnn"
+        ),
+        "checkpoint": Key("str", None, optional=True),
+        "pretrained": Key("bool", False),
+    },
+    "budget": {
+        "max_gflops": Key("float", None, _gt(0), "a number of GFLOPs > 0, or null", optional=True),
+        "max_params": Key("int", None, _gt(0), "a parameter count > 0, or null", optional=True),
+    },
+    "resources": {
+        "cpus": Key("float", 1.0, _gt(0), "a number > 0"),
+        "gpus": Key("float", 0.0, _ge(0), "a number >= 0 (fractions share a GPU)"),
+    },
+    "early_stopping": {
+        "enabled": Key("bool", True),
+        "grace_epochs": Key("int", 5, _ge(1), "an integer >= 1"),
+        "reduction_factor": Key("int", 2, _ge(2), "an integer >= 2"),
+        "beaten_by": Key("int", 2, _ge(1), "an integer >= 1"),
+    },
+    "search": {
+        "trials": Key("int", 16, _ge(1), "an integer >= 1"),
+        "population_size": Key("int", None, _ge(2), "an integer >= 2 (NSGA-II), or null", optional=True),
+        "sampler": Key("str", "nsga2", _one_of(tuple(SAMPLERS)), "one of " + ", ".join(SAMPLERS)),
+        "seed": Key("int", 0),
+        "max_failures": Key("int", 1, _ge(0), "an integer >= 0"),
+        "max_concurrent": Key("int", None, _ge(1), "an integer >= 1, or null", optional=True),
+    },
+}
+TOP_LEVEL = ("name", "description", "objectives", *SEARCHABLE, *PLAIN)
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads `1e-3` as a string (YAML 1.1); accept YAML 1.2 floats like every user expects."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+@dataclass
+class _Ctx:
+    source: str
+
+    def fail(self, key: str, message: str) -> SpaceError:
+        return SpaceError(self.source, key, message)
+
+
+def load_space(path: str | os.PathLike) -> SearchSpace:
+    """Read and validate a space file. Raises `SpaceError` (one clear line) on any problem."""
+    p = Path(path)
+    source = str(path)
+    ctx = _Ctx(source)
+    if not p.is_file():
+        raise ctx.fail("", "no such file" if not p.exists() else "is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ctx.fail("", f"cannot read: {e}") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ctx.fail("", f"not valid YAML: {where}{problem}") from None
+    return parse_space(raw, source=source, base_dir=p.resolve().parent)
+
+
+def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None) -> SearchSpace:
+    """Validate an already-parsed mapping (what `load_space` does after reading YAML)."""
+    ctx = _Ctx(source)
+    base_dir = base_dir or Path.cwd()
+    if raw is None:
+        raise ctx.fail("", "is empty; a space needs at least a student section")
+    if not isinstance(raw, dict):
+        raise ctx.fail("", f"must be a mapping of sections ({', '.join(TOP_LEVEL)}), got {_type(raw)}")
+    _no_unknown(ctx, "", raw, TOP_LEVEL)
+    if "student" not in raw:
+        raise ctx.fail("student", "is missing; a space needs a student section")
+
+    name = raw.get("name", re.sub(r"[^A-Za-z0-9_.-]", "", Path(source).stem) or "space")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ctx.fail("name", f"must be a word of letters, digits, '_', '-' or '.', got {name!r}")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise ctx.fail("description", f"must be text, got {_type(description)}")
+
+    plain = {section: _parse_plain(ctx, section, raw.get(section)) for section in PLAIN}
+    data = _parse_data(ctx, plain["data"], base_dir)
+    teacher = _parse_teacher(ctx, plain["teacher"], base_dir)
+
+    dims: dict[str, Dimension] = {}
+    for section, keys in SEARCHABLE.items():
+        body = raw.get(section, {})
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ctx.fail(section, f"must be a mapping of keys ({', '.join(keys)}), got {_type(body)}")
+        _no_unknown(ctx, section, body, tuple(keys))
+        for name_, spec in keys.items():
+            if name_ in body:
+                dims[f"{section}.{name_}"] = _parse_dimension(ctx, f"{section}.{name_}", body[name_], spec)
+            elif spec.default is not None:
+                dims[f"{section}.{name_}"] = Fixed(spec.default)
+
+    _check_student(ctx, dims, data)
+    if teacher.model == BUILTIN_TEACHER and max(dims["recipe.attention_weight"].values()) > 0:
+        raise ctx.fail(
+            "recipe.attention_weight", f"the teacher {BUILTIN_TEACHER} is a CNN with no attention maps; keep it 0"
+        )
+    objectives = _parse_objectives(ctx, raw.get("objectives"))
+    budget = Budget(**plain["budget"])
+    space = SearchSpace(
+        name=name,
+        source=source,
+        dims=dims,
+        data=data,
+        teacher=teacher,
+        objectives=objectives,
+        budget=budget,
+        resources=Resources(**plain["resources"]),
+        search=SearchSettings(**plain["search"]),
+        early_stopping=EarlyStopping(**plain["early_stopping"]),
+        description=description,
+        raw=raw,
+    )
+    _check_budget_meetable(ctx, space)
+    return space
+
+
+# ---- sections -------------------------------------------------------------------------
+
+
+def _parse_plain(ctx: _Ctx, section: str, body: Any) -> dict[str, Any]:
+    keys = PLAIN[section]
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise ctx.fail(section, f"must be a mapping of keys ({', '.join(keys)}), got {_type(body)}")
+    _no_unknown(ctx, section, body, tuple(keys))
+    out = {}
+    for name, spec in keys.items():
+        key = f"{section}.{name}"
+        out[name] = _check_scalar(ctx, key, body[name], spec) if name in body else spec.default
+    return out
+
+
+def _parse_data(ctx: _Ctx, d: dict[str, Any], base_dir: Path) -> DataSpec:
+    info = DATASETS[d["name"]]
+    img_size = d["img_size"] or info.img_size
+    if info.needs_root and not d["root"]:
+        raise ctx.fail(
+            "data.root",
+            f"is required for {d['name']}: the local folder holding {info.root_holds} (nothing is downloaded)",
+        )
+    if not info.needs_root and d["root"]:
+        raise ctx.fail("data.root", f"{d['name']} {info.root_holds} and takes no root; remove the key")
+    num_classes = info.num_classes
+    if num_classes is None:
+        if d["num_classes"] is None:
+            raise ctx.fail("data.num_classes", f"is required for {d['name']} (the number of class folders)")
+        num_classes = d["num_classes"]
+    elif d["num_classes"] not in (None, num_classes):
+        raise ctx.fail("data.num_classes", f"{d['name']} has {num_classes} classes, got {d['num_classes']}")
+    root = str((base_dir / os.path.expanduser(d["root"])).resolve()) if d["root"] else None
+    return DataSpec(
+        name=d["name"],
+        img_size=img_size,
+        root=root,
+        num_classes=num_classes,
+        val_fraction=d["val_fraction"],
+        augment=d["augment"],
+    )
+
+
+def _parse_teacher(ctx: _Ctx, t: dict[str, Any], base_dir: Path) -> TeacherSpec:
+    if t["checkpoint"] and t["pretrained"]:
+        raise ctx.fail("teacher", "give either checkpoint or pretrained: true, not both")
+    builtin = t["model"].startswith("kdsearch/")
+    if builtin and t["model"] != BUILTIN_TEACHER:
+        raise ctx.fail("teacher.model", f"unknown built-in teacher {t['model']!r}; the built-in is {BUILTIN_TEACHER}")
+    if not builtin and not t["checkpoint"] and not t["pretrained"]:
+        raise ctx.fail("teacher", f"timm model {t['model']!r} needs a checkpoint path or pretrained: true")
+    if builtin and t["pretrained"]:
+        raise ctx.fail(
+            "teacher.pretrained", "the built-in teacher has no pretrained weights; give a checkpoint or leave it out"
+        )
+    checkpoint = str((base_dir / os.path.expanduser(t["checkpoint"])).resolve()) if t["checkpoint"] else None
+    return TeacherSpec(model=t["model"], checkpoint=checkpoint, pretrained=t["pretrained"])
+
+
+def _parse_objectives(ctx: _Ctx, body: Any) -> tuple[tuple[str, str], ...]:
+    if body is None:
+        return DEFAULT_OBJECTIVES
+    if not isinstance(body, dict) or not body:
+        raise ctx.fail(
+            "objectives",
+            f"must be a non-empty mapping of metric: max|min, e.g. {{val_acc: max, flops: min}}, got {body!r}",
+        )
+    out = []
+    for metric, mode in body.items():
+        if metric not in OBJECTIVES:
+            raise ctx.fail(f"objectives.{metric}", f"unknown metric; allowed: {', '.join(OBJECTIVES)}")
+        if mode not in MODES:
+            raise ctx.fail(f"objectives.{metric}", f"mode must be max or min, got {mode!r}")
+        out.append((metric, mode))
+    return tuple(out)
+
+
+# ---- dimensions -----------------------------------------------------------------------
+
+_RANGE_KEYS = ("low", "high", "step", "log", "default")
+_CHOICE_KEYS = ("choices", "default")
+
+
+def _parse_dimension(ctx: _Ctx, key: str, value: Any, spec: Key) -> Dimension:
+    if isinstance(value, list):
+        return _parse_choice(ctx, key, value, None, spec)
+    if not isinstance(value, dict):
+        return Fixed(_check_scalar(ctx, key, value, spec))
+    if "choices" in value:
+        _no_unknown(ctx, key, value, _CHOICE_KEYS)
+        if not isinstance(value["choices"], list):
+            raise ctx.fail(f"{key}.choices", f"must be a list, got {_type(value['choices'])}")
+        return _parse_choice(ctx, key, value["choices"], value.get("default"), spec)
+    if "low" in value or "high" in value:
+        _no_unknown(ctx, key, value, _RANGE_KEYS)
+        return _parse_range(ctx, key, value, spec)
+    raise ctx.fail(
+        key, "a mapping must hold either choices: [...] or low: and high: (with optional step, log, default)"
+    )
+
+
+def _parse_choice(ctx: _Ctx, key: str, items: list, default: Any, spec: Key) -> Choice:
+    if not items:
+        raise ctx.fail(key, "empty choice list; give at least one value")
+    choices = tuple(_check_scalar(ctx, f"{key}[{i}]", v, spec) for i, v in enumerate(items))
+    dupes = sorted({repr(c) for c in choices if choices.count(c) > 1})
+    if dupes:
+        raise ctx.fail(key, f"duplicate choice {', '.join(dupes)}")
+    if default is not None:
+        default = _check_scalar(ctx, f"{key}.default", default, spec)
+        if default not in choices:
+            raise ctx.fail(f"{key}.default", f"{default!r} is not one of the choices {list(choices)}")
+    return Choice(choices, default)
+
+
+def _parse_range(ctx: _Ctx, key: str, value: dict, spec: Key) -> Dimension:
+    if spec.kind not in ("int", "float"):
+        raise ctx.fail(key, f"a {spec.kind} value cannot be a range; use a choice list")
+    for end in ("low", "high"):
+        if end not in value:
+            raise ctx.fail(key, f"a range needs both low and high; {end} is missing")
+    low = _check_scalar(ctx, f"{key}.low", value["low"], spec)
+    high = _check_scalar(ctx, f"{key}.high", value["high"], spec)
+    if low > high:
+        raise ctx.fail(key, f"low {low} is greater than high {high}")
+    log = value.get("log", False)
+    if not isinstance(log, bool):
+        raise ctx.fail(f"{key}.log", f"must be true or false, got {log!r}")
+    if log and low <= 0:
+        raise ctx.fail(f"{key}.log", f"a log range needs low > 0, got {low}")
+    step = value.get("step")
+    if step is not None:
+        step = _check_scalar(ctx, f"{key}.step", step, Key(spec.kind, check=_gt(0), allowed="a number > 0"))
+        if log:
+            raise ctx.fail(key, "step and log cannot be used together (Optuna does not support it)")
+        if (
+            spec.kind == "float"
+            and not math.isclose(((high - low) / step) % 1, 0, abs_tol=1e-9)
+            and not math.isclose(((high - low) / step) % 1, 1, abs_tol=1e-9)
+        ):
+            raise ctx.fail(f"{key}.step", f"(high - low) = {high - low} is not a multiple of step {step}")
+        if spec.kind == "int" and (high - low) % step:
+            raise ctx.fail(f"{key}.step", f"(high - low) = {high - low} is not a multiple of step {step}")
+    default = value.get("default")
+    if default is not None:
+        default = _check_scalar(ctx, f"{key}.default", default, spec)
+        if not low <= default <= high:
+            raise ctx.fail(f"{key}.default", f"{default} is outside [{low}, {high}]")
+    if spec.kind == "int":
+        dim = IntRange(low, high, step or 1, log, default)
+        if default is not None and not dim.contains(default):
+            raise ctx.fail(f"{key}.default", f"{default} is not on the range's step grid")
+        return dim
+    return FloatRange(low, high, step, log, default)
+
+
+def _check_scalar(ctx: _Ctx, key: str, value: Any, spec: Key) -> Any:
+    """One value of the key's type that passes its check; ints are accepted for floats."""
+    if value is None:
+        if spec.optional:
+            return None
+        raise ctx.fail(key, f"must be {spec.allowed or 'a ' + spec.kind}, got null")
+    kind = spec.kind
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok:
+            value = float(value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        want = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "text"}[kind]
+        raise ctx.fail(key, f"must be {want}, got {value!r} ({_type(value)})")
+    if spec.check is not None and not spec.check(value):
+        raise ctx.fail(key, f"must be {spec.allowed}, got {value!r}")
+    return value
+
+
+def _no_unknown(ctx: _Ctx, where: str, body: dict, allowed: tuple[str, ...]) -> None:
+    for k in body:
+        if k not in allowed:
+            near = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            key = f"{where}.{k}" if where else str(k)
+            raise ctx.fail(key, f"unknown key{hint}; allowed: {', '.join(allowed)}")
+
+
+def _type(v: Any) -> str:
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "text",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+    }.get(type(v), type(v).__name__)
+
+
+# ---- consistency across dimensions ----------------------------------------------------
+
+
+def _check_student(ctx: _Ctx, dims: dict[str, Dimension], data: DataSpec) -> None:
+    """Every combination the student dimensions hold must build (`StudentSpec.problems`, the
+    one statement of the rules); the first that does not is named with its key.
+
+    The rules tie width, heads and encoding together (divisibility, rope, sincos), and each of
+    patch size and MLP ratio to the width alone, so every (width, heads, encoding) is checked,
+    then every patch size and MLP ratio beside one of them: every combination, at the cost of
+    their sum rather than their product.
+    """
+    has_embed, has_head = "student.embed_dim" in dims, "student.head_dim" in dims
+    if has_embed == has_head:
+        raise ctx.fail(
+            "student",
+            "give exactly one of embed_dim or head_dim (head_dim x num_heads makes embed_dim, so they cannot disagree)",
+        )
+    width_key = "student.embed_dim" if has_embed else "student.head_dim"
+    heads = dims["student.num_heads"].values()
+    widths = [(w if has_embed else w * h, h) for w in dims[width_key].values() for h in heads]  # (embed_dim, num_heads)
+    patches, ratios, pes = (dims[f"student.{k}"].values() for k in ("patch_size", "mlp_ratio", "pos_embed"))
+    base = StudentSpec(img_size=data.img_size, patch_size=patches[0], mlp_ratio=max(ratios))
+    narrowest = min(widths)
+    candidates = itertools.chain(
+        (
+            dataclasses.replace(base, embed_dim=d, num_heads=h, pos_embed=pe)
+            for (d, h), pe in itertools.product(widths, pes)
+        ),
+        (dataclasses.replace(base, embed_dim=widths[0][0], num_heads=widths[0][1], patch_size=p) for p in patches),
+        (dataclasses.replace(base, embed_dim=narrowest[0], num_heads=narrowest[1], mlp_ratio=r) for r in ratios),
+    )
+    hints = {
+        "embed_dim": "; every embed_dim must be divisible by every num_heads choice (or search head_dim instead of embed_dim)",
+        "patch_size": " (data.img_size)",
+    }
+    for student in candidates:
+        for problem in student.problems():
+            key = width_key if problem.field == "embed_dim" else f"student.{problem.field}"
+            raise ctx.fail(key, problem.detail + hints.get(problem.field, ""))
+
+
+def _check_budget_meetable(ctx: _Ctx, space: SearchSpace) -> None:
+    b = space.budget
+    if b.max_gflops is None and b.max_params is None:
+        return
+    best_flops = best_params = math.inf
+    for student in iter_architectures(space):
+        if b.feasible(student):
+            return
+        fc = count_flops(student)
+        best_flops, best_params = min(best_flops, fc.flops), min(best_params, fc.params)
+    if b.max_gflops is not None and best_flops > b.max_gflops * 1e9:
+        raise ctx.fail(
+            "budget.max_gflops",
+            f"{b.max_gflops:g} GFLOPs is below the cheapest student this space holds ({best_flops / 1e9:.4g} GFLOPs); "
+            "raise the budget or allow smaller students",
+        )
+    if b.max_params is not None and best_params > b.max_params:
+        raise ctx.fail(
+            "budget.max_params",
+            f"{b.max_params:,} params is below the smallest student this space holds ({best_params:,}); "
+            "raise the budget or allow smaller students",
+        )
+    raise ctx.fail("budget", "no student in this space meets both max_gflops and max_params at once")
+
+
+# --------------------------------------------------------------------------------------
+# --set overrides
+# --------------------------------------------------------------------------------------
+
+
+def parse_value(text: str) -> Any:
+    """One value as a space file would read it (YAML 1.2 numbers: `1e-3` is a float)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def parse_sets(space: SearchSpace, items: list[str]) -> dict[str, Any]:
+    """`["student.depth=4", "recipe.alpha=0.5"]` -> {"student.depth": 4, "recipe.alpha": 0.5}:
+    each key a dimension of `space`, each value of its key's type; SpaceError otherwise."""
+    ctx = _Ctx(space.source)
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ctx.fail("--set", f"{item!r}: expected KEY=VALUE, e.g. --set student.depth=4")
+        if key not in space.dims:
+            raise ctx.fail(key, f"is not a dimension of this space; known: {', '.join(space.dims)}")
+        try:
+            value = parse_value(text)
+        except yaml.YAMLError:
+            raise ctx.fail(key, f"--set {item}: {text!r} is not a value") from None
+        section, _, name = key.partition(".")
+        out[key] = _check_scalar(ctx, key, value, SEARCHABLE[section][name])
+    return out

@@ -1,0 +1,141 @@
+"""The pieces of the training loop `run_trial` is made of: one epoch, evaluation, the
+optimizer and its schedule, and the teacher's signal for a batch.
+
+Plain torch, no Ray; the built-in teacher's training (kdsearch.digits_cnn) uses `evaluate` too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdsearch.data import Data
+from kdsearch.specs import TeacherSource, TrainSpec
+
+
+class TrialDiverged(RuntimeError):
+    """The loss became NaN or infinite; carries the epoch (1-based) and the step it happened at."""
+
+    def __init__(self, epoch: int, step: int, loss: float):
+        self.epoch, self.step, self.loss = epoch, step, loss
+        super().__init__(f"training diverged: loss {loss} at epoch {epoch}, step {step}")
+
+    def __reduce__(self):  # picklable across Ray processes
+        return (TrialDiverged, (self.epoch, self.step, self.loss))
+
+
+@dataclass
+class TeacherSignal:
+    """The teacher's output for a training batch, from where `teacher_source` said it comes:
+    None (no teacher), the logit cache (looked up by the images' dataset indices) or the
+    teacher run live. Counts the images the teacher ran on."""
+
+    source: TeacherSource
+    teacher: nn.Module | None = None  # on the training device when live
+    cached: Any = None  # kdsearch.logit_cache.TeacherLogits when cached
+    features: bool = False  # live only: the teacher's final features (feature distillation)
+    attn: bool = False  # live only: its last attention map (attention distillation)
+    images: int = 0
+
+    @property
+    def num_features(self) -> int | None:
+        return getattr(self.teacher, "num_features", None)
+
+    def __call__(self, x: Tensor, idx: Tensor) -> Any:
+        from kdsearch.teacher import TeacherOutput, run_teacher
+
+        if self.source is TeacherSource.LIVE:
+            self.images += len(x)
+            return run_teacher(self.teacher, x, features=self.features, attn=self.attn)
+        if self.source is TeacherSource.CACHED:
+            return TeacherOutput(self.cached.take(idx).to(x.device))
+        return None
+
+
+def train_epoch(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    teacher: TeacherSignal,
+    data: Data,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    train: TrainSpec,
+    epoch: int,
+    device: torch.device,
+    loader_workers: int = 0,
+) -> dict[str, float]:
+    """One pass over the training split; returns each loss part's mean over the images seen
+    (and "images"). Raises TrialDiverged on a non-finite loss."""
+    model.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    sums: dict[str, float] = {}
+    seen = 0
+    for step, (x, y, idx) in enumerate(data.train_batches(train.batch_size, epoch, train.seed, loader_workers)):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            out = model.forward_distill(x, attn=loss_fn.needs_attention)
+            total, parts = loss_fn(out, y, teacher(x, idx))
+        if not torch.isfinite(total):
+            raise TrialDiverged(epoch + 1, step, float(total.detach()))
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        schedule.step()
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + value * len(x)
+        seen += len(x)
+    return {**{k: v / max(seen, 1) for k, v in sums.items()}, "images": seen}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Data, device: str | torch.device = "cpu", batch_size: int = 512, workers: int = 0
+) -> float:
+    """Top-1 accuracy of `model` (in eval mode: a DeiT student averages its two heads) on the val split."""
+    model.eval()
+    correct = total = 0
+    for x, y, _ in data.val_batches(batch_size, workers):
+        logits = model(x.to(device))
+        correct += int((logits.argmax(-1).cpu() == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def make_optimizer(
+    modules: list[nn.Module], train: TrainSpec, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the modules' parameters (weight decay on matrices only), with linear warmup
+    then cosine decay per step."""
+    optimizer = torch.optim.AdamW(param_groups(modules, train.weight_decay), lr=train.lr)
+    factor = warmup_cosine(train.warmup_epochs * steps_per_epoch, train.epochs * steps_per_epoch)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear from 1/warmup to 1 over `warmup_steps`, then cosine to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices and conv kernels only: not on biases, norms, tokens or tables."""
+    decay, no_decay = [], []
+    for module in modules:
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_matrix = p.ndim >= 2 and not any(s in name for s in ("token", "pos_embed", "relative_position"))
+            (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
