@@ -26,14 +26,6 @@ def _as_min(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
     return np.where(np.asarray(maximize, dtype=bool), -pts, pts)
 
 
-def dominates(a: Sequence[float], b: Sequence[float], maximize: Sequence[bool]) -> bool:
-    """Does point a dominate point b?"""
-    pa, pb = _as_min(np.asarray([a, b]), maximize)
-    if np.isnan(pa).any() or np.isnan(pb).any():
-        return False
-    return bool(np.all(pa <= pb) and np.any(pa < pb))
-
-
 def non_dominated_mask(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
     """Boolean mask of the rows no other row dominates (NaN rows are False)."""
     pts = _as_min(points, maximize)

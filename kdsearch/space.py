@@ -142,10 +142,6 @@ class SearchSpace:
 
     # ---- looking at the space --------------------------------------------------------
 
-    @property
-    def searched(self) -> dict[str, Dimension]:
-        return {k: d for k, d in self.dims.items() if d.searched}
-
     def student_dims(self) -> dict[str, Dimension]:
         return {k: d for k, d in self.dims.items() if k.startswith("student.")}
 

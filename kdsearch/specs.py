@@ -8,7 +8,6 @@ dict is a Ray Tune config, a row of Parquet columns and a `--set` target.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -128,10 +127,6 @@ class RecipeSpec:
         """Feature or attention distillation: the teacher must run on every batch."""
         return self.feature_weight > 0 or self.attention_weight > 0
 
-    @property
-    def uses_teacher(self) -> bool:
-        return self.uses_teacher_logits or self.needs_live_teacher
-
 
 class TeacherSource(str, Enum):
     """Where a trial's teacher signal comes from."""
@@ -224,9 +219,6 @@ class TrialSpec:
                 raise KeyError(f"unknown field {key!r}")
             grouped[section][name] = _coerce(value, ftypes[name])
         return cls(**{s: section_types[s]().__class__(**kw) for s, kw in grouped.items()})
-
-    def replace(self, **sections: Any) -> TrialSpec:
-        return dataclasses.replace(self, **sections)
 
 
 def _coerce(value: Any, type_name: Any) -> Any:

@@ -16,8 +16,6 @@ Token layout is `[cls, (dist), patch_0 ... patch_{N-1}]`: prefix tokens first, a
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -43,8 +41,6 @@ __all__ = [
     "StudentViT",
     "build_student",
     "create_pos_encoding",
-    "explicit_attention",
-    "set_fused_attn",
 ]
 
 LN_EPS = 1e-6
@@ -367,27 +363,3 @@ def build_student(spec: StudentSpec) -> StudentViT:
     if problems:
         raise ValueError("cannot build student: " + "; ".join(problems))
     return StudentViT(spec)
-
-
-def set_fused_attn(model: nn.Module, enabled: bool) -> None:
-    """Switch every `Attention` in `model` to SDPA (True) or the explicit matmul path (False)."""
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.fused_attn = enabled
-
-
-@contextlib.contextmanager
-def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
-    """Run `model`'s attention on the explicit path inside the block, restoring each setting after.
-
-    FlopCounterMode counts the explicit path's matmuls; SDPA on CPU is counted as 0.
-    """
-    mods = [m for m in model.modules() if isinstance(m, Attention)]
-    saved = [m.fused_attn for m in mods]
-    try:
-        for m in mods:
-            m.fused_attn = False
-        yield model
-    finally:
-        for m, s in zip(mods, saved):
-            m.fused_attn = s

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from kdsearch.cli import main
 from kdsearch.specs import POS_EMBEDS, StudentSpec
+from kdsearch.student import Attention
 
 # Three student sizes, tiny to DeiT-Tiny at 224px, and every pos_embed x distillation token of each
 SIZES = {
@@ -91,3 +95,27 @@ def write_space(
         )
     )
     return path
+
+
+def set_fused_attn(model: nn.Module, enabled: bool) -> None:
+    """Switch every `Attention` in `model` to SDPA (True) or the explicit matmul path (False)."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused_attn = enabled
+
+
+@contextlib.contextmanager
+def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model`'s attention on the explicit path inside the block, restoring each setting after.
+
+    FlopCounterMode counts the explicit path's matmuls; SDPA on CPU is counted as 0.
+    """
+    mods = [m for m in model.modules() if isinstance(m, Attention)]
+    saved = [m.fused_attn for m in mods]
+    try:
+        for m in mods:
+            m.fused_attn = False
+        yield model
+    finally:
+        for m, s in zip(mods, saved):
+            m.fused_attn = s

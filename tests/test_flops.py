@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kdsearch.flops import FlopCount, count_flops
 from kdsearch.specs import POS_EMBEDS, StudentSpec
-from kdsearch.student import build_student, explicit_attention
-from tests.helpers import GRID, SIZES
+from kdsearch.student import build_student
+from tests.helpers import GRID, SIZES, explicit_attention
 
 
 def measured_flops(model: torch.nn.Module, spec: StudentSpec, fused: bool = False) -> int:

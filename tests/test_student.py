@@ -15,10 +15,8 @@ from kdsearch.student import (
     StudentOutput,
     build_student,
     create_pos_encoding,
-    explicit_attention,
-    set_fused_attn,
 )
-from tests.helpers import GRID, SIZES
+from tests.helpers import GRID, SIZES, explicit_attention, set_fused_attn
 
 
 def _images(spec: StudentSpec, batch: int | None = None, seed: int = 0) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def teacher(digits_space, data):
 def test_cached_and_live_teacher_give_the_same_loss(digits_space, data, teacher, tmp_path: Path) -> None:
     """With lr 0 the student never moves, so an epoch's mean loss compares the two paths batch by batch."""
     spec = digits_space.default_spec({"recipe.alpha": 0.8})
-    spec = spec.replace(train=TrainSpec(epochs=1, lr=0.0, warmup_epochs=0))
+    spec = replace(spec, train=TrainSpec(epochs=1, lr=0.0, warmup_epochs=0))
     cached, live = [], []
     run_trial(spec, cached.append, tmp_path / "a", data=data, teacher=teacher, cache_dir=tmp_path / "cache")
     # a second cached trial finds the cache: no image goes through the teacher
@@ -86,14 +87,14 @@ def test_deterministic_for_a_seed(digits_space, data, teacher, tmp_path: Path) -
     a, b, c = [], [], []
     run_trial(spec, a.append, tmp_path / "a", data=data, teacher=teacher, cache_dir=tmp_path)
     run_trial(spec, b.append, tmp_path / "b", data=data, teacher=teacher, cache_dir=tmp_path)
-    other = spec.replace(train=TrainSpec(**{**spec.train.__dict__, "seed": 1}))
+    other = replace(spec, train=TrainSpec(**{**spec.train.__dict__, "seed": 1}))
     run_trial(other, c.append, tmp_path / "c", data=data, teacher=teacher, cache_dir=tmp_path)
     assert [(r["train_loss"], r["val_acc"]) for r in a] == [(r["train_loss"], r["val_acc"]) for r in b]
     assert a[-1]["train_loss"] != c[-1]["train_loss"]
 
 
 def test_divergence_raises_with_the_epoch(digits_space, data, teacher, tmp_path: Path) -> None:
-    spec = digits_space.default_spec().replace(train=TrainSpec(epochs=3, lr=1e6, warmup_epochs=0))
+    spec = replace(digits_space.default_spec(), train=TrainSpec(epochs=3, lr=1e6, warmup_epochs=0))
     reports: list[dict] = []
     with pytest.raises(TrialDiverged) as info:
         run_trial(spec, reports.append, tmp_path, data=data, teacher=teacher, cache_dir=tmp_path)
@@ -109,7 +110,7 @@ def test_no_teacher_needed_without_distillation(digits_space, data, tmp_path: Pa
 
 
 def test_feature_distillation_from_the_cnn_runs_live(digits_space, data, teacher, tmp_path: Path) -> None:
-    spec = digits_space.default_spec().replace(recipe=RecipeSpec(alpha=0.5, feature_weight=1.0))
+    spec = replace(digits_space.default_spec(), recipe=RecipeSpec(alpha=0.5, feature_weight=1.0))
     reports: list[dict] = []
     run_trial(spec, reports.append, tmp_path, data=data, teacher=teacher)
     assert reports[0]["teacher_images"] > 0 and reports[-1]["loss_feature"] > 0
@@ -122,8 +123,9 @@ def test_attention_distillation_from_a_timm_vit(digits_space, data, tmp_path: Pa
     out = run_teacher(vit, next(data.train_batches(8, 0, 0))[0], features=True, attn=True)
     assert out.attn.shape == (8, 2, 65, 65) and out.features.shape == (8, 64, 32) and out.num_prefix_tokens == 1
     torch.testing.assert_close(out.attn.sum(-1), torch.ones(8, 2, 65))
-    spec = digits_space.default_spec({"student.distill_token": True}).replace(
-        recipe=RecipeSpec(alpha=0.5, attention_weight=1.0, feature_weight=0.5)
+    spec = replace(
+        digits_space.default_spec({"student.distill_token": True}),
+        recipe=RecipeSpec(alpha=0.5, attention_weight=1.0, feature_weight=0.5),
     )
     reports: list[dict] = []
     run_trial(spec, reports.append, tmp_path, data=data, teacher=vit)
