@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from kdsearch.search import run_search
+from kdsearch.search.run import run_search
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -40,8 +40,8 @@ def cli_trial(*extra: str) -> tuple[dict, float]:
 
 def live_baseline() -> tuple[dict, float]:
     """The same trial with the teacher run live on every batch (no cache)."""
-    from kdsearch.space_file import load_space
-    from kdsearch.trial import run_trial
+    from kdsearch.space.file import load_space
+    from kdsearch.train.trial import run_trial
 
     space = load_space(SPACE)
     with tempfile.TemporaryDirectory() as workdir:

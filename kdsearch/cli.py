@@ -46,8 +46,8 @@ def space_show(
     samples: int = typer.Option(2000, help="Random configs drawn to measure the share inside the budgets."),
 ) -> None:
     """Print a space: its dimensions, how many students it holds, their FLOPs and params range."""
-    from kdsearch.space_file import load_space
-    from kdsearch.summary import summarize
+    from kdsearch.space.file import load_space
+    from kdsearch.space.summary import summarize
 
     summary = summarize(load_space(space_file), samples=samples)
     if as_json:
@@ -98,11 +98,11 @@ def teacher_train(
     force: bool = typer.Option(False, "--force", help="Train again even when the checkpoint exists."),
 ) -> None:
     """Train the space's built-in teacher on its data and save it where the space points."""
-    from kdsearch.data import load_data
-    from kdsearch.space_file import load_space
-    from kdsearch.specs import BUILTIN_TEACHER
-    from kdsearch.teacher import load_teacher
-    from kdsearch.training import evaluate
+    from kdsearch.space.file import load_space
+    from kdsearch.space.specs import BUILTIN_TEACHER
+    from kdsearch.train.data import load_data
+    from kdsearch.train.loop import evaluate
+    from kdsearch.train.teacher import load_teacher
 
     space = load_space(space_file)
     if space.teacher.model != BUILTIN_TEACHER:
@@ -131,11 +131,11 @@ def trial(
     """Run one trial locally: each dimension at its default unless --set; prints its metrics."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kdsearch.data import load_data
-    from kdsearch.space_file import load_space, parse_sets
-    from kdsearch.specs import TeacherSource, teacher_source
-    from kdsearch.teacher import load_teacher
-    from kdsearch.trial import TrialDiverged, run_trial
+    from kdsearch.space.file import load_space, parse_sets
+    from kdsearch.space.specs import TeacherSource, teacher_source
+    from kdsearch.train.data import load_data
+    from kdsearch.train.teacher import load_teacher
+    from kdsearch.train.trial import TrialDiverged, run_trial
 
     space = load_space(space_file)
     spec = space.default_spec(parse_sets(space, set_))
@@ -192,10 +192,10 @@ def search(
     plot: Path = typer.Option(None, "--plot", help="Write the front as a PNG here [default: RUN/front.png]."),
 ) -> None:
     """Run a multi-objective search: Ray Tune runs trials, Optuna chooses them."""
-    from kdsearch.plots import plot_front
-    from kdsearch.results import front_records
-    from kdsearch.search import run_search
-    from kdsearch.status import front_table
+    from kdsearch.results.plots import plot_front
+    from kdsearch.results.status import front_table
+    from kdsearch.results.tables import front_records
+    from kdsearch.search.run import run_search
 
     result = run_search(
         space_file,
@@ -227,8 +227,8 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
 ) -> None:
     """Progress and the front so far, from a run's files (while it runs or after)."""
-    from kdsearch.results import open_run, read_rows
-    from kdsearch.status import render_status, status_dict
+    from kdsearch.results.status import render_status, status_dict
+    from kdsearch.results.tables import open_run, read_rows
 
     paths = open_run(run)
     meta = json.loads(paths.meta.read_text())
@@ -258,11 +258,11 @@ def pareto(
     ),
 ) -> None:
     """The front of a run: its members, their architecture and recipe, and the hypervolume."""
-    from kdsearch import objectives as objective_table
-    from kdsearch.plots import plot_front
-    from kdsearch.report import front_table, hypervolume, write_front_html
-    from kdsearch.results import load_run, require_finished
-    from kdsearch.status import front_table as rich_front_table
+    from kdsearch.results.plots import plot_front
+    from kdsearch.results.report import front_table, hypervolume, write_front_html
+    from kdsearch.results.status import front_table as rich_front_table
+    from kdsearch.results.tables import load_run, require_finished
+    from kdsearch.space import objectives as objective_table
 
     r = load_run(run, objectives.split(",") if objectives else None)
     require_finished(r)
@@ -305,8 +305,8 @@ def report(
 ) -> None:
     """One self-contained HTML page (and the same as Markdown): the front, hypervolume over time,
     each encoding's front, parameter importances, failed and stopped trials."""
-    from kdsearch.report import write_report
-    from kdsearch.results import load_run
+    from kdsearch.results.report import write_report
+    from kdsearch.results.tables import load_run
 
     r = load_run(run)
     page, md = write_report(r, out or r.paths.root / "report")
@@ -326,8 +326,8 @@ def export(
     ),
 ) -> None:
     """Export a student: config, weights and a model card that load without kdsearch's search machinery."""
-    from kdsearch.export import export_student, select_trial
-    from kdsearch.results import load_run
+    from kdsearch.results.export import export_student, select_trial
+    from kdsearch.results.tables import load_run
 
     r = load_run(run)
     row = select_trial(r.trials, r.objectives, trial_id=trial_id, max_gflops=max_gflops, min_acc=min_acc)
@@ -348,11 +348,11 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     """Re-measure an exported student's val accuracy."""
-    from kdsearch.data import load_data
-    from kdsearch.datasets import DATASETS
-    from kdsearch.export import card_spec, load_student, read_card
-    from kdsearch.specs import DataSpec
-    from kdsearch.training import evaluate
+    from kdsearch.results.export import card_spec, load_student, read_card
+    from kdsearch.space.datasets import DATASETS
+    from kdsearch.space.specs import DataSpec
+    from kdsearch.train.data import load_data
+    from kdsearch.train.loop import evaluate
 
     card = read_card(student)
     spec = card_spec(card)
@@ -360,7 +360,7 @@ def eval_(
     if data in DATASETS and not DATASETS[data].needs_root:
         dspec = DataSpec(name=data, img_size=spec.student.img_size)
     elif data:
-        from kdsearch.space_file import load_space
+        from kdsearch.space.file import load_space
 
         dspec = load_space(data).data
     if dspec.img_size != spec.student.img_size:

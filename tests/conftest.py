@@ -11,10 +11,10 @@ import torch
 @pytest.fixture(scope="session")
 def digits_teacher_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in CNN, trained briefly (3 epochs, about 95% val) and saved once per session."""
-    from kdsearch.data import load_data
-    from kdsearch.digits_cnn import train_digits_teacher
-    from kdsearch.specs import BUILTIN_TEACHER, DataSpec
-    from kdsearch.teacher import save_teacher
+    from kdsearch.space.specs import BUILTIN_TEACHER, DataSpec
+    from kdsearch.train.data import load_data
+    from kdsearch.train.digits_teacher import train_digits_teacher
+    from kdsearch.train.teacher import save_teacher
 
     torch.set_num_threads(2)
     path = tmp_path_factory.mktemp("teacher") / "digits_cnn.safetensors"
@@ -32,7 +32,7 @@ def digits_space_file(digits_teacher_path: Path, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture(scope="session")
 def digits_space(digits_space_file: Path):
-    from kdsearch.space_file import load_space
+    from kdsearch.space.file import load_space
 
     return load_space(digits_space_file)
 
@@ -40,7 +40,7 @@ def digits_space(digits_space_file: Path):
 @pytest.fixture(scope="session")
 def small_run(digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """One real search (8 trials on a local Ray) shared by the tests that inspect a run."""
-    from kdsearch.search import run_search
+    from kdsearch.search.run import run_search
     from tests.helpers import write_space
 
     tmp = tmp_path_factory.mktemp("search")

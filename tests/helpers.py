@@ -12,8 +12,8 @@ import pytest
 from torch import nn
 
 from kdsearch.cli import main
-from kdsearch.specs import POS_EMBEDS, StudentSpec
-from kdsearch.student import Attention
+from kdsearch.models.student import Attention
+from kdsearch.space.specs import POS_EMBEDS, StudentSpec
 
 # Three student sizes, tiny to DeiT-Tiny at 224px, and every pos_embed x distillation token of each
 SIZES = {

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from kdsearch.data import load_data
 from kdsearch.errors import KdsearchError
-from kdsearch.logit_cache import TeacherLogits
-from kdsearch.space_file import load_space
-from kdsearch.teacher import load_teacher
-from kdsearch.trial import run_trial
+from kdsearch.space.file import load_space
+from kdsearch.train.data import load_data
+from kdsearch.train.logit_cache import TeacherLogits
+from kdsearch.train.teacher import load_teacher
+from kdsearch.train.trial import run_trial
 
 CLASSES = ("circle", "square", "stripes")
 

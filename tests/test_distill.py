@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from kdsearch.distill import DistillLoss, attention_kl, feature_mse, hard_distill, label_ce, soft_kl
-from kdsearch.specs import RecipeSpec
-from kdsearch.student import StudentOutput
-from kdsearch.teacher import TeacherOutput
+from kdsearch.models.student import StudentOutput
+from kdsearch.space.specs import RecipeSpec
+from kdsearch.train.distill import DistillLoss, attention_kl, feature_mse, hard_distill, label_ce, soft_kl
+from kdsearch.train.teacher import TeacherOutput
 
 LN3, LN4 = math.log(3.0), math.log(4.0)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kdsearch.early_stopping import EarlyStopping, ParetoHalvingRule
+from kdsearch.search.early_stopping import ParetoHalvingRule
+from kdsearch.space.search_space import EarlyStopping
 
 
 def rule(**kw) -> ParetoHalvingRule:

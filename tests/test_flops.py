@@ -10,9 +10,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from kdsearch.flops import FlopCount, count_flops
-from kdsearch.specs import POS_EMBEDS, StudentSpec
-from kdsearch.student import build_student
+from kdsearch.models.student import build_student
+from kdsearch.space.flops import FlopCount, count_flops
+from kdsearch.space.specs import POS_EMBEDS, StudentSpec
 from tests.helpers import GRID, SIZES, explicit_attention
 
 
@@ -197,5 +197,5 @@ def test_flops_module_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, kdsearch.flops; assert 'torch' not in sys.modules, 'kdsearch.flops imported torch'"
+    code = "import sys, kdsearch.space.flops; assert 'torch' not in sys.modules, 'kdsearch.space.flops imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import kdsearch
-from kdsearch.data import load_data
-from kdsearch.export import spec_of
-from kdsearch.student import build_student
+from kdsearch.models.student import build_student
+from kdsearch.results.export import spec_of
+from kdsearch.train.data import load_data
 from tests.helpers import run_cli
 
 
@@ -90,7 +90,7 @@ def test_export_loads_in_a_fresh_process(
     assert run_cli(["export", str(run_dir), "--trial", best.trial_id, "--out", str(out)]) == 0
     assert f"exported trial {best.trial_id}" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"student.yaml", "model.safetensors", "README.md"}
-    card = kdsearch.export.read_card(out)
+    card = kdsearch.results.export.read_card(out)
     assert card["cost"]["flops"] == best.flops == kdsearch.count_flops(kdsearch.StudentSpec(**card["student"])).flops
     assert card["metrics"]["val_acc"] == best.val_acc and "FlopCounterMode" in card["cost"]["counted"]
     # the trained model, rebuilt here from the run's own checkpoint
@@ -105,8 +105,8 @@ def test_export_loads_in_a_fresh_process(
     # the export, loaded with nothing but its folder, in a fresh Python process
     code = f"""
 import sys, torch, kdsearch
-from kdsearch.data import load_data
-from kdsearch.specs import DataSpec
+from kdsearch.train.data import load_data
+from kdsearch.space.specs import DataSpec
 model = kdsearch.load_student({str(out)!r})
 assert 'ray' not in sys.modules
 data = load_data(DataSpec(img_size=16))
@@ -131,9 +131,9 @@ def test_export_picks_from_the_front(run_dir: Path, small_run, tmp_path: Path) -
         run_cli(["export", str(run_dir), "--max-gflops", str(cheapest["flops"] / 1e9), "--out", str(tmp_path / "a")])
         == 0
     )
-    assert kdsearch.export.read_card(tmp_path / "a")["source"]["trial_id"] == cheapest["trial_id"]
+    assert kdsearch.results.export.read_card(tmp_path / "a")["source"]["trial_id"] == cheapest["trial_id"]
     assert run_cli(["export", str(run_dir), "--min-acc", str(best["val_acc"]), "--out", str(tmp_path / "b")]) == 0
-    assert kdsearch.export.read_card(tmp_path / "b")["source"]["trial_id"] == best["trial_id"]
+    assert kdsearch.results.export.read_card(tmp_path / "b")["source"]["trial_id"] == best["trial_id"]
 
 
 # ---- the HTML report in a real browser ---------------------------------------------------------

@@ -13,23 +13,23 @@ import pandas as pd
 import pytest
 import yaml
 
-from kdsearch import objectives
-from kdsearch.datasets import DATASETS
 from kdsearch.errors import SpaceError
-from kdsearch.objectives import Objective
-from kdsearch.outcomes import OPTUNA_STATE, STATUSES, Status, counts, status_of
-from kdsearch.pareto import non_dominated_mask
-from kdsearch.samplers import SAMPLERS, make_sampler
-from kdsearch.space import SearchSettings
-from kdsearch.space_file import PLAIN, load_space, parse_space
-from kdsearch.specs import RecipeSpec, StudentSpec, TeacherSource, teacher_source
+from kdsearch.results.outcomes import OPTUNA_STATE, STATUSES, Status, counts, status_of
+from kdsearch.results.pareto import non_dominated_mask
+from kdsearch.space import objectives
+from kdsearch.space.datasets import DATASETS
+from kdsearch.space.file import PLAIN, load_space, parse_space
+from kdsearch.space.objectives import Objective
+from kdsearch.space.samplers import SAMPLERS, make_sampler
+from kdsearch.space.search_space import SearchSettings
+from kdsearch.space.specs import RecipeSpec, StudentSpec, TeacherSource, teacher_source
 from tests.helpers import run_cli, write_space
 
 # --------------------------------------------------------------------------- the tables
 
 
 def test_computed_objectives_are_the_exact_counts() -> None:
-    from kdsearch.flops import count_flops
+    from kdsearch.space.flops import count_flops
 
     spec = StudentSpec()
     fc = count_flops(spec)
@@ -154,7 +154,7 @@ def weight_rms():
 
 
 def test_a_made_up_objective_flows_everywhere(weight_rms, digits_teacher_path: Path, tmp_path: Path, capsys) -> None:
-    from kdsearch.search import run_search
+    from kdsearch.search.run import run_search
 
     space_file = write_space(tmp_path, digits_teacher_path, trials=5, epochs=2, max_concurrent=1)
     raw = yaml.safe_load(space_file.read_text())

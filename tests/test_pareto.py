@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdsearch.pareto import non_dominated_mask
+from kdsearch.results.pareto import non_dominated_mask
 
 INF = math.inf
 NAN = math.nan
@@ -111,7 +111,7 @@ def brute_hypervolume(points, maximize, ref) -> float:
     ],
 )
 def test_hypervolume_table(points, ref, expected) -> None:
-    from kdsearch.pareto import hypervolume_2d
+    from kdsearch.results.pareto import hypervolume_2d
 
     assert hypervolume_2d(np.array(points, dtype=float).reshape(-1, 2), MAX_MIN, ref) == pytest.approx(expected)
 
@@ -122,7 +122,7 @@ def test_hypervolume_table(points, ref, expected) -> None:
     st.lists(st.booleans(), min_size=2, max_size=2),
 )
 def test_hypervolume_matches_brute_force(points, maximize) -> None:
-    from kdsearch.pareto import hypervolume_2d
+    from kdsearch.results.pareto import hypervolume_2d
 
     ref = [(-1.0 if m else 11.0) for m in maximize]  # worse than every point
     got = hypervolume_2d(np.array(points, dtype=float).reshape(-1, 2), maximize, ref)
@@ -130,7 +130,7 @@ def test_hypervolume_matches_brute_force(points, maximize) -> None:
 
 
 def test_normalized_hypervolume_and_history() -> None:
-    from kdsearch.pareto import hypervolume_history, normalized_hypervolume
+    from kdsearch.results.pareto import hypervolume_history, normalized_hypervolume
 
     acc, flops = np.array([0.5, 0.4, 0.9]), np.array([20.0, 40.0, 80.0])
     ref = 1.1 * 80

@@ -8,8 +8,8 @@ import optuna
 import pandas as pd
 import pytest
 
-from kdsearch.outcomes import STATUSES
-from kdsearch.specs import TrialSpec
+from kdsearch.results.outcomes import STATUSES
+from kdsearch.space.specs import TrialSpec
 from tests.helpers import run_cli
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kdsearch.search import run_search
+from kdsearch.search.run import run_search
 from tests.helpers import write_space
 
 CONFIG_COLUMNS = [

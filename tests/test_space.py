@@ -11,10 +11,10 @@ import optuna
 import pytest
 
 import kdsearch
-from kdsearch.dimensions import Choice, FloatRange, IntRange
 from kdsearch.errors import SpaceError
-from kdsearch.space_file import load_space, parse_sets, parse_space
-from kdsearch.specs import TrialSpec
+from kdsearch.space.dimensions import Choice, FloatRange, IntRange
+from kdsearch.space.file import load_space, parse_sets, parse_space
+from kdsearch.space.specs import TrialSpec
 from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

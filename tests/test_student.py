@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdsearch.specs import POS_EMBEDS, StudentSpec
-from kdsearch.student import (
+from kdsearch.models.student import (
     _POS_ENCODINGS,
     Attention,
     StudentOutput,
     build_student,
     create_pos_encoding,
 )
+from kdsearch.space.specs import POS_EMBEDS, StudentSpec
 from tests.helpers import GRID, SIZES, explicit_attention, set_fused_attn
 
 

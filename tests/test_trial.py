@@ -12,13 +12,13 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from kdsearch.data import load_data
-from kdsearch.logit_cache import teacher_logits
-from kdsearch.specs import RecipeSpec, TrainSpec, TrialSpec
-from kdsearch.student import build_student
-from kdsearch.teacher import load_teacher, run_teacher
-from kdsearch.training import TrialDiverged, evaluate
-from kdsearch.trial import run_trial
+from kdsearch.models.student import build_student
+from kdsearch.space.specs import RecipeSpec, TrainSpec, TrialSpec
+from kdsearch.train.data import load_data
+from kdsearch.train.logit_cache import teacher_logits
+from kdsearch.train.loop import TrialDiverged, evaluate
+from kdsearch.train.teacher import load_teacher, run_teacher
+from kdsearch.train.trial import run_trial
 from tests.helpers import run_cli
 
 METRICS = {

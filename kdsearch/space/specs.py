@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any
 
 POS_EMBEDS: tuple[str, ...] = ("learned", "sincos", "relpos", "rope", "cpe", "none")
-"""Positional encodings a student can use (kdsearch.student builds each; ARCHITECTURE.md has the table)."""
+"""Positional encodings a student can use (kdsearch.models.student builds each; ARCHITECTURE.md has the table)."""
 
 
 class Problem(str):
@@ -100,7 +100,7 @@ class StudentSpec:
 
 @dataclass(frozen=True)
 class RecipeSpec:
-    """Distillation-loss weights; see `kdsearch.distill` for each term's formula.
+    """Distillation-loss weights; see `kdsearch.train.distill` for each term's formula.
 
     total = (1 - alpha) * CE(student, labels)
             + alpha * T^2 * KL(teacher_T || student_T)            (Hinton soft KL)
@@ -173,7 +173,7 @@ class DataSpec:
 
 
 BUILTIN_TEACHER = "kdsearch/digits_cnn"
-"""The teacher kdsearch trains itself (kdsearch.digits_cnn), for the embedded digits."""
+"""The teacher kdsearch trains itself (kdsearch.models.digits_cnn), for the embedded digits."""
 
 
 @dataclass(frozen=True)

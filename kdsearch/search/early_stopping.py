@@ -5,20 +5,15 @@ trial's accuracy and costs are recorded. A trial is stopped at a milestone when 
 `beaten_by` other trials, recorded at the same milestone, cost no more in every cost
 objective (FLOPs, ...) and already have a strictly higher accuracy. A tiny student is
 never stopped for being less accurate than a large one: only cheaper-or-equal peers count.
-The Ray Tune scheduler in `kdsearch.search` is a thin adapter around `ParetoHalvingRule`.
+The Ray Tune scheduler in `kdsearch.search.scheduler` is a thin adapter around `ParetoHalvingRule`;
+the space file declares its settings (`EarlyStopping`, in kdsearch.space.search_space).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class EarlyStopping:
-    enabled: bool = True
-    grace_epochs: int = 5
-    reduction_factor: int = 2
-    beaten_by: int = 2
+from kdsearch.space.search_space import EarlyStopping
 
 
 @dataclass

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from kdsearch import objectives
-from kdsearch.dimensions import Choice, Fixed, FloatRange, IntRange, cardinality
-from kdsearch.flops import count_flops
-from kdsearch.space import SearchSpace, iter_architectures
+from kdsearch.space import objectives
+from kdsearch.space.dimensions import Choice, Fixed, FloatRange, IntRange, cardinality
+from kdsearch.space.flops import count_flops
+from kdsearch.space.search_space import SearchSpace, iter_architectures
 
 
 def summarize(space: SearchSpace, samples: int = 2000, seed: int = 0) -> dict[str, Any]:

@@ -13,7 +13,7 @@ Every value under `student`, `recipe` and `train` may be searched; it is written
 Everything is validated when the file is loaded, for every combination the space holds:
 a bad file raises `SpaceError` naming the file, the key and what is allowed, and no
 sampled config can be inconsistent (the student rules are `StudentSpec.problems`). The
-result is a `kdsearch.space.SearchSpace`. `parse_sets` checks `--set key=value` overrides
+result is a `kdsearch.space.search_space.SearchSpace`. `parse_sets` checks `--set key=value` overrides
 against the same schema.
 """
 
@@ -32,15 +32,21 @@ from typing import Any
 
 import yaml
 
-from kdsearch.datasets import DATASETS
-from kdsearch.dimensions import Choice, Dimension, Fixed, FloatRange, IntRange
-from kdsearch.early_stopping import EarlyStopping
 from kdsearch.errors import SpaceError
-from kdsearch.flops import count_flops
-from kdsearch.objectives import DEFAULT_OBJECTIVES, MODES, OBJECTIVES
-from kdsearch.samplers import SAMPLERS
-from kdsearch.space import Budget, Resources, SearchSettings, SearchSpace, iter_architectures
-from kdsearch.specs import BUILTIN_TEACHER, POS_EMBEDS, DataSpec, StudentSpec, TeacherSpec
+from kdsearch.space.datasets import DATASETS
+from kdsearch.space.dimensions import Choice, Dimension, Fixed, FloatRange, IntRange
+from kdsearch.space.flops import count_flops
+from kdsearch.space.objectives import DEFAULT_OBJECTIVES, MODES, OBJECTIVES
+from kdsearch.space.samplers import SAMPLERS
+from kdsearch.space.search_space import (
+    Budget,
+    EarlyStopping,
+    Resources,
+    SearchSettings,
+    SearchSpace,
+    iter_architectures,
+)
+from kdsearch.space.specs import BUILTIN_TEACHER, POS_EMBEDS, DataSpec, StudentSpec, TeacherSpec
 
 # --------------------------------------------------------------------------------------
 # What each key may hold

@@ -19,12 +19,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdsearch import objectives as objective_table
 from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.errors import KdsearchError
-from kdsearch.objectives import DEFAULT_OBJECTIVES, Pairs
-from kdsearch.outcomes import Status
-from kdsearch.specs import RecipeSpec, StudentSpec
+from kdsearch.results.outcomes import Status
+from kdsearch.space import objectives as objective_table
+from kdsearch.space.objectives import DEFAULT_OBJECTIVES, Pairs
+from kdsearch.space.specs import RecipeSpec, StudentSpec
 
 # Columns every trials.parquet has first; then any other objective, then the config columns
 # (student.*, recipe.*, train.*, data.*, teacher.*), sorted

@@ -1,6 +1,6 @@
 """A validated search space and the `TrialSpec`s it makes.
 
-`kdsearch.space_file` reads a YAML file into a `SearchSpace` (all validation happens there);
+`kdsearch.space.file` reads a YAML file into a `SearchSpace` (all validation happens there);
 this module is the model: the dimensions, the fixed data and teacher, the objectives, the
 budgets, the resources and the search settings, and the ways to make trial specs from them.
 
@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from kdsearch.datasets import DATASETS
-from kdsearch.dimensions import Dimension, SuggestTrial, cardinality
-from kdsearch.early_stopping import EarlyStopping
 from kdsearch.errors import SpaceError
-from kdsearch.flops import count_flops
-from kdsearch.specs import (
+from kdsearch.space.datasets import DATASETS
+from kdsearch.space.dimensions import Dimension, SuggestTrial, cardinality
+from kdsearch.space.flops import count_flops
+from kdsearch.space.specs import (
     DataSpec,
     RecipeSpec,
     StudentSpec,
@@ -64,6 +63,16 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class EarlyStopping:
+    """The space's `early_stopping` section: kdsearch.search.early_stopping's rule reads it."""
+
+    enabled: bool = True
+    grace_epochs: int = 5
+    reduction_factor: int = 2
+    beaten_by: int = 2
+
+
+@dataclass(frozen=True)
 class SearchSettings:
     trials: int = 16
     population_size: int | None = None
@@ -76,7 +85,7 @@ class SearchSettings:
 @dataclass(frozen=True)
 class SearchSpace:
     """A validated space. `dims` maps dotted names (`student.depth`) to their dimension;
-    `objectives` are (name, "max" | "min") pairs of names in kdsearch.objectives' table."""
+    `objectives` are (name, "max" | "min") pairs of names in kdsearch.space.objectives' table."""
 
     name: str
     source: str
@@ -104,7 +113,7 @@ class SearchSpace:
 
     def default_spec(self, overrides: Mapping[str, Any] | None = None) -> TrialSpec:
         """Each dimension at its `default` (else first choice / middle of range), then `overrides`
-        (already checked: `kdsearch.space_file.parse_sets`)."""
+        (already checked: `kdsearch.space.file.parse_sets`)."""
         values = {name: dim.default for name, dim in self.dims.items()}
         values.update(overrides or {})
         spec = self.build(values)

@@ -1,7 +1,7 @@
 """Exact FLOPs, MACs and parameter count of a student, from its spec alone (no model built).
 
 Convention: FLOPs for ONE image at inference, 2 FLOPs per multiply-add, counting exactly
-what `torch.utils.flop_counter.FlopCounterMode` counts on `kdsearch.student`'s model with
+what `torch.utils.flop_counter.FlopCounterMode` counts on `kdsearch.models.student`'s model with
 its attention on the explicit path: convolutions, linear layers, and the two attention
 matmuls (q @ k^T and attn @ v). Elementwise work (adds, bias adds, softmax, LayerNorm,
 GELU, the rope rotation, positional-embedding adds) counts 0, as in FlopCounterMode and
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .specs import StudentSpec
+from kdsearch.space.specs import StudentSpec
 
 __all__ = ["FlopCount", "count_flops"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from kdsearch.objectives import Pairs, accuracy_and_cost
-from kdsearch.outcomes import Status
+from kdsearch.results.outcomes import Status
+from kdsearch.space.objectives import Pairs, accuracy_and_cost
 
 
 def _as_min(points: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:

@@ -5,7 +5,7 @@ Each entry says the images' channels, the class count (None: read from the files
 size a space gets by default, whether it needs a local `data.root` (nothing is ever
 downloaded), the splits it holds and the function that loads it (`module:function`, imported
 only when data is loaded, so this table costs nothing to import). Adding a dataset is one
-entry here and its loader in kdsearch.data: see ARCHITECTURE.md.
+entry here and its loader in kdsearch.train.data: see ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class DatasetInfo:
     img_size: int  # the default data.img_size
     needs_root: bool  # read from a local folder given as data.root
     root_holds: str  # what that folder must hold (the error when it does not), or where the data comes from
-    loader: str  # "module:function" taking a DataSpec and returning kdsearch.data.Data
+    loader: str  # "module:function" taking a DataSpec and returning kdsearch.train.data.Data
     splits: tuple[str, ...] = ("train", "val")
 
     def load_function(self) -> Callable[[Any], Any]:
@@ -35,12 +35,18 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     d.name: d
     for d in (
-        DatasetInfo("digits", 1, 10, 16, False, "ships with scikit-learn", "kdsearch.data:load_digits"),
+        DatasetInfo("digits", 1, 10, 16, False, "ships with scikit-learn", "kdsearch.train.data:load_digits"),
         DatasetInfo(
-            "cifar10", 3, 10, 32, True, "the CIFAR python files (cifar-10-batches-py/)", "kdsearch.data:load_cifar"
+            "cifar10",
+            3,
+            10,
+            32,
+            True,
+            "the CIFAR python files (cifar-10-batches-py/)",
+            "kdsearch.train.data:load_cifar",
         ),
         DatasetInfo(
-            "cifar100", 3, 100, 32, True, "the CIFAR python files (cifar-100-python/)", "kdsearch.data:load_cifar"
+            "cifar100", 3, 100, 32, True, "the CIFAR python files (cifar-100-python/)", "kdsearch.train.data:load_cifar"
         ),
         DatasetInfo(
             "imagefolder",
@@ -49,7 +55,7 @@ DATASETS: dict[str, DatasetInfo] = {
             224,
             True,
             "train/ and val/ folders with one folder per class",
-            "kdsearch.data:load_imagefolder",
+            "kdsearch.train.data:load_imagefolder",
         ),
     )
 }

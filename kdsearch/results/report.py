@@ -3,7 +3,7 @@ of each positional encoding, which parameters matter, and what failed or stopped
 
 The analyses (`hypervolume`, `pe_fronts`, `importances`, `trouble`, `front_table`) are plain
 data; `write_html` renders one self-contained page (plotly, its script inlined once) and
-`write_markdown` the same as Markdown with PNG pictures, both from kdsearch.plots' charts.
+`write_markdown` the same as Markdown with PNG pictures, both from kdsearch.results.plots' charts.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from kdsearch import objectives as objective_table
 from kdsearch.atomic import atomic_path, write_text_atomic
-from kdsearch.objectives import accuracy_and_cost
-from kdsearch.outcomes import STATUSES, Status, counts
-from kdsearch.pareto import front_rows, hypervolume_history, normalized_hypervolume
-from kdsearch.plots import front_chart, hypervolume_chart, pe_fronts_chart, save_png, to_plotly
-from kdsearch.results import Run, front_records, require_finished
-from kdsearch.specs import POS_EMBEDS
+from kdsearch.results.outcomes import STATUSES, Status, counts
+from kdsearch.results.pareto import front_rows, hypervolume_history, normalized_hypervolume
+from kdsearch.results.plots import front_chart, hypervolume_chart, pe_fronts_chart, save_png, to_plotly
+from kdsearch.results.tables import Run, front_records, require_finished
+from kdsearch.space import objectives as objective_table
+from kdsearch.space.objectives import accuracy_and_cost
+from kdsearch.space.specs import POS_EMBEDS
 
 REF_FACTOR = 1.1  # the cost reference point: 1.1 x the largest cost seen
 

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from kdsearch.atomic import atomic_path
-from kdsearch.data import Data
-from kdsearch.specs import TeacherSpec
-from kdsearch.teacher import run_teacher
+from kdsearch.space.specs import TeacherSpec
+from kdsearch.train.data import Data
+from kdsearch.train.teacher import run_teacher
 
 TOPK_CLASSES = 100  # above this many classes the cache keeps the top-k logits only (TinyViT)
 TOPK = 10

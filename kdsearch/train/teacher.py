@@ -3,7 +3,7 @@ and run it, for its logits and, for feature or attention distillation, its inner
 
 Every teacher is used through timm's two-step interface, `forward_features(x)` then
 `forward_head(features)`, so feature distillation gets the features for free. The built-in
-CNN is in kdsearch.digits_cnn, the once-per-search logit cache in kdsearch.logit_cache.
+CNN is in kdsearch.models.digits_cnn, the once-per-search logit cache in kdsearch.train.logit_cache.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from kdsearch.atomic import atomic_path, write_text_atomic
-from kdsearch.data import Data, load_data
-from kdsearch.datasets import DATASETS
 from kdsearch.errors import KdsearchError
-from kdsearch.specs import BUILTIN_TEACHER, DataSpec, TeacherSpec
+from kdsearch.space.datasets import DATASETS
+from kdsearch.space.specs import BUILTIN_TEACHER, DataSpec, TeacherSpec
+from kdsearch.train.data import Data, load_data
 
 # --------------------------------------------------------------------------------------
 # Loading
@@ -79,7 +79,7 @@ def _load_builtin(
                 f"teacher.checkpoint: {path} does not exist; train it with `kdsearch teacher train SPACE`"
             )
         log(f"teacher checkpoint {path} is missing: training the built-in {BUILTIN_TEACHER} on {dspec.name} (once)")
-        from kdsearch.digits_cnn import train_digits_teacher
+        from kdsearch.train.digits_teacher import train_digits_teacher
 
         data = data or load_data(dspec)
         t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def _load_builtin(
         )
         log(f"teacher trained in {time.perf_counter() - t0:.1f} s: val_acc {acc:.4f}, saved to {path}")
         return model
-    from kdsearch.digits_cnn import DigitsCNN
+    from kdsearch.models.digits_cnn import DigitsCNN
 
     model = DigitsCNN(DATASETS[dspec.name].in_chans, dspec.num_classes or 10)
     _load_state(model, _read_checkpoint(path), path)

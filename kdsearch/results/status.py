@@ -1,6 +1,6 @@
 """What a run looks like now: counts, the front so far, elapsed and expected time.
 
-Drawn live by the search (kdsearch.search.LiveView) and from the files by `kdsearch status`.
+Drawn live by the search (kdsearch.search.callbacks.LiveView) and from the files by `kdsearch status`.
 The front's columns come from `front_records` and are shown as the objectives table says.
 """
 
@@ -14,11 +14,11 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from kdsearch import objectives as objective_table
-from kdsearch.objectives import Pairs
-from kdsearch.outcomes import counts
-from kdsearch.pareto import front_rows
-from kdsearch.results import front_records
+from kdsearch.results.outcomes import counts
+from kdsearch.results.pareto import front_rows
+from kdsearch.results.tables import front_records
+from kdsearch.space import objectives as objective_table
+from kdsearch.space.objectives import Pairs
 
 
 def status_dict(

@@ -3,7 +3,7 @@
 `run_trial(spec, report, workdir)` knows nothing of Ray: it calls `report(metrics)` after
 every epoch, so the same function runs under Ray Tune (the report is `ray.tune.report`), in a
 test (a list's `append`) or in a notebook. Where the teacher's signal comes from (none, the
-once-per-search logit cache, or the teacher live) is `kdsearch.specs.teacher_source`'s rule.
+once-per-search logit cache, or the teacher live) is `kdsearch.space.specs.teacher_source`'s rule.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdsearch import objectives as objective_table
 from kdsearch.atomic import atomic_path, write_text_atomic
-from kdsearch.data import Data, load_data
-from kdsearch.distill import DistillLoss
-from kdsearch.objectives import MeasureContext, Objective
-from kdsearch.specs import TeacherSource, TrialSpec, teacher_source
-from kdsearch.student import build_student
-from kdsearch.training import TeacherSignal, TrialDiverged, evaluate, make_optimizer, train_epoch
+from kdsearch.models.student import build_student
+from kdsearch.space import objectives as objective_table
+from kdsearch.space.objectives import MeasureContext, Objective
+from kdsearch.space.specs import TeacherSource, TrialSpec, teacher_source
+from kdsearch.train.data import Data, load_data
+from kdsearch.train.distill import DistillLoss
+from kdsearch.train.loop import TeacherSignal, TrialDiverged, evaluate, make_optimizer, train_epoch
 
 __all__ = ["Report", "TrialDiverged", "run_trial", "save_student", "teacher_signal"]
 
@@ -120,11 +120,11 @@ def teacher_signal(
         return TeacherSignal(source)
     teacher_images = 0
     if teacher is None and (source is TeacherSource.LIVE or cached_logits is None):
-        from kdsearch.teacher import shared_teacher
+        from kdsearch.train.teacher import shared_teacher
 
         teacher = shared_teacher(spec, data=data, log=log)
     if source is TeacherSource.CACHED and cached_logits is None:
-        from kdsearch.logit_cache import teacher_logits
+        from kdsearch.train.logit_cache import teacher_logits
 
         cached_logits, teacher_images = teacher_logits(teacher, data, spec.teacher, cache_dir)
     if source is TeacherSource.LIVE:

@@ -4,7 +4,7 @@ Each `Objective` says its name, its default direction, its unit, how it is obtai
 it is shown. It is obtained in one of three ways:
 
     computed  `compute(student_spec)`: exact, from the spec alone, before anything trains
-              (FLOPs, MACs, params: kdsearch.flops)
+              (FLOPs, MACs, params: kdsearch.space.flops)
     trained   reported by `run_trial` itself after every epoch (val_acc)
     measured  `measure(ctx)`: called by `run_trial` after every epoch on the model as trained
               so far (for a latency or memory objective, or one of a user's own)
@@ -35,7 +35,7 @@ class MeasureContext:
 
     model: Any
     spec: Any  # TrialSpec
-    data: Any  # kdsearch.data.Data
+    data: Any  # kdsearch.train.data.Data
     device: Any
     epoch: int
 
@@ -83,19 +83,19 @@ class Objective:
 
 
 def _flops(student: Any) -> float:
-    from kdsearch.flops import count_flops
+    from kdsearch.space.flops import count_flops
 
     return count_flops(student).flops
 
 
 def _macs(student: Any) -> float:
-    from kdsearch.flops import count_flops
+    from kdsearch.space.flops import count_flops
 
     return count_flops(student).macs
 
 
 def _params(student: Any) -> float:
-    from kdsearch.flops import count_flops
+    from kdsearch.space.flops import count_flops
 
     return count_flops(student).params
 

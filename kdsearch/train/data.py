@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from kdsearch.datasets import DATASETS
 from kdsearch.errors import KdsearchError
-from kdsearch.specs import DataSpec
+from kdsearch.space.datasets import DATASETS
+from kdsearch.space.specs import DataSpec
 
 SPLIT_SEED = 0
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -106,7 +106,7 @@ def _batches(
 
 
 def load_data(spec: DataSpec | object) -> Data:
-    """The data a space (or a DataSpec) names, by its loader in kdsearch.datasets' table.
+    """The data a space (or a DataSpec) names, by its loader in kdsearch.space.datasets' table.
     Raises KdsearchError on an unknown name or a missing root."""
     if not isinstance(spec, DataSpec):
         spec = spec.data  # a SearchSpace or a TrialSpec

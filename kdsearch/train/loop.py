@@ -1,7 +1,7 @@
 """The pieces of the training loop `run_trial` is made of: one epoch, evaluation, the
 optimizer and its schedule, and the teacher's signal for a batch.
 
-Plain torch, no Ray; the built-in teacher's training (kdsearch.digits_cnn) uses `evaluate` too.
+Plain torch, no Ray; the built-in teacher's training (kdsearch.models.digits_cnn) uses `evaluate` too.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdsearch.data import Data
-from kdsearch.specs import TeacherSource, TrainSpec
+from kdsearch.space.specs import TeacherSource, TrainSpec
+from kdsearch.train.data import Data
 
 
 class TrialDiverged(RuntimeError):
@@ -38,7 +38,7 @@ class TeacherSignal:
 
     source: TeacherSource
     teacher: nn.Module | None = None  # on the training device when live
-    cached: Any = None  # kdsearch.logit_cache.TeacherLogits when cached
+    cached: Any = None  # kdsearch.train.logit_cache.TeacherLogits when cached
     features: bool = False  # live only: the teacher's final features (feature distillation)
     attn: bool = False  # live only: its last attention map (attention distillation)
     images: int = 0
@@ -48,7 +48,7 @@ class TeacherSignal:
         return getattr(self.teacher, "num_features", None)
 
     def __call__(self, x: Tensor, idx: Tensor) -> Any:
-        from kdsearch.teacher import TeacherOutput, run_teacher
+        from kdsearch.train.teacher import TeacherOutput, run_teacher
 
         if self.source is TeacherSource.LIVE:
             self.images += len(x)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .specs import RecipeSpec
+from kdsearch.space.specs import RecipeSpec
 
 __all__ = [
     "ATTN_EPS",
@@ -249,8 +249,8 @@ class DistillLoss(nn.Module):
     def forward(self, student: Any, labels: Tensor | None, teacher: Any = None) -> tuple[Tensor, dict[str, float]]:
         """The recipe's loss for one batch.
 
-        student: a `kdsearch.student.StudentOutput` (logits, dist_logits, tokens with the
-        prefix first, attn, num_prefix_tokens); teacher: a `kdsearch.teacher.TeacherOutput`
+        student: a `kdsearch.models.student.StudentOutput` (logits, dist_logits, tokens with the
+        prefix first, attn, num_prefix_tokens); teacher: a `kdsearch.train.teacher.TeacherOutput`
         (logits, features, attn, num_prefix_tokens), or None when the recipe uses no teacher.
         """
         r = self.recipe

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdsearch import objectives as objective_table
 from kdsearch.atomic import atomic_path
-from kdsearch.objectives import Pairs, accuracy_and_cost
-from kdsearch.outcomes import Status
-from kdsearch.pareto import front_rows
-from kdsearch.results import ARCH_COLUMNS, RECIPE_COLUMNS
-from kdsearch.specs import POS_EMBEDS
+from kdsearch.results.outcomes import Status
+from kdsearch.results.pareto import front_rows
+from kdsearch.results.tables import ARCH_COLUMNS, RECIPE_COLUMNS
+from kdsearch.space import objectives as objective_table
+from kdsearch.space.objectives import Pairs, accuracy_and_cost
+from kdsearch.space.specs import POS_EMBEDS
 
 PNG_SIZE = (800, 560)  # pixels of every picture: 8 x 5.6 inches at 100 dpi
 # matplotlib's tab10, so a positional encoding has the same colour in every picture

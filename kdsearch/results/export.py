@@ -25,11 +25,11 @@ import yaml
 
 from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.errors import KdsearchError
-from kdsearch.flops import count_flops
-from kdsearch.objectives import FLOPS_COUNTED, Pairs
-from kdsearch.outcomes import Status
-from kdsearch.pareto import front_rows
-from kdsearch.specs import DataSpec, RecipeSpec, StudentSpec, TeacherSpec, TrainSpec, TrialSpec
+from kdsearch.results.outcomes import Status
+from kdsearch.results.pareto import front_rows
+from kdsearch.space.flops import count_flops
+from kdsearch.space.objectives import FLOPS_COUNTED, Pairs
+from kdsearch.space.specs import DataSpec, RecipeSpec, StudentSpec, TeacherSpec, TrainSpec, TrialSpec
 
 
 def select_trial(
@@ -183,7 +183,7 @@ def load_student(folder: str | os.PathLike):
     """Rebuild an exported student from its folder alone; returns the model in eval mode."""
     from safetensors.torch import load_file
 
-    from kdsearch.student import build_student
+    from kdsearch.models.student import build_student
 
     card = read_card(folder)
     model = build_student(StudentSpec(**card["student"]))

@@ -31,7 +31,7 @@ from timm.layers import (
 )
 from torch import Tensor, nn
 
-from .specs import POS_EMBEDS, StudentSpec
+from kdsearch.space.specs import POS_EMBEDS, StudentSpec
 
 __all__ = [
     "Attention",

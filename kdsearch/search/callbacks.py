@@ -1,0 +1,168 @@
+"""Ray Tune callbacks that run in the driver: the recorder keeps trials.parquet and
+epochs.parquet up to date; the live view draws the run's status on a console."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from kdsearch.results.outcomes import Status
+from kdsearch.results.status import render_status
+from kdsearch.results.tables import EPOCH_COLUMNS, TRIAL_COLUMNS, RunPaths, read_rows, write_table
+from kdsearch.search.searcher import KdsearchOptunaSearch, outcome
+from kdsearch.space import objectives as objective_table
+from kdsearch.space.search_space import SearchSpace
+from kdsearch.space.specs import TrialSpec
+
+log = logging.getLogger(__name__)
+
+
+class ResultsRecorder(tune.Callback):
+    """Keeps trials.parquet and epochs.parquet up to date, keyed by trial id (idempotent)."""
+
+    def __init__(self, paths: RunPaths, searcher: KdsearchOptunaSearch, flush_seconds: float = 2.0):
+        self.paths = paths
+        self.searcher = searcher
+        self.flush_seconds = flush_seconds
+        self.trials: dict[str, dict[str, Any]] = {}
+        self.epochs: dict[tuple[str, int], dict[str, Any]] = {}
+        self.retries: dict[str, int] = {}
+        self._last_flush = 0.0
+
+    def setup(self, **info: Any) -> None:
+        self.trials = {r["trial_id"]: r for r in read_rows(self.paths.trials)}
+        self.epochs = {(r["trial_id"], r["epoch"]): r for r in read_rows(self.paths.epochs)}
+        self.retries = {r["trial_id"]: r.get("retries") or 0 for r in self.trials.values()}
+
+    @property
+    def _metrics(self) -> list[str]:
+        """What a row holds of a result: the run's objectives and every computed one."""
+        names = [name for name, _ in self.searcher.objectives]
+        return names + [o for o in objective_table.names("computed") if o not in names]
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if trial.config["kdsearch"]["infeasible"] or not result.get("epoch"):
+            return
+        tid = trial.trial_id
+        if result["epoch"] == 1:  # a new attempt (first run or a retry): drop the old curve
+            self.epochs = {k: v for k, v in self.epochs.items() if k[0] != tid}
+            self.trials.pop(tid, None)
+        row = {c: result.get(c) for c in (*EPOCH_COLUMNS, *self._metrics)}
+        row.update(trial_id=tid, time=time.time(), epochs_total=int(trial.config["kdsearch"]["spec"]["train.epochs"]))
+        self.epochs[(tid, result["epoch"])] = row
+        if time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._row(trial, outcome(trial.config, trial.last_result))
+        self.flush()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._row(trial, Status.FAILED, error=_error_text(trial))
+        self.flush()
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A failed attempt that Tune retries (up to the space's max_failures)."""
+        self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
+        log.warning("trial %s failed (%s); retrying", trial.trial_id, _error_text(trial))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.flush()
+        try:
+            self.searcher.export_study()
+        except Exception as e:  # the dashboard copy must never fail the search
+            log.warning("could not export the Optuna study: %s", e)
+
+    def _row(self, trial: Any, status: Status, error: str | None = None) -> None:
+        meta = trial.config["kdsearch"]
+        spec = TrialSpec.from_dict(meta["spec"])
+        computed = objective_table.computed(spec.student)  # exact whatever happened
+        last = trial.last_result or {}
+        tid = trial.trial_id
+        curve = [r["val_acc"] for (t, _), r in self.epochs.items() if t == tid]
+        ckpt = self.paths.trial_dir(tid) / "model.safetensors"
+        self.trials[tid] = {
+            "trial_id": tid,
+            "status": status.value,
+            # what training measured, only where the trial trained (never an infeasible trial's placeholder)
+            **{m: computed[m] if m in computed else last.get(m) if status.measured else None for m in self._metrics},
+            "best_val_acc": max(curve) if curve else None,
+            "epochs": int(last.get("epoch", 0) or 0) if status is not Status.FAILED else len(curve),
+            "epochs_total": spec.train.epochs,
+            "wall_seconds": float(last.get("time_total_s", 0.0) or 0.0),
+            "checkpoint": str(ckpt) if status is Status.COMPLETED and ckpt.exists() else None,
+            "error": error,
+            "retries": self.retries.get(tid, 0),
+            "optuna_trial": meta.get("optuna_trial"),
+            "finished_at": time.time(),
+            **spec.to_dict(),
+        }
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        write_table(sorted(self.trials.values(), key=lambda r: r["trial_id"]), self.paths.trials, TRIAL_COLUMNS)
+        write_table(
+            sorted(self.epochs.values(), key=lambda r: (r["trial_id"], r["epoch"])), self.paths.epochs, EPOCH_COLUMNS
+        )
+
+
+def _error_text(trial: Any) -> str:
+    """The exception line of a failed trial's error file (what the user needs to see)."""
+    try:
+        text = Path(trial.error_file).read_text()
+    except (OSError, TypeError):
+        return str(getattr(trial, "error_msg", "") or "unknown error")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line or "Diverged" in line:
+            return line[:500]
+    return (lines[-1] if lines else "unknown error")[:500]
+
+
+class LiveView(tune.Callback):
+    """A rich live view on the console it is given: trials done/running/failed/stopped, the
+    front so far, times."""
+
+    def __init__(self, recorder: ResultsRecorder, space: SearchSpace, total: int, started: float, console: Any):
+        self.recorder, self.space, self.total, self.started = recorder, space, total, started
+        self.console = console
+        self._live = None
+        self._last = 0.0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_live": None, "console": None}
+
+    def setup(self, **info: Any) -> None:
+        from rich.live import Live
+
+        if self.console is not None:
+            self._live = Live(console=self.console, refresh_per_second=2, transient=False)
+            self._live.start()
+
+    def on_step_end(self, iteration: int, trials: list, force: bool = False, **info: Any) -> None:
+        if self._live is None or (not force and time.monotonic() - self._last < 1.0):
+            return
+        self._last = time.monotonic()
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        self._live.update(
+            render_status(
+                list(self.recorder.trials.values()),
+                list(self.recorder.epochs.values()),
+                self.space.objectives,
+                self.total,
+                self.started,
+                running,
+            )
+        )
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._live is not None:
+            self.on_step_end(0, trials, force=True)
+            self._live.stop()
+            if not self._live.console.is_terminal:
+                self._live.console.line()  # a file or pipe gets no newline after the last render
+            self._live = None

@@ -1,0 +1,130 @@
+"""Optuna, as Ray Tune's searcher: the define-by-run space, and a multi-objective OptunaSearch
+that tells Optuna how each trial ended (kdsearch.results.outcomes' mapping) and mirrors the
+study to the run's study.db for optuna-dashboard.
+
+A trial's Tune config is `{"kdsearch": {"spec": flat TrialSpec, "infeasible": bool,
+"optuna_trial": n}}` (made by `DefineByRun`); `outcome` reads how a trial ended from it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from kdsearch.atomic import atomic_path
+from kdsearch.results.outcomes import OPTUNA_STATE, Status, status_of
+from kdsearch.results.tables import read_rows
+from kdsearch.space.objectives import Pairs, values_for_sampler
+from kdsearch.space.search_space import SearchSpace
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def outcome(config: dict[str, Any], last_result: dict[str, Any] | None, errored: bool = False) -> Status:
+    """How a Tune trial ended (kdsearch.results.outcomes' rule, from the facts its config holds)."""
+    meta = config["kdsearch"]
+    return status_of(meta["infeasible"], int(meta["spec"]["train.epochs"]), last_result, errored)
+
+
+class KdsearchOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, with early-stopped trials entering the study as PRUNED (not as
+    finished with an early-epoch accuracy), failed ones as FAIL, and the study mirrored to a
+    SQLite file in the run directory for optuna-dashboard."""
+
+    def __init__(self, *args: Any, study_path: str, trials_path: str, total: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._study_path = study_path
+        self._trials_path = trials_path
+        self._total = total
+        self._last_export = 0.0
+        self._configs: dict[str, dict[str, Any]] = {}  # trial id -> config (saved with the searcher)
+
+    @property
+    def objectives(self) -> Pairs:
+        return list(zip(self._metric, self._mode))
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        """Ask Optuna for a config, reconciling with trials.parquet after a resume.
+
+        Ray saves the searcher's state every few seconds, so a driver killed with SIGKILL can
+        come back without trials that finished after the last save; trials.parquet still has
+        them. They count toward the requested total (FINISHED once it is reached), and when the
+        restored sampler proposes one of their configs again, that trial is told its recorded
+        outcome and a fresh config is asked for: no config runs twice.
+        """
+        if trial_id in self._ot_trials:
+            return super().suggest(trial_id)
+        recorded = {r["trial_id"]: r for r in read_rows(Path(self._trials_path))}
+        if len(set(recorded) | set(self._ot_trials)) >= self._total:
+            return Searcher.FINISHED
+        lost = {tid: r for tid, r in recorded.items() if tid not in self._ot_trials}
+        while True:
+            config = super().suggest(trial_id)
+            spec = config["kdsearch"]["spec"]
+            match = next((tid for tid, r in lost.items() if all(r.get(k) == v for k, v in spec.items())), None)
+            if match is None:
+                self._configs[trial_id] = config
+                return config
+            row = lost.pop(match)
+            ot_trial = self._ot_trials.pop(trial_id)
+            self._tell(ot_trial, Status(row["status"]), row)
+            self._ot_trials[match] = ot_trial
+            self._completed_trials.add(match)
+            if len(set(recorded) | set(self._ot_trials)) >= self._total:
+                return Searcher.FINISHED
+
+    def _tell(self, ot_trial: Any, status: Status, result: dict[str, Any] | None) -> None:
+        """Tell Optuna how a trial ended (kdsearch.results.outcomes' mapping to its states)."""
+        state = optuna.trial.TrialState[OPTUNA_STATE[status]]
+        if state is optuna.trial.TrialState.COMPLETE:
+            self._ot_study.tell(ot_trial, values_for_sampler(result or {}, self.objectives))
+        else:
+            self._ot_study.tell(ot_trial, state=state)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        self._tell(self._ot_trials[trial_id], outcome(self._configs[trial_id], result, error), result)
+        self._completed_trials.add(trial_id)
+        if time.monotonic() - self._last_export > 10:
+            self.export_study()
+
+    def export_study(self) -> None:
+        """Copy the in-memory study to study.db (written beside, then renamed)."""
+        self._last_export = time.monotonic()
+        with atomic_path(self._study_path) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tmp.unlink(missing_ok=True)  # a copy left by a killed driver
+            optuna.copy_study(
+                from_study_name=self._ot_study.study_name,
+                from_storage=self._ot_study._storage,
+                to_storage=f"sqlite:///{tmp}",
+                to_study_name="kdsearch",
+            )
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+
+class DefineByRun:
+    """The space as OptunaSearch's define-by-run function (a class: Ray pickles the searcher)."""
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        spec = self.space.suggest(trial)  # calls trial.set_constraint for the budgets
+        return {
+            "kdsearch": {
+                "spec": spec.to_dict(),
+                "infeasible": not self.space.budget.feasible(spec.student),
+                "optuna_trial": int(trial.number),
+            }
+        }
