@@ -12,8 +12,10 @@ Every value under `student`, `recipe` and `train` may be searched; it is written
 
 Everything is validated when the file is loaded, for every combination the space holds:
 a bad file raises `SpaceError` naming the file, the key and what is allowed, and no
-sampled config can be inconsistent (the student rules are `StudentSpec.problems`). The
-result is a `kdsearch.space.search_space.SearchSpace`. `parse_sets` checks `--set key=value` overrides
+sampled config can be inconsistent (the student rules are `StudentSpec.problems`). The keys
+under `student`, `recipe` and `train`, their types, defaults and allowed values are the specs'
+`searchable` fields (kdsearch.space.specs). The result is a
+`kdsearch.space.search_space.SearchSpace`; `parse_sets` checks `--set key=value` overrides
 against the same schema.
 """
 
@@ -26,7 +28,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ from kdsearch.space.search_space import (
     SearchSpace,
     iter_architectures,
 )
-from kdsearch.space.specs import BUILTIN_TEACHER, POS_EMBEDS, DataSpec, StudentSpec, TeacherSpec
+from kdsearch.space.specs import BUILTIN_TEACHER, DataSpec, RecipeSpec, StudentSpec, TeacherSpec, TrainSpec
 
 # --------------------------------------------------------------------------------------
 # What each key may hold
@@ -76,32 +78,26 @@ def _one_of(values: tuple[str, ...]) -> Callable[[Any], bool]:
     return lambda v: v in values
 
 
+def _keys(spec_cls: type) -> dict[str, Key]:
+    """The keys of a spec's searchable fields: the type from its annotation, the default and
+    the values allowed from the field itself (`kdsearch.space.specs.searchable`)."""
+    return {
+        f.name: Key(str(f.type), f.default, f.metadata["check"], f.metadata["allowed"])
+        for f in fields(spec_cls)
+        if "allowed" in f.metadata
+    }
+
+
+_STUDENT = _keys(StudentSpec)
 SEARCHABLE: dict[str, dict[str, Key]] = {
     "student": {
-        "embed_dim": Key("int", None, _ge(1), "an integer >= 1", optional=True),
-        "head_dim": Key("int", None, _ge(1), "an integer >= 1", optional=True),
-        "depth": Key("int", 4, _ge(1), "an integer >= 1"),
-        "num_heads": Key("int", 4, _ge(1), "an integer >= 1"),
-        "mlp_ratio": Key("float", 2.0, _gt(0), "a number > 0"),
-        "patch_size": Key("int", 4, _ge(1), "an integer >= 1"),
-        "pos_embed": Key("str", "learned", _one_of(POS_EMBEDS), "one of " + ", ".join(POS_EMBEDS)),
-        "distill_token": Key("bool", False),
+        # exactly one of the two widths (head_dim x num_heads makes embed_dim), so both are optional
+        "embed_dim": dataclasses.replace(_STUDENT["embed_dim"], default=None, optional=True),
+        "head_dim": dataclasses.replace(_STUDENT["embed_dim"], default=None, optional=True),
+        **{k: _STUDENT[k] for k in ("depth", "num_heads", "mlp_ratio", "patch_size", "pos_embed", "distill_token")},
     },
-    "recipe": {
-        "alpha": Key("float", 0.5, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-        "temperature": Key("float", 4.0, _gt(0), "a number > 0"),
-        "hard_weight": Key("float", 0.0, _ge(0), "a number >= 0"),
-        "feature_weight": Key("float", 0.0, _ge(0), "a number >= 0"),
-        "attention_weight": Key("float", 0.0, _ge(0), "a number >= 0"),
-    },
-    "train": {
-        "epochs": Key("int", 10, _ge(1), "an integer >= 1"),
-        "batch_size": Key("int", 64, _ge(1), "an integer >= 1"),
-        "lr": Key("float", 1e-3, _gt(0), "a number > 0"),
-        "weight_decay": Key("float", 0.05, _ge(0), "a number >= 0"),
-        "warmup_epochs": Key("int", 1, _ge(0), "an integer >= 0"),
-        "seed": Key("int", 0),
-    },
+    "recipe": _keys(RecipeSpec),
+    "train": _keys(TrainSpec),
 }
 
 PLAIN: dict[str, dict[str, Key]] = {

@@ -8,13 +8,27 @@ dict is a Ray Tune config, a row of Parquet columns and a `--set` target.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 POS_EMBEDS: tuple[str, ...] = ("learned", "sincos", "relpos", "rope", "cpe", "none")
 """Positional encodings a student can use (kdsearch.models.student builds each; ARCHITECTURE.md has the table)."""
+
+
+def searchable(default: Any, allowed: str = "", check: Callable[[Any], bool] | None = None) -> Any:
+    """A field a space file may fix or search: its default and, in words and as a test, the
+    values it may take. The space file's schema (kdsearch.space.file) is read from these."""
+    return field(default=default, metadata={"allowed": allowed, "check": check})
+
+
+def _int_at_least(n: int) -> dict[str, Any]:
+    return {"allowed": f"an integer >= {n}", "check": lambda v: v >= n}
+
+
+_POSITIVE = {"allowed": "a number > 0", "check": lambda v: v > 0}
+_NON_NEGATIVE = {"allowed": "a number >= 0", "check": lambda v: v >= 0}
 
 
 class Problem(str):
@@ -37,16 +51,16 @@ class Problem(str):
 class StudentSpec:
     """A ViT student. `embed_dim` is always divisible by `num_heads` (the space guarantees it)."""
 
-    img_size: int = 16
+    img_size: int = 16  # these three come from the data
     in_chans: int = 1
     num_classes: int = 10
-    patch_size: int = 4
-    embed_dim: int = 64
-    depth: int = 4
-    num_heads: int = 4
-    mlp_ratio: float = 2.0
-    pos_embed: str = "learned"
-    distill_token: bool = False
+    patch_size: int = searchable(4, **_int_at_least(1))
+    embed_dim: int = searchable(64, **_int_at_least(1))
+    depth: int = searchable(4, **_int_at_least(1))
+    num_heads: int = searchable(4, **_int_at_least(1))
+    mlp_ratio: float = searchable(2.0, **_POSITIVE)
+    pos_embed: str = searchable("learned", "one of " + ", ".join(POS_EMBEDS), lambda v: v in POS_EMBEDS)
+    distill_token: bool = searchable(False)
 
     @property
     def head_dim(self) -> int:
@@ -111,11 +125,15 @@ class RecipeSpec:
     the class head (DeiT). A weight of 0 removes its term and its cost.
     """
 
-    alpha: float = 0.5
-    temperature: float = 4.0
-    hard_weight: float = 0.0
-    feature_weight: float = 0.0
-    attention_weight: float = 0.0
+    alpha: float = searchable(0.5, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+    temperature: float = searchable(4.0, **_POSITIVE)
+    hard_weight: float = searchable(0.0, **_NON_NEGATIVE)
+    feature_weight: float = searchable(0.0, **_NON_NEGATIVE)
+    attention_weight: float = searchable(0.0, **_NON_NEGATIVE)
+
+    def problems(self) -> list[str]:
+        """Weights outside what each allows (the space file refuses them too); empty when none."""
+        return out_of_range(self, "recipe")
 
     @property
     def uses_teacher_logits(self) -> bool:
@@ -152,12 +170,21 @@ def teacher_source(recipe: RecipeSpec, random_augment: bool = False, live: bool 
 
 @dataclass(frozen=True)
 class TrainSpec:
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: int = 1
-    seed: int = 0
+    epochs: int = searchable(10, **_int_at_least(1))
+    batch_size: int = searchable(64, **_int_at_least(1))
+    lr: float = searchable(1e-3, **_POSITIVE)
+    weight_decay: float = searchable(0.05, **_NON_NEGATIVE)
+    warmup_epochs: int = searchable(1, **_int_at_least(0))
+    seed: int = searchable(0)
+
+
+def out_of_range(spec: Any, section: str) -> list[str]:
+    """`section.name must be ALLOWED, got VALUE` for each searchable field outside what it allows."""
+    return [
+        f"{section}.{f.name} must be {f.metadata['allowed']}, got {getattr(spec, f.name)!r}"
+        for f in fields(spec)
+        if f.metadata.get("check") is not None and not f.metadata["check"](getattr(spec, f.name))
+    ]
 
 
 @dataclass(frozen=True)

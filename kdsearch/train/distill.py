@@ -221,13 +221,9 @@ class DistillLoss(nn.Module):
 
     def __init__(self, recipe: RecipeSpec, student_dim: int | None = None, teacher_dim: int | None = None):
         super().__init__()
-        if not 0.0 <= recipe.alpha <= 1.0:
-            raise ValueError(f"recipe.alpha must be in [0, 1], got {recipe.alpha}")
-        if recipe.alpha > 0 and recipe.temperature <= 0:
-            raise ValueError(f"recipe.temperature must be > 0, got {recipe.temperature}")
-        for name in ("hard_weight", "feature_weight", "attention_weight"):
-            if getattr(recipe, name) < 0:
-                raise ValueError(f"recipe.{name} must be >= 0, got {getattr(recipe, name)}")
+        problems = recipe.problems()
+        if problems:
+            raise ValueError(problems[0])
         self.recipe = recipe
         if recipe.feature_weight > 0:
             if student_dim is None or teacher_dim is None:
