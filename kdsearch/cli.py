@@ -193,7 +193,7 @@ def search(
 ) -> None:
     """Run a multi-objective search: Ray Tune runs trials, Optuna chooses them."""
     from kdsearch.results.plots import plot_front
-    from kdsearch.results.status import front_table
+    from kdsearch.results.status import render_front
     from kdsearch.results.tables import front_records
     from kdsearch.search.run import run_search
 
@@ -212,9 +212,10 @@ def search(
         result.trials, objectives, plot or result.paths.root / "front.png", title=result.paths.root.name
     )
     title = "Pareto front (" + ", ".join(f"{m} {d}" for m, d in objectives) + ")"
-    wide_console().print(front_table(front_records(result.front, objectives), title))
-    where = f"run: {result.paths.root}  (trials.parquet, epochs.parquet, study.db)  front picture: {picture}"
-    wide_console().print(where)
+    wide_console().print(render_front(front_records(result.front, objectives), title))
+    console = wide_console()
+    console.print(f"run: {result.paths.root}  (trials.parquet, epochs.parquet, study.db)", soft_wrap=True)
+    console.print(f"front picture: {picture}", soft_wrap=True)
     if result.interrupted:
         err_console.print(
             f"the search stopped early; continue it with: kdsearch search {space_file} --name {result.paths.root.name} --storage {storage} --resume"
@@ -260,7 +261,7 @@ def pareto(
     """The front of a run: its members, their architecture and recipe, and the hypervolume."""
     from kdsearch.results.plots import plot_front
     from kdsearch.results.report import front_table, hypervolume, write_front_html
-    from kdsearch.results.status import front_table as rich_front_table
+    from kdsearch.results.status import render_front
     from kdsearch.results.tables import load_run, require_finished
     from kdsearch.space import objectives as objective_table
 
@@ -291,7 +292,7 @@ def pareto(
     else:
         console = wide_console()
         console.print(
-            rich_front_table(rows, f"Pareto front of {r.name}: " + ", ".join(f"{m} ({d})" for m, d in r.objectives))
+            render_front(rows, f"Pareto front of {r.name}: " + ", ".join(f"{m} ({d})" for m, d in r.objectives))
         )
         console.print(hv.describe())
 

@@ -27,18 +27,7 @@ PNG_SIZE = (800, 560)  # pixels of every picture: 8 x 5.6 inches at 100 dpi
 # matplotlib's tab10, so a positional encoding has the same colour in every picture
 COLORS = dict(zip(POS_EMBEDS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")))
 MARKERS = {Status.COMPLETED: "circle", Status.STOPPED_EARLY: "triangle-down"}  # failed/infeasible: no accuracy
-HOVER_KEYS = (
-    "trial_id",
-    "status",
-    "val_acc",
-    "flops",
-    "params",
-    "epochs",
-    *ARCH_COLUMNS,
-    *RECIPE_COLUMNS,
-    "train.lr",
-    "train.epochs",
-)
+HOVER_KEYS = ("trial_id", "status", "epochs", *ARCH_COLUMNS, *RECIPE_COLUMNS, "train.lr", "train.epochs")
 
 
 @dataclass
@@ -67,8 +56,10 @@ def _axis(name: str) -> tuple[float, str]:
     return o.scale, o.axis_label()
 
 
-def _hover(r: dict[str, Any]) -> str:
-    return "<br>".join(f"{k}: {r.get(k)}" for k in HOVER_KEYS if k in r)
+def _hover(r: dict[str, Any], objectives: Pairs) -> str:
+    """A trial's id, status, objectives, costs and config, for a plotly tooltip."""
+    keys = [*HOVER_KEYS[:2], *(m for m, _ in objectives), *objective_table.names("computed"), *HOVER_KEYS[2:]]
+    return "<br>".join(f"{k}: {r.get(k)}" for k in dict.fromkeys(keys) if k in r)
 
 
 def front_chart(trials: Sequence[dict[str, Any]], objectives: Pairs, title: str = "") -> Chart:
@@ -93,7 +84,7 @@ def front_chart(trials: Sequence[dict[str, Any]], objectives: Pairs, title: str 
                         marker=marker,
                         color=COLORS[pe],
                         opacity=0.85 if status is Status.COMPLETED else 0.45,
-                        hover=[_hover(r) for r in rows],
+                        hover=[_hover(r, objectives) for r in rows],
                     )
                 )
     front = front_rows(trials, objectives)
@@ -124,7 +115,7 @@ def pe_fronts_chart(fronts: dict[str, list[dict[str, Any]]], objectives: Pairs) 
                 [r[acc] / ys for r in front],
                 kind="steps",
                 color=COLORS[pe],
-                hover=[_hover(r) for r in front],
+                hover=[_hover(r, objectives) for r in front],
             )
         )
     return chart

@@ -51,12 +51,21 @@ def status_dict(
     }
 
 
-def front_table(records: Sequence[dict[str, Any]], title: str) -> Table:
+# short headings for config columns, so a front with its recipe fits a terminal
+HEADINGS = {
+    "trial_id": "trial", "embed_dim": "D", "num_heads": "heads", "mlp_ratio": "mlp", "patch_size": "patch",
+    "pos_embed": "pos", "distill_token": "dist", "temperature": "T", "hard_weight": "hard",
+    "feature_weight": "feat", "attention_weight": "attn",
+}  # fmt: skip
+
+
+def render_front(records: Sequence[dict[str, Any]], title: str) -> Table:
     """A rich table of `front_records`: objectives and costs as the objectives table shows them."""
     columns = list(records[0]) if records else ["trial_id"]
-    table = Table(
-        *(objective_table.get(c).heading if c in objective_table.OBJECTIVES else c for c in columns), title=title
-    )
+    headings = [
+        objective_table.get(c).heading if c in objective_table.OBJECTIVES else HEADINGS.get(c, c) for c in columns
+    ]
+    table = Table(*headings, title=title)
     for r in records:
         table.add_row(*(_cell(c, r[c]) for c in columns))
     return table
@@ -85,7 +94,7 @@ def render_status(
         f"  failed {s['failed']}  running {s['running']}   elapsed {_hms(s['elapsed_seconds'])}",
         f"  expected {_hms(s['expected_remaining_seconds'])} more" if s["expected_remaining_seconds"] else "",
     )
-    return Group(head, front_table(s["front"], "front so far"))
+    return Group(head, render_front(s["front"], "front so far"))
 
 
 def _hms(seconds: float) -> str:

@@ -141,9 +141,19 @@ class RecipeSpec:
         return self.alpha > 0 or self.hard_weight > 0
 
     @property
+    def needs_features(self) -> bool:
+        """Feature distillation: the teacher's final features and the student's patch tokens."""
+        return self.feature_weight > 0
+
+    @property
+    def needs_attention(self) -> bool:
+        """Attention distillation: both models' last attention maps."""
+        return self.attention_weight > 0
+
+    @property
     def needs_live_teacher(self) -> bool:
-        """Feature or attention distillation: the teacher must run on every batch."""
-        return self.feature_weight > 0 or self.attention_weight > 0
+        """Feature or attention distillation: the teacher's insides, so it runs on every batch."""
+        return self.needs_features or self.needs_attention
 
 
 class TeacherSource(str, Enum):

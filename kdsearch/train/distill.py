@@ -234,13 +234,13 @@ class DistillLoss(nn.Module):
 
     @property
     def needs_features(self) -> bool:
-        """Whether `forward` needs `student_tokens` and `teacher_features`."""
-        return self.recipe.feature_weight > 0
+        """Whether `forward` needs the student's tokens and the teacher's features."""
+        return self.recipe.needs_features
 
     @property
     def needs_attention(self) -> bool:
-        """Whether `forward` needs `student_attn` and `teacher_attn`."""
-        return self.recipe.attention_weight > 0
+        """Whether `forward` needs both models' attention maps."""
+        return self.recipe.needs_attention
 
     def forward(self, student: Any, labels: Tensor | None, teacher: Any = None) -> tuple[Tensor, dict[str, float]]:
         """The recipe's loss for one batch.

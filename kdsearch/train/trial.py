@@ -72,7 +72,6 @@ def run_trial(
         spec, source, data, device, teacher, cached_logits, Path(cache_dir or workdir / "cache"), log
     )
     loss_fn = DistillLoss(spec.recipe, student_dim=spec.student.embed_dim, teacher_dim=signal.num_features).to(device)
-    signal.features, signal.attn = loss_fn.needs_features, loss_fn.needs_attention
     steps_per_epoch = max(1, data.num_train // spec.train.batch_size)
     optimizer, schedule = make_optimizer([model, loss_fn], spec.train, steps_per_epoch)
     computed = objective_table.computed(spec.student)
@@ -128,7 +127,8 @@ def teacher_signal(
 
         cached_logits, teacher_images = teacher_logits(teacher, data, spec.teacher, cache_dir)
     if source is TeacherSource.LIVE:
-        return TeacherSignal(source, teacher=teacher.to(device))
+        r = spec.recipe
+        return TeacherSignal(source, teacher=teacher.to(device), features=r.needs_features, attn=r.needs_attention)
     return TeacherSignal(source, teacher=teacher, cached=cached_logits, images=teacher_images)
 
 
