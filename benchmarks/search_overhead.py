@@ -30,8 +30,8 @@ def bench(space_file: Path, storage: Path, reuse: bool, slots: int) -> dict:
     t0 = time.perf_counter()
     result = run_search(space_file, storage=storage, name=f"reuse-{reuse}", say=lambda s: None, reuse_actors=reuse)
     wall = time.perf_counter() - t0
-    epochs = pd.read_parquet(result.paths.epochs)
-    trials = pd.read_parquet(result.paths.trials)
+    epochs = pd.read_parquet(result.paths.store.local_path() / "epochs.parquet")
+    trials = pd.read_parquet(result.paths.store.local_path() / "trials.parquet")
     starts = epochs[epochs.epoch == 1].set_index("trial_id")
     start = (starts.time - starts.epoch_seconds).min()
     span = epochs.time.max() - start

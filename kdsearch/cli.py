@@ -187,12 +187,15 @@ def search(
         None, "--address", help="Join a Ray cluster: 'auto' or ray://HOST:PORT [default: a local Ray]."
     ),
     name: str = typer.Option(None, "--name", help="The run's name [default: the space's name]."),
-    storage: str = typer.Option("runs", "--storage", help="Folder holding runs (local or shared filesystem)."),
+    storage: str = typer.Option(
+        "runs",
+        "--storage",
+        help="Where runs live: a folder, or a URI such as s3://BUCKET/runs (any pyarrow filesystem).",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run NAME after its driver died."),
     plot: Path = typer.Option(None, "--plot", help="Write the front as a PNG here [default: RUN/front.png]."),
 ) -> None:
     """Run a multi-objective search: Ray Tune runs trials, Optuna chooses them."""
-    from kdsearch.results.plots import plot_front
     from kdsearch.results.status import render_front
     from kdsearch.results.tables import front_records
     from kdsearch.search.run import run_search
@@ -207,33 +210,32 @@ def search(
         say=err_console.print,
         console=err_console,
     )
-    objectives = json.loads(result.paths.meta.read_text())["objectives"]
-    picture = plot_front(
-        result.trials, objectives, plot or result.paths.root / "front.png", title=result.paths.root.name
-    )
+    run = result.paths
+    objectives = run.meta()["objectives"]
+    picture = _front_picture(run, result.trials, objectives, plot)
     title = "Pareto front (" + ", ".join(f"{m} {d}" for m, d in objectives) + ")"
     wide_console().print(render_front(front_records(result.front, objectives), title))
     console = wide_console()
-    console.print(f"run: {result.paths.root}  (trials.parquet, epochs.parquet, study.db)", soft_wrap=True)
+    console.print(f"run: {run.uri}  (trials.parquet, epochs.parquet, study.db)", soft_wrap=True)
     console.print(f"front picture: {picture}", soft_wrap=True)
     if result.interrupted:
         err_console.print(
-            f"the search stopped early; continue it with: kdsearch search {space_file} --name {result.paths.root.name} --storage {storage} --resume"
+            f"the search stopped early; continue it with: kdsearch search {space_file} --name {run.name} --storage {storage} --resume"
         )
 
 
 @app.command("status")
 def status(
-    run: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
+    run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
     as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
 ) -> None:
     """Progress and the front so far, from a run's files (while it runs or after)."""
     from kdsearch.results.status import render_status, status_dict
-    from kdsearch.results.tables import open_run, read_rows
+    from kdsearch.results.tables import RunPaths, open_run
 
     paths = open_run(run)
-    meta = json.loads(paths.meta.read_text())
-    trials, epochs = read_rows(paths.trials), read_rows(paths.epochs)
+    meta = paths.meta()
+    trials, epochs = paths.rows(RunPaths.TRIALS), paths.rows(RunPaths.EPOCHS)
     if as_json:
         typer.echo(
             json.dumps(status_dict(trials, epochs, meta["objectives"], meta["trials"], meta["started"]), default=str)
@@ -250,7 +252,7 @@ class Format(str, Enum):
 
 @app.command("pareto")
 def pareto(
-    run: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
+    run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
     fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
     plot: Path = typer.Option(None, "--plot", help="Write a PNG of all trials and the front."),
     html_out: Path = typer.Option(None, "--html", help="Write an interactive HTML plot (a trial's config on hover)."),
@@ -276,7 +278,7 @@ def pareto(
     if fmt is Format.json:
         units = {c: objective_table.get(c).unit for c in rows[0] if c in objective_table.OBJECTIVES}
         out = {
-            "run": str(r.paths.root),
+            "run": r.paths.uri,
             "objectives": r.objectives,
             "units": units,
             "hypervolume": hv.as_json(),
@@ -299,9 +301,11 @@ def pareto(
 
 @app.command("report")
 def report(
-    run: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
+    run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
     out: Path = typer.Option(
-        None, "--out", help="Folder for report.html, report.md and pictures [default: RUN/report]."
+        None,
+        "--out",
+        help="Folder for report.html, report.md and pictures [default: RUN/report; NAME-report for a URI].",
     ),
 ) -> None:
     """One self-contained HTML page (and the same as Markdown): the front, hypervolume over time,
@@ -310,13 +314,14 @@ def report(
     from kdsearch.results.tables import load_run
 
     r = load_run(run)
-    page, md = write_report(r, out or r.paths.root / "report")
+    local = r.paths.store.local_path()
+    page, md = write_report(r, out or (local / "report" if local else Path(f"{r.name}-report")))
     wide_console().print(f"report: {page}  markdown: {md}")
 
 
 @app.command("export")
 def export(
-    run: Path = typer.Argument(..., help="A run directory (runs/NAME)."),
+    run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
     out: Path = typer.Option(..., "--out", help="Folder to write student.yaml, model.safetensors and README.md to."),
     trial_id: str = typer.Option(None, "--trial", help="Export this completed trial."),
     max_gflops: float = typer.Option(
@@ -332,7 +337,7 @@ def export(
 
     r = load_run(run)
     row = select_trial(r.trials, r.objectives, trial_id=trial_id, max_gflops=max_gflops, min_acc=min_acc)
-    folder = export_student(row, out, run=r.paths.root, objectives=r.objectives)
+    folder = export_student(row, out, run=r.paths, objectives=r.objectives)
     wide_console().print(
         f"exported trial {row['trial_id']} (val_acc {row['val_acc']:.4f}, {row['flops'] / 1e9:.4g} GFLOPs, {row['params']:,} params) to {folder}"
     )
@@ -387,6 +392,22 @@ def eval_(
         wide_console().print(
             f"val_acc {acc:.4f} on {len(loaded.val):,} {dspec.name} val images (recorded at export: {card['metrics']['val_acc']:.4f})"
         )
+
+
+def _front_picture(run, trials: list, objectives: list, plot: Path | None) -> str:
+    """The front as a PNG: at --plot, else in the run (written here, then uploaded to a bucket)."""
+    import tempfile
+
+    from kdsearch.results.plots import plot_front
+
+    if plot is not None:
+        return str(plot_front(trials, objectives, plot, title=run.name))
+    local = run.store.local_path()
+    if local is not None:
+        return str(plot_front(trials, objectives, local / "front.png", title=run.name))
+    with tempfile.TemporaryDirectory() as tmp:
+        run.store.upload(plot_front(trials, objectives, Path(tmp) / "front.png", title=run.name), "front.png")
+    return run.store.uri_of("front.png")
 
 
 def main(argv: list[str] | None = None) -> None:

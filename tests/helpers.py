@@ -119,3 +119,8 @@ def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, s in zip(mods, saved):
             m.fused_attn = s
+
+
+def run_dir(result) -> Path:
+    """The local folder of a search's run (its `RunPaths` storage)."""
+    return result.paths.store.local_path()

@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).parent.parent / "kdsearch"
 LAYERS = {
     "errors": 0,
     "atomic": 0,
+    "storage": 0,
     "space": 1,
     "models": 2,
     "train": 3,

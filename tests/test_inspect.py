@@ -20,11 +20,12 @@ from kdsearch.models.student import build_student
 from kdsearch.results.export import spec_of
 from kdsearch.train.data import load_data
 from tests.helpers import run_cli
+from tests.helpers import run_dir as local_run_dir
 
 
 @pytest.fixture(scope="module")
 def run_dir(small_run) -> Path:
-    return small_run[0].paths.root
+    return local_run_dir(small_run[0])
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_export_loads_in_a_fresh_process(
     # the trained model, rebuilt here from the run's own checkpoint
     spec = spec_of(best.to_dict())
     trained = build_student(spec.student)
-    trained.load_state_dict(load_file(best.checkpoint))
+    trained.load_state_dict(load_file(run_dir / best.checkpoint))
     trained.eval()
     data = load_data(spec.data)
     x = torch.cat([b[0] for b in data.val_batches(512)])

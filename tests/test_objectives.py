@@ -23,7 +23,7 @@ from kdsearch.space.objectives import Objective
 from kdsearch.space.samplers import SAMPLERS, make_sampler
 from kdsearch.space.search_space import SearchSettings
 from kdsearch.space.specs import RecipeSpec, StudentSpec, TeacherSource, teacher_source
-from tests.helpers import run_cli, write_space
+from tests.helpers import run_cli, run_dir, write_space
 
 # --------------------------------------------------------------------------- the tables
 
@@ -163,8 +163,8 @@ def test_a_made_up_objective_flows_everywhere(weight_rms, digits_teacher_path: P
     assert load_space(space_file).objectives == (("val_acc", "max"), ("flops", "min"), ("weight_rms", "min"))
 
     result = run_search(space_file, storage=tmp_path / "runs", say=lambda s: None)
-    trials = pd.read_parquet(result.paths.trials)
-    epochs = pd.read_parquet(result.paths.epochs)
+    trials = pd.read_parquet(run_dir(result) / "trials.parquet")
+    epochs = pd.read_parquet(run_dir(result) / "epochs.parquet")
     assert len(trials) == 5
     done = trials[trials.status == "completed"]
     assert len(done) >= 3
@@ -174,11 +174,11 @@ def test_a_made_up_objective_flows_everywhere(weight_rms, digits_teacher_path: P
     mask = non_dominated_mask(done[["val_acc", "flops", "weight_rms"]].to_numpy(), [True, False, False])
     assert sorted(done.trial_id[mask]) == sorted(r["trial_id"] for r in result.front)
     # the sampler was told all three
-    study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{result.paths.study}")
+    study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{run_dir(result) / 'study.db'}")
     for _, row in done.iterrows():
         assert study.trials[row.optuna_trial].values == [row.val_acc, row.flops, row.weight_rms]
 
-    run = str(result.paths.root)
+    run = str(run_dir(result))
     assert run_cli(["pareto", run, "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["objectives"] == [["val_acc", "max"], ["flops", "min"], ["weight_rms", "min"]]

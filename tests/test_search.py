@@ -10,7 +10,7 @@ import pytest
 
 from kdsearch.results.outcomes import STATUSES
 from kdsearch.space.specs import TrialSpec
-from tests.helpers import run_cli
+from tests.helpers import run_cli, run_dir
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def local_search(small_run):
 
 def test_search_records_every_trial(local_search) -> None:
     result, _ = local_search
-    trials = pd.read_parquet(result.paths.trials)
+    trials = pd.read_parquet(run_dir(result) / "trials.parquet")
     assert len(trials) == 8 and trials.trial_id.is_unique
     assert set(trials.status) <= set(STATUSES)
     assert {"completed", "stopped_early", "infeasible"} <= set(trials.status), trials.status.tolist()
@@ -51,9 +51,9 @@ def test_search_records_every_trial(local_search) -> None:
 
 def test_rows_agree_with_ray_and_optuna(local_search) -> None:
     result, _ = local_search
-    trials = pd.read_parquet(result.paths.trials).set_index("trial_id")
-    epochs = pd.read_parquet(result.paths.epochs)
-    study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{result.paths.study}")
+    trials = pd.read_parquet(run_dir(result) / "trials.parquet").set_index("trial_id")
+    epochs = pd.read_parquet(run_dir(result) / "epochs.parquet")
+    study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{run_dir(result) / 'study.db'}")
     by_number = {t.number: t for t in study.trials}
     ray_results = {r.metrics["trial_id"]: r.metrics for r in result.grid}
     assert set(ray_results) == set(trials.index)
@@ -66,7 +66,7 @@ def test_rows_agree_with_ray_and_optuna(local_search) -> None:
             assert ot.state == optuna.trial.TrialState.COMPLETE
             assert ot.values == [row.val_acc, row.flops]
             assert ray_last["val_acc"] == row.val_acc and ray_last["epoch"] == row.epochs == row.epochs_total
-            assert Path(row.checkpoint).is_file()
+            assert row.checkpoint == f"trials/{tid}/model.safetensors" and (run_dir(result) / row.checkpoint).is_file()
         elif row.status == "stopped_early":
             # never told to Optuna as finished with an early-epoch accuracy
             assert ot.state == optuna.trial.TrialState.PRUNED and ot.values is None
@@ -77,14 +77,14 @@ def test_rows_agree_with_ray_and_optuna(local_search) -> None:
 
 def test_infeasible_configs_cost_no_training(local_search) -> None:
     result, _ = local_search
-    trials = pd.read_parquet(result.paths.trials)
-    epochs = pd.read_parquet(result.paths.epochs)
-    study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{result.paths.study}")
+    trials = pd.read_parquet(run_dir(result) / "trials.parquet")
+    epochs = pd.read_parquet(run_dir(result) / "epochs.parquet")
+    study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{run_dir(result) / 'study.db'}")
     infeasible = trials[trials.status == "infeasible"]
     assert len(infeasible)
     for _, row in infeasible.iterrows():
         assert row.flops > 0.004e9 and row.epochs == 0 and pd.isna(row.checkpoint) and pd.isna(row.val_acc)
-        assert not result.paths.trial_dir(row.trial_id).exists()
+        assert not (run_dir(result) / "trials" / row.trial_id).exists()
         assert row.trial_id not in set(epochs.trial_id)
         ot = study.trials[row.optuna_trial]
         assert ot.system_attrs["constraints:max_gflops"] > 0  # the sampler saw it as infeasible
@@ -112,19 +112,19 @@ def test_status_command_reads_the_files(local_search, capsys: pytest.CaptureFixt
     import json
 
     result, _ = local_search
-    assert run_cli(["status", str(result.paths.root), "--json"]) == 0
+    assert run_cli(["status", str(run_dir(result)), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    trials = pd.read_parquet(result.paths.trials)
+    trials = pd.read_parquet(run_dir(result) / "trials.parquet")
     assert status["finished"] == 8 and status["running"] == 0
     assert status["stopped_early"] == (trials.status == "stopped_early").sum()
     assert [f["trial_id"] for f in status["front"]] == [r["trial_id"] for r in result.front]
-    assert run_cli(["status", str(result.paths.root)]) == 0
+    assert run_cli(["status", str(run_dir(result))]) == 0
     assert "front so far" in capsys.readouterr().out
 
 
 def test_existing_run_needs_resume(local_search, capsys: pytest.CaptureFixture[str]) -> None:
     result, space = local_search
-    storage = result.paths.root.parent
+    storage = run_dir(result).parent
     assert run_cli(["search", str(space), "--storage", str(storage)]) == 2
     assert "use --resume" in capsys.readouterr().err
     assert run_cli(["search", str(space), "--storage", str(storage), "--name", "nothing", "--resume"]) == 2
@@ -132,10 +132,12 @@ def test_existing_run_needs_resume(local_search, capsys: pytest.CaptureFixture[s
     assert run_cli(["status", str(storage / "nothing")]) == 2
 
 
-def test_storage_uri_is_refused(local_search, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_address_is_one_line(local_search, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.s3 import free_port
+
     _, space = local_search
-    assert run_cli(["search", str(space), "--storage", "s3://bucket/runs"]) == 2
-    assert (
-        "--storage s3://bucket/runs: kdsearch writes its tables to a local or shared filesystem path"
-        in capsys.readouterr().err
-    )
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    assert run_cli(["search", str(space), "--address", address, "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"kdsearch: error: --address {address}: no Ray cluster answers there (Connection refused)"]
+    assert not (tmp_path / "digits_search").exists()  # no run was started

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from kdsearch.search.run import run_search
-from tests.helpers import write_space
+from tests.helpers import run_dir, write_space
 
 CONFIG_COLUMNS = [
     "student.embed_dim",
@@ -93,12 +93,12 @@ def test_node_lost_mid_trial_is_retried_elsewhere(digits_teacher_path: Path, tmp
         killer.join(timeout=5)
         cluster.shutdown()
     assert removed, "the worker node was never removed"
-    trials = pd.read_parquet(result.paths.trials)
+    trials = pd.read_parquet(run_dir(result) / "trials.parquet")
     assert len(trials) == 5 and trials.trial_id.is_unique  # every trial accounted for
     assert "failed" not in set(trials.status), trials[["status", "error"]]
     assert trials.retries.sum() >= 1  # the trial on the lost node ran again on the other
     retried = trials[trials.retries > 0].iloc[0]
-    epochs = pd.read_parquet(result.paths.epochs)
+    epochs = pd.read_parquet(run_dir(result) / "epochs.parquet")
     curve = epochs[epochs.trial_id == retried.trial_id].epoch.tolist()
     assert curve == list(range(1, retried.epochs + 1))  # one clean curve: the retry's, from epoch 1
 
@@ -145,13 +145,13 @@ def test_trials_missing_from_the_saved_state_are_reconciled(small_run, tmp_path:
     import optuna
 
     first, space = small_run
-    done = pd.read_parquet(first.paths.trials).sort_values("optuna_trial")
+    done = pd.read_parquet(run_dir(first) / "trials.parquet").sort_values("optuna_trial")
     seeded = done.iloc[:3]
     run = tmp_path / "runs" / "digits_search"
     run.mkdir(parents=True)
     seeded.to_parquet(run / "trials.parquet", index=False)
     result = run_search(space, storage=tmp_path / "runs", trials=5, say=lambda s: None)
-    after = pd.read_parquet(result.paths.trials)
+    after = pd.read_parquet(run_dir(result) / "trials.parquet")
     assert len(after) == 5 and after.trial_id.is_unique
     assert set(seeded.trial_id) <= set(after.trial_id)
     assert not after.duplicated(subset=CONFIG_COLUMNS).any()
@@ -159,7 +159,7 @@ def test_trials_missing_from_the_saved_state_are_reconciled(small_run, tmp_path:
     # the sampler went on where the recorded trials left it: the next two configs of the first run
     for (_, got), (_, want) in zip(new.iterrows(), done.iloc[3:5].iterrows()):
         assert [got[c] for c in CONFIG_COLUMNS] == [want[c] for c in CONFIG_COLUMNS]
-    study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{result.paths.study}")
+    study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{run_dir(result) / 'study.db'}")
     states = [t.state.name for t in study.trials[:3]]
     expected = {"completed": "COMPLETE", "infeasible": "COMPLETE", "stopped_early": "PRUNED", "failed": "FAIL"}
     assert states == [expected[s] for s in seeded.status]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -27,6 +26,7 @@ from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.errors import KdsearchError
 from kdsearch.results.outcomes import Status
 from kdsearch.results.pareto import front_rows
+from kdsearch.results.tables import RunPaths
 from kdsearch.space.flops import count_flops
 from kdsearch.space.objectives import FLOPS_COUNTED, Pairs
 from kdsearch.space.specs import DataSpec, RecipeSpec, StudentSpec, TeacherSpec, TrainSpec, TrialSpec
@@ -90,11 +90,10 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def export_student(
-    row: dict[str, Any], out: str | os.PathLike, run: str | os.PathLike | None = None, objectives: Pairs = ()
-) -> Path:
-    """Write student.yaml, model.safetensors and README.md for a trials.parquet row; the card's
-    metrics hold val_acc, best_val_acc, epochs and every one of the run's `objectives`."""
+def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, objectives: Pairs = ()) -> Path:
+    """Write student.yaml, model.safetensors and README.md for a trials.parquet row of `run`
+    (a folder or a bucket: the weights are read from its storage); the card's metrics hold
+    val_acc, best_val_acc, epochs and every one of the run's `objectives`."""
     import timm
     import torch
 
@@ -107,9 +106,10 @@ def export_student(
         raise KdsearchError(
             f"export: trial {row['trial_id']}'s recorded FLOPs ({row['flops']}) differ from its spec's ({fc.flops})"
         )
-    ckpt = Path(row["checkpoint"])
-    if not ckpt.is_file():
-        raise KdsearchError(f"export: {ckpt} is missing; the run directory is incomplete")
+    ckpt = row["checkpoint"]  # relative to the run
+    if not run.store.exists(ckpt):
+        raise KdsearchError(f"export: {run.store.uri_of(ckpt)} is missing; the run is incomplete")
+    weights = run.store.read_bytes(ckpt)
     card = {
         "format": "kdsearch-student/1",
         "student": asdict(spec.student),
@@ -130,13 +130,13 @@ def export_student(
             "gflops": fc.flops / 1e9,
             "counted": FLOPS_COUNTED,
         },
-        "source": {"run": str(run) if run else None, "trial_id": row["trial_id"]},
+        "source": {"run": run.uri, "trial_id": row["trial_id"]},
         "versions": {"kdsearch": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__)},
     }
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "student.yaml", yaml.safe_dump(card, sort_keys=False))
     with atomic_path(out / "model.safetensors") as tmp:
-        shutil.copyfile(ckpt, tmp)
+        tmp.write_bytes(weights)
     write_text_atomic(out / "README.md", model_card(card))
     return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.results.outcomes import STATUSES, Status, counts
 from kdsearch.results.pareto import front_rows, hypervolume_history, normalized_hypervolume
 from kdsearch.results.plots import front_chart, hypervolume_chart, pe_fronts_chart, save_png, to_plotly
-from kdsearch.results.tables import Run, front_records, require_finished
+from kdsearch.results.tables import Run, RunPaths, front_records, require_finished
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import accuracy_and_cost
 from kdsearch.space.specs import POS_EMBEDS
@@ -111,15 +112,13 @@ def importances(run: Run) -> dict[str, dict[str, float]]:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if not run.paths.study.exists():
+    recorded = _study_trials(run)
+    if recorded is None:
         return {}
-    try:
-        study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{run.paths.study}")
-    except Exception:
-        return {}
+    trials, directions = recorded
     feasible = [
         t
-        for t in study.trials
+        for t in trials
         if t.state == optuna.trial.TrialState.COMPLETE
         and all(v <= 0 for k, v in t.system_attrs.items() if k.startswith("constraints:"))
     ]
@@ -128,7 +127,7 @@ def importances(run: Run) -> dict[str, dict[str, float]]:
     study_objectives = [name for name, _ in run.meta.get("objectives", run.objectives)]
     acc, _ = accuracy_and_cost(run.objectives)
     index = study_objectives.index(acc) if acc in study_objectives else 0
-    sub = optuna.create_study(directions=[d.name.lower() for d in study.directions])
+    sub = optuna.create_study(directions=[d.name.lower() for d in directions])
     sub.add_trials(feasible)
     out = {}
     varied = sorted({p for t in feasible for p in t.params if len({repr(u.params.get(p)) for u in feasible}) > 1})
@@ -144,6 +143,22 @@ def importances(run: Run) -> dict[str, dict[str, float]]:
             out[name] = {"(not enough trials)": math.nan}
             out.setdefault("_errors", {})[name] = str(e)  # type: ignore[index]
     return out
+
+
+def _study_trials(run: Run) -> tuple[list, list] | None:
+    """The trials and directions of the run's study.db (copied out of a bucket first), or None."""
+    import optuna
+
+    store = run.paths.store
+    if not store.exists(RunPaths.STUDY):
+        return None
+    with tempfile.TemporaryDirectory(prefix="kdsearch-study-") as tmp:
+        local = store.local_path(RunPaths.STUDY) or store.download(RunPaths.STUDY, Path(tmp) / "study.db")
+        try:
+            study = optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{local}")
+            return study.trials, study.directions
+        except Exception:  # an unreadable or foreign study.db: the report goes on without importances
+            return None
 
 
 def trouble(run: Run) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
-"""A run directory and its tables: trials.parquet (one row per trial) and epochs.parquet;
-`load_run` reads a run back, `front_records` says what a front member's row shows.
+"""A run and its tables: trials.parquet (one row per trial) and epochs.parquet; `load_run`
+reads a run back (from a folder or a URI), `front_records` says what a front member's row shows.
 
-Both are rewritten whole, to a temporary file that is then renamed, so a reader (or a crash)
-never sees a torn file. Rows are keyed by trial id, so writing the same trial twice (a
+A run lives in a `kdsearch.storage.Storage`: a local folder or a bucket prefix. Both tables
+are rewritten whole (locally to a temporary file then renamed, in a bucket by one PUT), so a
+reader (or a crash) never sees a torn file. Rows are keyed by trial id, so writing the same trial twice (a
 resumed search re-running a trial whose end was not saved) replaces it: the tables are
 idempotent per trial.
 """
@@ -13,18 +14,17 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.errors import KdsearchError
 from kdsearch.results.outcomes import Status
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import DEFAULT_OBJECTIVES, Pairs
 from kdsearch.space.specs import RecipeSpec, StudentSpec
+from kdsearch.storage import Storage
 
 # Columns every trials.parquet has first; then any other objective, then the config columns
 # (student.*, recipe.*, train.*, data.*, teacher.*), sorted
@@ -44,6 +44,9 @@ TRIAL_COLUMNS = (
     "retries",
     "optuna_trial",
     "finished_at",
+    "node_id",
+    "host",
+    "gpu",
 )
 EPOCH_COLUMNS = (
     "trial_id",
@@ -66,71 +69,75 @@ RECIPE_COLUMNS = tuple(f"recipe.{f.name}" for f in fields(RecipeSpec))
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Where everything of one run lives."""
+    """Where everything of one run lives: a storage (a folder or a bucket prefix) and the names
+    of its files, relative to it (so a run can be copied or moved, and read from anywhere)."""
 
-    root: Path
+    store: Storage
 
-    @property
-    def space(self) -> Path:
-        return self.root / "space.yaml"
+    SPACE = "space.yaml"
+    META = "run.json"
+    TRIALS = "trials.parquet"
+    EPOCHS = "epochs.parquet"
+    STUDY = "study.db"
+    TUNE = "tune"
 
-    @property
-    def meta(self) -> Path:
-        return self.root / "run.json"
-
-    @property
-    def trials(self) -> Path:
-        return self.root / "trials.parquet"
-
-    @property
-    def epochs(self) -> Path:
-        return self.root / "epochs.parquet"
+    @classmethod
+    def at(cls, location: str | os.PathLike | Storage) -> RunPaths:
+        return cls(location if isinstance(location, Storage) else Storage.open(location))
 
     @property
-    def study(self) -> Path:
-        return self.root / "study.db"
+    def name(self) -> str:
+        return self.store.name
 
     @property
-    def tune(self) -> Path:
-        return self.root / "tune"
+    def uri(self) -> str:
+        return self.store.uri
 
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
+    @staticmethod
+    def trial_dir(trial_id: str) -> str:
+        return f"trials/{trial_id}"
 
-    def trial_dir(self, trial_id: str) -> Path:
-        return self.root / "trials" / trial_id
+    @staticmethod
+    def checkpoint(trial_id: str) -> str:
+        return f"trials/{trial_id}/model.safetensors"
+
+    def rows(self, name: str) -> list[dict[str, Any]]:
+        """The rows of one of the run's tables ([] before it exists)."""
+        return read_rows(self.store, name)
+
+    def meta(self) -> dict[str, Any]:
+        return json.loads(self.store.read_text(self.META)) if self.store.exists(self.META) else {}
 
 
-def write_table(rows: Iterable[dict[str, Any]], path: Path, first_columns: tuple[str, ...]) -> None:
-    """Write rows as Parquet, atomically. Columns: `first_columns`, then the rest sorted."""
+def write_table(rows: Iterable[dict[str, Any]], store: Storage, name: str, first_columns: tuple[str, ...]) -> None:
+    """Write rows as Parquet, whole or not at all. Columns: `first_columns`, then the rest sorted."""
     rows = list(rows)
     names = list(first_columns) + sorted({k for r in rows for k in r} - set(first_columns))
     columns = {n: [r.get(n) for r in rows] for n in names}
     table = pa.table(columns) if rows else pa.table({n: pa.array([], pa.null()) for n in names})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    store.write_bytes(name, buffer.getvalue().to_pybytes())
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
+def read_rows(store: Storage, name: str) -> list[dict[str, Any]]:
     """Rows of a Parquet table as dicts ([] when the file does not exist yet)."""
-    if not path.exists():
+    if not store.exists(name):
         return []
-    return pq.read_table(path).to_pylist()
+    return pq.read_table(pa.BufferReader(store.read_bytes(name))).to_pylist()
 
 
-def write_json(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
+def write_json(store: Storage, name: str, obj: Any) -> None:
+    store.write_text(name, json.dumps(obj, indent=2, default=str))
 
 
-def open_run(path: str | os.PathLike) -> RunPaths:
-    """A run directory that exists and holds a run; one clear error otherwise."""
-    root = Path(path)
-    if not root.is_dir():
-        raise KdsearchError(f"{path}: no such run directory")
-    paths = RunPaths(root.resolve())
-    if not paths.meta.exists() and not paths.trials.exists():
-        raise KdsearchError(f"{path}: is not a kdsearch run (no run.json or trials.parquet inside)")
+def open_run(location: str | os.PathLike) -> RunPaths:
+    """A run (a folder or a URI) that exists and holds a run; one clear error otherwise."""
+    paths = RunPaths.at(location)
+    if not paths.store.is_dir() and not paths.store.exists(RunPaths.META):
+        raise KdsearchError(f"{location}: no such run directory")
+    if not paths.store.exists(RunPaths.META) and not paths.store.exists(RunPaths.TRIALS):
+        raise KdsearchError(f"{location}: is not a kdsearch run (no run.json or trials.parquet inside)")
     return paths
 
 
@@ -146,14 +153,14 @@ class Run:
 
     @property
     def name(self) -> str:
-        return self.paths.root.name
+        return self.paths.name
 
 
 def load_run(path: str | os.PathLike, objectives: Sequence[str] | None = None) -> Run:
     """A run's files; `objectives` (e.g. ["val_acc", "params"], a direction after a colon
     where the table's default is not wanted) overrides the run's own."""
     paths = open_run(path)
-    meta = json.loads(paths.meta.read_text()) if paths.meta.exists() else {}
+    meta = paths.meta()
     objs = [(m, d) for m, d in meta.get("objectives", DEFAULT_OBJECTIVES)]
     if objectives:
         try:
@@ -164,13 +171,13 @@ def load_run(path: str | os.PathLike, objectives: Sequence[str] | None = None) -
             ) from None
         except ValueError as e:
             raise KdsearchError(f"--objectives: {e}") from None
-    return Run(paths, meta, read_rows(paths.trials), read_rows(paths.epochs), objs)
+    return Run(paths, meta, paths.rows(RunPaths.TRIALS), paths.rows(RunPaths.EPOCHS), objs)
 
 
 def require_finished(run: Run) -> None:
     if not any(r["status"] == Status.COMPLETED for r in run.trials):
         raise KdsearchError(
-            f"{run.paths.root}: no finished trial yet ({len(run.trials)} recorded); wait for one or check `kdsearch status`"
+            f"{run.paths.uri}: no finished trial yet ({len(run.trials)} recorded); wait for one or check `kdsearch status`"
         )
 
 

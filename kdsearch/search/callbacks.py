@@ -12,7 +12,7 @@ from ray import tune
 
 from kdsearch.results.outcomes import Status
 from kdsearch.results.status import render_status
-from kdsearch.results.tables import EPOCH_COLUMNS, TRIAL_COLUMNS, RunPaths, read_rows, write_table
+from kdsearch.results.tables import EPOCH_COLUMNS, TRIAL_COLUMNS, RunPaths, write_table
 from kdsearch.search.searcher import KdsearchOptunaSearch, outcome
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.search_space import SearchSpace
@@ -34,8 +34,8 @@ class ResultsRecorder(tune.Callback):
         self._last_flush = 0.0
 
     def setup(self, **info: Any) -> None:
-        self.trials = {r["trial_id"]: r for r in read_rows(self.paths.trials)}
-        self.epochs = {(r["trial_id"], r["epoch"]): r for r in read_rows(self.paths.epochs)}
+        self.trials = {r["trial_id"]: r for r in self.paths.rows(RunPaths.TRIALS)}
+        self.epochs = {(r["trial_id"], r["epoch"]): r for r in self.paths.rows(RunPaths.EPOCHS)}
         self.retries = {r["trial_id"]: r.get("retries") or 0 for r in self.trials.values()}
 
     @property
@@ -84,7 +84,7 @@ class ResultsRecorder(tune.Callback):
         last = trial.last_result or {}
         tid = trial.trial_id
         curve = [r["val_acc"] for (t, _), r in self.epochs.items() if t == tid]
-        ckpt = self.paths.trial_dir(tid) / "model.safetensors"
+        ckpt = RunPaths.checkpoint(tid)  # relative to the run: the worker uploaded it there
         self.trials[tid] = {
             "trial_id": tid,
             "status": status.value,
@@ -94,20 +94,24 @@ class ResultsRecorder(tune.Callback):
             "epochs": int(last.get("epoch", 0) or 0) if status is not Status.FAILED else len(curve),
             "epochs_total": spec.train.epochs,
             "wall_seconds": float(last.get("time_total_s", 0.0) or 0.0),
-            "checkpoint": str(ckpt) if status is Status.COMPLETED and ckpt.exists() else None,
+            "checkpoint": ckpt if status is Status.COMPLETED and self.paths.store.exists(ckpt) else None,
             "error": error,
             "retries": self.retries.get(tid, 0),
             "optuna_trial": meta.get("optuna_trial"),
             "finished_at": time.time(),
+            # where it ran: Ray's node id and Tune's hostname, the GPU's model ("" on CPU)
+            "node_id": last.get("node_id"),
+            "host": last.get("hostname"),
+            "gpu": last.get("gpu"),
             **spec.to_dict(),
         }
 
     def flush(self) -> None:
         self._last_flush = time.monotonic()
-        write_table(sorted(self.trials.values(), key=lambda r: r["trial_id"]), self.paths.trials, TRIAL_COLUMNS)
-        write_table(
-            sorted(self.epochs.values(), key=lambda r: (r["trial_id"], r["epoch"])), self.paths.epochs, EPOCH_COLUMNS
-        )
+        store = self.paths.store
+        write_table(sorted(self.trials.values(), key=lambda r: r["trial_id"]), store, RunPaths.TRIALS, TRIAL_COLUMNS)
+        epochs = sorted(self.epochs.values(), key=lambda r: (r["trial_id"], r["epoch"]))
+        write_table(epochs, store, RunPaths.EPOCHS, EPOCH_COLUMNS)
 
 
 def _error_text(trial: Any) -> str:

@@ -15,9 +15,10 @@ experiment state (tune/), the teacher-logit cache (cache/) and each trial's weig
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +29,9 @@ import ray
 from ray import tune
 
 from kdsearch import __version__
-from kdsearch.atomic import write_text_atomic
 from kdsearch.errors import KdsearchError
 from kdsearch.results.pareto import front_rows
-from kdsearch.results.tables import RunPaths, read_rows, write_json
+from kdsearch.results.tables import RunPaths, write_json
 from kdsearch.search.callbacks import LiveView, ResultsRecorder
 from kdsearch.search.early_stopping import ParetoHalvingRule
 from kdsearch.search.scheduler import ParetoHalving
@@ -42,6 +42,7 @@ from kdsearch.space.objectives import Pairs, accuracy_and_cost, values_for_sampl
 from kdsearch.space.samplers import make_sampler
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import TeacherSource, TrialSpec
+from kdsearch.storage import Storage
 
 
 @dataclass
@@ -55,19 +56,22 @@ class SearchResult:
 
 def _trainable(
     config: dict[str, Any],
-    run_dir: str,
+    run: RunPaths,
     data: Any,
     cached_logits: Any,
+    teacher: Any,
     threads: int,
     objectives: Pairs,
     measured: tuple,
 ) -> None:
     """One Ray Tune trial: an infeasible config reports at once (its exact costs, and the
-    worst value of what it never measured); the rest run `run_trial`.
+    worst value of what it never measured); the rest run `run_trial` in a local temporary
+    folder and upload the weights to the run's storage (no node needs the driver's disk).
 
-    `data`, `cached_logits` and the run's measured objectives (their definitions) are the
-    driver's, through the object store (tune.with_parameters): a measured objective a user
-    registered in the driver needs no registration in the worker.
+    `data`, `cached_logits`, the teacher's weights (`ShippedTeacher`, when some trial runs it
+    live) and the run's measured objectives (their definitions) are the driver's, through the
+    object store (tune.with_parameters): a measured objective a user registered in the driver
+    needs no registration in the worker.
     """
     import torch
 
@@ -76,22 +80,38 @@ def _trainable(
     torch.set_num_threads(threads)
     meta = config["kdsearch"]
     spec = TrialSpec.from_dict(meta["spec"])
+    where = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "",
+    }
     if meta["infeasible"]:
         # over the budget: never trains; Optuna already holds its constraint values
         computed = objective_table.computed(spec.student)
         never_trained = dict(zip([name for name, _ in objectives], values_for_sampler(computed, objectives)))
-        tune.report({"epoch": 0, **computed, **never_trained})
+        tune.report({"epoch": 0, **computed, **never_trained, **where})
         return
+    require_data_here(data.spec, where["node_id"])
     trial_id = tune.get_context().get_trial_id()
-    run_trial(
-        spec,
-        tune.report,
-        RunPaths(Path(run_dir)).trial_dir(trial_id),
-        data=data,
-        cached_logits=cached_logits,
-        objectives=measured,
-        loader_workers=max(0, threads - 1),  # the trial's other CPUs decode images (unused for in-memory digits)
-    )
+    with tempfile.TemporaryDirectory(prefix=f"kdsearch-{trial_id}-") as workdir:
+        run_trial(
+            spec,
+            lambda metrics: tune.report({**metrics, **where}),
+            workdir,
+            data=data,
+            teacher=teacher.build() if teacher is not None else None,
+            cached_logits=cached_logits,
+            objectives=measured,
+            loader_workers=max(0, threads - 1),  # the trial's other CPUs decode images (unused for in-memory digits)
+        )
+        for name in ("trial_spec.json", "model.safetensors"):  # the weights last: their presence means complete
+            run.store.upload(Path(workdir) / name, f"{RunPaths.trial_dir(trial_id)}/{name}")
+
+
+def require_data_here(dspec: Any, node_id: str) -> None:
+    """A dataset read from disk must be at the same path on every node that trains: say which
+    node lacks it (the trial fails with this line as its error)."""
+    if dspec.root and not Path(dspec.root).is_dir():
+        raise KdsearchError(f"data.root: {dspec.root} does not exist on node {socket.gethostname()} ({node_id[:12]})")
 
 
 def _init_ray(address: str | None) -> None:
@@ -115,28 +135,45 @@ def _init_ray(address: str | None) -> None:
         )
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) address must answer a TCP connection within `timeout`:
+    ray.init would otherwise wait minutes for an address where nothing listens."""
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray resolves them, and fails fast when there is nothing
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise KdsearchError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
+
+
 def _prepare_run(
     space_file: Path, space: SearchSpace, paths: RunPaths, resume: bool, trials: int, address: str | None
 ) -> float:
-    """Create (or check, on resume) the run directory; returns the run's start time."""
+    """Create (or check, on resume) the run in its storage; returns the run's start time."""
     text = Path(space_file).read_text()
+    store = paths.store
     if resume:
-        if not paths.meta.exists():
-            raise KdsearchError(f"--resume: {paths.root} holds no run to resume; start it without --resume")
-        meta = json.loads(paths.meta.read_text())
-        if paths.space.exists() and paths.space.read_text() != text:
-            raise KdsearchError(f"--resume: {space_file} differs from the space the run started with ({paths.space})")
+        if not store.exists(RunPaths.META):
+            raise KdsearchError(f"--resume: {paths.uri} holds no run to resume; start it without --resume")
+        meta = paths.meta()
+        if store.exists(RunPaths.SPACE) and store.read_text(RunPaths.SPACE) != text:
+            raise KdsearchError(
+                f"--resume: {space_file} differs from the space the run started with ({store.uri_of(RunPaths.SPACE)})"
+            )
         return float(meta["started"])
-    if paths.meta.exists():
+    if store.exists(RunPaths.META):
         raise KdsearchError(
-            f"--name: a run already exists at {paths.root}; use --resume to continue it or another --name"
+            f"--name: a run already exists at {paths.uri}; use --resume to continue it or another --name"
         )
-    write_text_atomic(paths.space, text)
+    store.write_text(RunPaths.SPACE, text)
     started = time.time()
     write_json(
-        paths.meta,
+        store,
+        RunPaths.META,
         {
-            "name": paths.root.name,
+            "name": paths.name,
             "space_file": str(Path(space_file).resolve()),
             "space_name": space.name,
             "trials": trials,
@@ -149,30 +186,32 @@ def _prepare_run(
     return started
 
 
-def _load_once(space: SearchSpace, paths: RunPaths, say: Callable[[str], None]):
-    """Load the data and compute (or read) the teacher's logits once for the whole search.
+def _load_once(space: SearchSpace, cache: Storage, say: Callable[[str], None]) -> tuple[Any, Any, Any]:
+    """Load the data, and the teacher's logits (computed once by Ray tasks, or read from the
+    cache under the storage root) and its weights for the trials that run it live.
 
-    Both go to the workers through Ray's object store, so no worker loads the data or runs
-    the teacher for the cache. The logits are None where unused or where augmentation is random.
+    All three go to the workers through Ray's object store: no worker loads the teacher's
+    checkpoint or runs it for the cache. The logits are None where no trial reads them.
     """
+    from kdsearch.search.teacher_tasks import cached_teacher_logits
     from kdsearch.train.data import load_data
-    from kdsearch.train.logit_cache import teacher_logits
-    from kdsearch.train.teacher import load_teacher
+    from kdsearch.train.logit_cache import cache_key
+    from kdsearch.train.teacher import ShippedTeacher, load_teacher
 
     data = load_data(space)
     sources = space.teacher_sources(data.random_augment)
     if sources == {TeacherSource.NONE}:
-        return data, None
+        return data, None, None
     teacher = load_teacher(space, train_if_missing=True, log=say, data=data)  # trains the built-in one if missing
+    shipped = (
+        ShippedTeacher.of(teacher, space, cache_key(space.teacher, data)) if TeacherSource.LIVE in sources else None
+    )
     if TeacherSource.CACHED not in sources:
         if TeacherSource.CACHED in space.teacher_sources(random_augment=False):
             say("training augmentation is random: trials run the teacher live (the logit cache is off)")
-        return data, None
-    t0 = time.perf_counter()
-    logits, images = teacher_logits(teacher, data, space.teacher, paths.cache)
-    if images:
-        say(f"teacher logits cached once for the search: {images:,} images in {time.perf_counter() - t0:.1f} s")
-    return data, logits
+        return data, None, shipped
+    logits = cached_teacher_logits(space, data, teacher, cache, space.resources.gpus, say)
+    return data, logits, shipped
 
 
 def run_search(
@@ -189,25 +228,26 @@ def run_search(
 ) -> SearchResult:
     """Run (or resume) a search; returns the trials table and the front.
 
+    `storage` is where runs live: a local or NFS path, or a URI (s3://, gs://, any pyarrow
+    filesystem); the run is `storage/name`, the teacher-logit cache `storage/cache`.
     `console` (a rich Console) gets a live view of the search; `say` its one-line messages.
     `reuse_actors=False` is Ray's default, kept as a baseline for benchmarks: every trial
     then pays a fresh worker's imports and data loading.
     """
     space_file = Path(space_file)
     space = load_space(space_file)
-    storage_str = str(storage or "runs")
-    if "://" in storage_str:
-        raise KdsearchError(
-            f"--storage {storage_str}: kdsearch writes its tables to a local or shared filesystem path; mount the bucket and give its path"
-        )
-    paths = RunPaths((Path(storage_str) / (name or space.name)).resolve())
+    root = Storage.open(storage or "runs")
+    root.check_writable()  # a bucket that does not exist or refuses writes: one line, before anything runs
+    if address:
+        _check_reachable(address)
+    paths = RunPaths(root.child(name or space.name))
     total = trials or space.search.trials
     started = _prepare_run(space_file, space, paths, resume, total, address)
 
     owns_ray = not ray.is_initialized()
     _init_ray(address)
     try:
-        return _search(space, paths, total, started, resume, console, say, reuse_actors)
+        return _search(space, paths, root.child("cache"), total, started, resume, console, say, reuse_actors)
     finally:
         if owns_ray:
             ray.shutdown()
@@ -216,6 +256,7 @@ def run_search(
 def _search(
     space: SearchSpace,
     paths: RunPaths,
+    cache: Storage,
     total: int,
     started: float,
     resume: bool,
@@ -223,7 +264,7 @@ def _search(
     say: Callable[[str], None],
     reuse_actors: bool,
 ) -> SearchResult:
-    data, cached = _load_once(space, paths, say)
+    data, cached, teacher = _load_once(space, cache, say)
 
     acc, _ = accuracy_and_cost(space.objectives)
     costs = tuple(name for name, mode in space.objectives if mode == "min")
@@ -232,11 +273,10 @@ def _search(
         metric=[name for name, _ in space.objectives],
         mode=[mode for _, mode in space.objectives],
         sampler=make_sampler(space.search),
-        study_path=str(paths.study),
-        trials_path=str(paths.trials),
+        run=paths,
         total=total,
     )
-    scheduler = ParetoHalving(ParetoHalvingRule(space.early_stopping), acc, costs, str(paths.epochs))
+    scheduler = ParetoHalving(ParetoHalvingRule(space.early_stopping), acc, costs, paths)
     recorder = ResultsRecorder(paths, searcher)
     callbacks: list[tune.Callback] = [recorder]
     if console is not None:
@@ -248,21 +288,26 @@ def _search(
     trainable = tune.with_resources(
         tune.with_parameters(
             _trainable,
-            run_dir=str(paths.root),
+            run=paths,
             data=data,
             cached_logits=cached,
+            teacher=teacher,
             threads=max(1, int(space.resources.cpus)),
             objectives=space.objectives,
             measured=measured,
         ),
         {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
     )
-    if resume and tune.Tuner.can_restore(str(paths.tune)):
-        tuner = tune.Tuner.restore(str(paths.tune), trainable=trainable, resume_unfinished=True, resume_errored=False)
-        say(f"resuming {paths.root}")
+    store = paths.store
+    tune_dir = store.path(RunPaths.TUNE)
+    if resume and tune.Tuner.can_restore(tune_dir, storage_filesystem=store.fs):
+        tuner = tune.Tuner.restore(
+            tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=store.fs
+        )
+        say(f"resuming {paths.uri}")
     elif resume:
         raise KdsearchError(
-            f"--resume: {paths.tune} holds no Ray Tune state (the search died before its first checkpoint); start it again"
+            f"--resume: {store.uri_of(RunPaths.TUNE)} holds no Ray Tune state (the search died before its first checkpoint); start it again"
         )
     else:
         tuner = tune.Tuner(
@@ -275,13 +320,14 @@ def _search(
                 reuse_actors=reuse_actors,  # warm workers: imports, data and teacher load once each
             ),
             run_config=tune.RunConfig(
-                name="tune",
-                storage_path=str(paths.root),
+                name=RunPaths.TUNE,
+                storage_path=store.path(),
+                storage_filesystem=store.fs,
                 failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
                 callbacks=callbacks,
                 verbose=0,
             ),
         )
     grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
-    rows = read_rows(paths.trials)
+    rows = paths.rows(RunPaths.TRIALS)
     return SearchResult(paths, rows, front_rows(rows, space.objectives), interrupted=len(rows) < total, grid=grid)

@@ -3,12 +3,11 @@ kdsearch.search.early_stopping."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from kdsearch.results.tables import read_rows
+from kdsearch.results.tables import RunPaths
 from kdsearch.search.early_stopping import ParetoHalvingRule
 
 
@@ -16,16 +15,16 @@ class ParetoHalving(FIFOScheduler):
     """Stops a trial at a milestone when enough cheaper-or-equal trials are already more
     accurate at the same epoch (see kdsearch.search.early_stopping). Trials start in FIFO order."""
 
-    def __init__(self, rule: ParetoHalvingRule, accuracy: str, costs: tuple[str, ...], epochs_file: str):
+    def __init__(self, rule: ParetoHalvingRule, accuracy: str, costs: tuple[str, ...], run: RunPaths):
         super().__init__()
         self.rule, self.accuracy, self.costs = rule, accuracy, costs
-        self._epochs_file = epochs_file
+        self._run = run
         self._seeded = False
 
     def _seed_from_file(self) -> None:
         """After a resume, milestones reached before the driver died still count as peers."""
         self._seeded = True
-        for row in read_rows(Path(self._epochs_file)):
+        for row in self._run.rows(RunPaths.EPOCHS):
             if row.get("epochs_total") and self.rule.is_milestone(row["epoch"], row["epochs_total"]):
                 if all(row.get(c) is not None for c in self.costs):
                     self.rule.record(

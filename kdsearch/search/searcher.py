@@ -8,6 +8,7 @@ A trial's Tune config is `{"kdsearch": {"spec": flat TrialSpec, "infeasible": bo
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -17,9 +18,8 @@ import optuna
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from kdsearch.atomic import atomic_path
 from kdsearch.results.outcomes import OPTUNA_STATE, Status, status_of
-from kdsearch.results.tables import read_rows
+from kdsearch.results.tables import RunPaths
 from kdsearch.space.objectives import Pairs, values_for_sampler
 from kdsearch.space.search_space import SearchSpace
 
@@ -37,10 +37,9 @@ class KdsearchOptunaSearch(OptunaSearch):
     finished with an early-epoch accuracy), failed ones as FAIL, and the study mirrored to a
     SQLite file in the run directory for optuna-dashboard."""
 
-    def __init__(self, *args: Any, study_path: str, trials_path: str, total: int, **kwargs: Any):
+    def __init__(self, *args: Any, run: RunPaths, total: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._study_path = study_path
-        self._trials_path = trials_path
+        self._run = run  # pickled with the searcher as its location
         self._total = total
         self._last_export = 0.0
         self._configs: dict[str, dict[str, Any]] = {}  # trial id -> config (saved with the searcher)
@@ -60,7 +59,7 @@ class KdsearchOptunaSearch(OptunaSearch):
         """
         if trial_id in self._ot_trials:
             return super().suggest(trial_id)
-        recorded = {r["trial_id"]: r for r in read_rows(Path(self._trials_path))}
+        recorded = {r["trial_id"]: r for r in self._run.rows(RunPaths.TRIALS)}
         if len(set(recorded) | set(self._ot_trials)) >= self._total:
             return Searcher.FINISHED
         lost = {tid: r for tid, r in recorded.items() if tid not in self._ot_trials}
@@ -96,17 +95,19 @@ class KdsearchOptunaSearch(OptunaSearch):
             self.export_study()
 
     def export_study(self) -> None:
-        """Copy the in-memory study to study.db (written beside, then renamed)."""
+        """Copy the in-memory study to the run's study.db (a SQLite file made in a temporary
+        folder, then written to the run's storage whole)."""
         self._last_export = time.monotonic()
-        with atomic_path(self._study_path) as tmp, warnings.catch_warnings():
+        with tempfile.TemporaryDirectory(prefix="kdsearch-study-") as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tmp.unlink(missing_ok=True)  # a copy left by a killed driver
+            db = Path(tmp) / "study.db"
             optuna.copy_study(
                 from_study_name=self._ot_study.study_name,
                 from_storage=self._ot_study._storage,
-                to_storage=f"sqlite:///{tmp}",
+                to_storage=f"sqlite:///{db}",
                 to_study_name="kdsearch",
             )
+            self._run.store.write_bytes(RunPaths.STUDY, db.read_bytes())
 
     @property
     def study(self) -> optuna.Study:

@@ -55,10 +55,13 @@ class Data:
     def val_batches(self, batch_size: int, workers: int = 0) -> Iterator[Batch]:
         yield from _batches(self.val, torch.arange(len(self.val)), batch_size, workers)  # type: ignore[arg-type]
 
-    def train_batches_in_order(self, batch_size: int, workers: int = 0) -> Iterator[Batch]:
-        """Every training image once, in index order, with the deterministic (val) transform."""
+    def train_batches_in_order(
+        self, batch_size: int, indices: range | None = None, workers: int = 0
+    ) -> Iterator[Batch]:
+        """Training images once each (all, or `indices`), in index order, with the deterministic (val) transform."""
         ds = getattr(self.train, "plain", self.train)
-        yield from _batches(ds, torch.arange(self.num_train), batch_size, workers)
+        order = torch.arange(self.num_train) if indices is None else torch.arange(indices.start, indices.stop)
+        yield from _batches(ds, order, batch_size, workers)
 
 
 class TensorSplit(Dataset):

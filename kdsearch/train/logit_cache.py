@@ -3,12 +3,14 @@
 Keyed by a content hash of the teacher's weights and of the training images' identity and
 transform, so a second search with the same teacher and data reuses them. Above
 `TOPK_CLASSES` classes only the top-k logits are kept (TinyViT's sparse scheme).
-Files are written to a temporary name and renamed: concurrent trials never read a torn cache.
+The files live in a `kdsearch.storage.Storage` (a folder or a bucket) and are written whole, so
+concurrent trials never read a torn cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -18,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdsearch.atomic import atomic_path
 from kdsearch.space.specs import TeacherSpec
+from kdsearch.storage import Storage
 from kdsearch.train.data import Data
 from kdsearch.train.teacher import run_teacher
 
@@ -61,44 +63,75 @@ def cache_key(tspec: TeacherSpec, data: Data) -> str:
     return h.hexdigest()[:16]
 
 
-def teacher_logits(
-    teacher: nn.Module, data: Data, tspec: TeacherSpec, cache_dir: str | os.PathLike, batch_size: int = 256
-) -> tuple[TeacherLogits, int]:
-    """Read the cached logits, or compute them once and cache them.
+def read_cache(store: Storage, key: str, num_classes: int) -> TeacherLogits | None:
+    """The logits cached under `key` in `store`, or None when they are not there (whole)."""
+    names = _names(key)
+    sparse = num_classes > TOPK_CLASSES
+    if not store.exists(names[0]) or (sparse and not store.exists(names[1])):
+        return None
+    values = torch.from_numpy(_load_npy(store.read_bytes(names[0])))
+    indices = torch.from_numpy(_load_npy(store.read_bytes(names[1]))) if sparse else None
+    return TeacherLogits(values, indices, num_classes, key)
 
-    Returns the logits and how many images went through the teacher (0 on a cache hit).
-    The files are written to a temporary name and renamed, so concurrent trials never
-    read a torn cache.
-    """
-    key = cache_key(tspec, data)
-    cache_dir = Path(cache_dir)
-    sparse = data.num_classes > TOPK_CLASSES
-    vpath = cache_dir / f"teacher-logits-{key}.values.npy"
-    ipath = cache_dir / f"teacher-logits-{key}.indices.npy"
-    if vpath.exists() and (not sparse or ipath.exists()):
-        values = torch.from_numpy(np.load(vpath))
-        indices = torch.from_numpy(np.load(ipath)) if sparse else None
-        return TeacherLogits(values, indices, data.num_classes, key), 0
+
+def write_cache(store: Storage, logits: TeacherLogits) -> None:
+    """Write the cache whole: the indices (when sparse) before the values a reader looks for."""
+    values_name, indices_name = _names(logits.key)
+    if logits.indices is not None:
+        store.write_bytes(indices_name, _npy_bytes(logits.indices.numpy()))
+    store.write_bytes(values_name, _npy_bytes(logits.values.numpy()))
+
+
+@torch.no_grad()
+def compute_logits(
+    teacher: nn.Module, data: Data, start: int = 0, stop: int | None = None, batch_size: int = 256
+) -> Tensor:
+    """The teacher's dense logits (float32, on the CPU) of training images [start, stop), in
+    index order, on their deterministic view; on the GPU when there is one."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = teacher.to(device)
+    stop = data.num_train if stop is None else stop
     chunks = []
-    seen = 0
-    for x, _, idx in data.train_batches_in_order(batch_size):
-        assert int(idx[0]) == seen, "training images must come in index order"
+    for x, _, _ in data.train_batches_in_order(batch_size, range(start, stop)):
         chunks.append(run_teacher(teacher, x.to(device)).logits.cpu())
-        seen += len(idx)
-    logits = torch.cat(chunks)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    if sparse:
-        top = logits.topk(TOPK, dim=1)
-        result = TeacherLogits(top.values.contiguous(), top.indices.to(torch.int32).contiguous(), data.num_classes, key)
-        _save_npy(ipath, result.indices.numpy())
-    else:
-        result = TeacherLogits(logits, None, data.num_classes, key)
-    _save_npy(vpath, result.values.numpy())
-    return result, seen
+    return torch.cat(chunks) if chunks else torch.zeros(0, data.num_classes)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
+def from_dense(logits: Tensor, num_classes: int, key: str) -> TeacherLogits:
+    """Dense logits as the cache keeps them: top-k sparse above TOPK_CLASSES classes."""
+    if num_classes <= TOPK_CLASSES:
+        return TeacherLogits(logits.contiguous(), None, num_classes, key)
+    top = logits.topk(TOPK, dim=1)
+    return TeacherLogits(top.values.contiguous(), top.indices.to(torch.int32).contiguous(), num_classes, key)
+
+
+def teacher_logits(
+    teacher: nn.Module, data: Data, tspec: TeacherSpec, cache: Storage | str | os.PathLike
+) -> tuple[TeacherLogits, int]:
+    """Read the cached logits, or compute them here once and cache them (a search computes them
+    with Ray tasks instead: kdsearch.search.teacher_tasks).
+
+    Returns the logits and how many images went through the teacher (0 on a cache hit).
+    """
+    store = cache if isinstance(cache, Storage) else Storage.open(cache)
+    key = cache_key(tspec, data)
+    hit = read_cache(store, key, data.num_classes)
+    if hit is not None:
+        return hit, 0
+    result = from_dense(compute_logits(teacher, data), data.num_classes, key)
+    write_cache(store, result)
+    return result, data.num_train
+
+
+def _names(key: str) -> tuple[str, str]:
+    return f"teacher-logits-{key}.values.npy", f"teacher-logits-{key}.indices.npy"
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)

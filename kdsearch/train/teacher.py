@@ -44,16 +44,11 @@ def load_teacher(
     tspec: TeacherSpec = space.teacher
     dspec: DataSpec = space.data
     if tspec.model == BUILTIN_TEACHER:
-        model = _load_builtin(tspec, dspec, train_if_missing, log, data)
-    else:
-        model = _load_timm(tspec, dspec)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+        return _frozen(_load_builtin(tspec, dspec, train_if_missing, log, data))
+    return _frozen(_load_timm(tspec, dspec))
 
 
-_SHARED: dict[tuple, nn.Module] = {}
+_SHARED: dict[Any, nn.Module] = {}
 
 
 def shared_teacher(spec: Any, data: Data | None = None, log: Callable[[str], None] = lambda s: None) -> nn.Module:
@@ -65,6 +60,49 @@ def shared_teacher(spec: Any, data: Data | None = None, log: Callable[[str], Non
     if key not in _SHARED:
         _SHARED[key] = load_teacher(spec, log=log, data=data)
     return _SHARED[key]
+
+
+@dataclass
+class ShippedTeacher:
+    """A teacher the driver loaded, as it travels to Ray workers: what it is and its weights on
+    the CPU. A worker rebuilds it with `build()`, so no node needs the checkpoint file."""
+
+    key: str  # names these weights (the logit cache's content key)
+    teacher: TeacherSpec
+    data: DataSpec
+    state: dict[str, Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module, spec: Any, key: str) -> ShippedTeacher:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        return cls(key, spec.teacher, spec.data, state)
+
+    def build(self) -> nn.Module:
+        """The teacher in eval mode with gradients off, built once per process."""
+        if self.key not in _SHARED:
+            model = _architecture(self.teacher, self.data)
+            model.load_state_dict(self.state, strict=True)
+            _SHARED[self.key] = _frozen(model)
+        return _SHARED[self.key]
+
+
+def _architecture(tspec: TeacherSpec, dspec: DataSpec) -> nn.Module:
+    """The teacher's network with fresh weights, sized for the data."""
+    in_chans = DATASETS[dspec.name].in_chans
+    if tspec.model == BUILTIN_TEACHER:
+        from kdsearch.models.digits_cnn import DigitsCNN
+
+        return DigitsCNN(in_chans, dspec.num_classes or 10)
+    import timm
+
+    return timm.create_model(tspec.model, pretrained=False, num_classes=dspec.num_classes, in_chans=in_chans)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 def _load_builtin(
@@ -89,9 +127,7 @@ def _load_builtin(
         )
         log(f"teacher trained in {time.perf_counter() - t0:.1f} s: val_acc {acc:.4f}, saved to {path}")
         return model
-    from kdsearch.models.digits_cnn import DigitsCNN
-
-    model = DigitsCNN(DATASETS[dspec.name].in_chans, dspec.num_classes or 10)
+    model = _architecture(tspec, dspec)
     _load_state(model, _read_checkpoint(path), path)
     return model
 
@@ -118,7 +154,7 @@ def _load_timm(tspec: TeacherSpec, dspec: DataSpec) -> nn.Module:
                 "fine-tune the teacher on your data and give its checkpoint"
             )
         return model
-    model = timm.create_model(tspec.model, pretrained=False, num_classes=dspec.num_classes, in_chans=in_chans)
+    model = _architecture(tspec, dspec)
     path = Path(tspec.checkpoint or "")
     if not path.is_file():
         raise KdsearchError(f"teacher.checkpoint: {path} does not exist")

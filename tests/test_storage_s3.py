@@ -1,0 +1,194 @@
+"""A whole run in a bucket: a real S3-compatible server on 127.0.0.1 (moto's server mode), a
+real local Ray, no shared disk assumed: tables, weights, the teacher-logit cache, the study and
+Ray Tune's state all live in the bucket, and every command reads the run from its URI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.helpers import run_cli, write_space
+from tests.s3 import list_keys, make_bucket, s3_server
+
+BUCKET = "kdsearch-test"
+RUNS = f"s3://{BUCKET}/runs"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    with s3_server(tmp_path_factory.mktemp("moto") / "moto.log") as env:
+        make_bucket(env, BUCKET)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # this process and the Ray it starts reach the bucket the usual way
+        try:
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _home_results() -> set[str]:
+    folder = Path.home() / "ray_results"
+    return {str(p) for p in folder.rglob("*")} if folder.exists() else set()
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3, digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One search of 4 trials with --storage s3://..., run from an empty working directory."""
+    from kdsearch.search.run import run_search
+
+    space = write_space(tmp_path_factory.mktemp("s3space"), digits_teacher_path, trials=4, epochs=2, max_concurrent=1)
+    cwd = tmp_path_factory.mktemp("s3cwd")
+    before, old = _home_results(), os.getcwd()
+    os.chdir(cwd)
+    messages: list[str] = []
+    try:
+        result = run_search(space, storage=RUNS, say=messages.append)
+    finally:
+        os.chdir(old)
+    return result, space, messages, cwd, before
+
+
+def read_table(uri: str) -> pd.DataFrame:
+    fs, path = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_stream(path) as f:
+        return pq.read_table(io.BytesIO(f.read())).to_pandas()
+
+
+def test_everything_a_run_has_is_in_the_bucket(s3, s3_run) -> None:
+    result, _, messages, cwd, before = s3_run
+    assert result.paths.uri == f"{RUNS}/digits_search"
+    keys = list_keys(s3, RUNS)
+    run = [k.removeprefix("digits_search/") for k in keys if k.startswith("digits_search/")]
+    for name in ("space.yaml", "run.json", "trials.parquet", "epochs.parquet", "study.db", "front.png"):
+        if name != "front.png":  # the CLI draws the picture; run_search does not
+            assert name in run, keys
+    assert any(k.startswith("tune/") for k in run), "Ray Tune's experiment state is in the bucket"
+    assert any(k.startswith("cache/teacher-logits-") and k.endswith(".values.npy") for k in keys), keys
+    trials = read_table(f"{RUNS}/digits_search/trials.parquet")
+    assert len(trials) == 4 and trials.trial_id.is_unique
+    done = trials[trials.status == "completed"]
+    assert len(done)
+    for _, row in done.iterrows():
+        assert row.checkpoint == f"trials/{row.trial_id}/model.safetensors"  # relative: the run can move
+        assert row.checkpoint in run and f"trials/{row.trial_id}/trial_spec.json" in run
+        assert row.node_id and row.host and row.gpu == ""  # where it ran (no GPU here)
+    # nothing was written to the local disk outside temporary folders
+    assert list(cwd.iterdir()) == []
+    assert _home_results() == before
+    assert any("teacher logits cached once for the search" in m and "Ray task" in m for m in messages), messages
+
+
+def test_commands_read_the_run_from_its_uri(s3, s3_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = f"{RUNS}/digits_search"
+    assert run_cli(["status", run, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["finished"] == 4
+    assert run_cli(["pareto", run, "--format", "json"]) == 0
+    front = json.loads(capsys.readouterr().out)
+    assert front["run"] == run and front["front"] and front["hypervolume"]["value"] > 0
+    assert run_cli(["report", run, "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
+    best = front["front"][-1]["trial_id"]
+    assert run_cli(["export", run, "--trial", best, "--out", str(tmp_path / "student")]) == 0
+    card = yaml.safe_load((tmp_path / "student" / "student.yaml").read_text())
+    assert card["source"] == {"run": run, "trial_id": best}
+    capsys.readouterr()
+    assert run_cli(["eval", str(tmp_path / "student"), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["val_acc"] == pytest.approx(measured["recorded_val_acc"])
+
+
+def test_a_second_search_reuses_the_teacher_cache(s3, s3_run) -> None:
+    from kdsearch.search.run import run_search
+
+    _, space, _, _, _ = s3_run
+    messages: list[str] = []
+    run_search(space, storage=RUNS, name="again", trials=1, say=messages.append)
+    assert any("reusing the cache" in m for m in messages), messages
+    assert not any("cached once" in m for m in messages)
+
+
+def test_a_bucket_that_does_not_exist_is_one_line(s3, s3_run, capsys: pytest.CaptureFixture[str]) -> None:
+    _, space, _, _, _ = s3_run
+    assert run_cli(["search", str(space), "--storage", "s3://no-such-bucket/runs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "kdsearch: error: --storage s3://no-such-bucket/runs: cannot write there"
+    )
+    assert run_cli(["status", f"{RUNS}/no-such-run"]) == 2
+    assert "no such run" in capsys.readouterr().err
+
+
+def _rows(uri: str) -> int:
+    try:
+        return len(read_table(uri))
+    except (OSError, FileNotFoundError):
+        return 0
+
+
+def test_sigkilled_driver_resumes_from_the_bucket_elsewhere(s3, digits_teacher_path: Path, tmp_path: Path) -> None:
+    """The driver dies; its working directory is deleted; the search is resumed from another
+    directory and finishes with every trial once."""
+    from tests.test_search_faults import CONFIG_COLUMNS, descendants, kill_all, wait_for
+
+    space = write_space(tmp_path, digits_teacher_path, trials=6, epochs=4, seed=7)
+    kdsearch = Path(sys.executable).with_name("kdsearch")
+    cmd = [str(kdsearch), "search", str(space), "--storage", RUNS, "--name", "killed"]
+    trials_uri = f"{RUNS}/killed/trials.parquet"
+    first_cwd, second_cwd = tmp_path / "first", tmp_path / "second"
+    first_cwd.mkdir()
+    second_cwd.mkdir()
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(cmd, cwd=first_cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    helpers: list[int] = []
+    try:
+        wait_for(lambda: _rows(trials_uri) >= 2, 240, "two finished trials in the bucket")
+        helpers = descendants(driver.pid)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        kill_all(helpers + descendants(driver.pid))
+        log.close()
+    before = read_table(trials_uri)
+    assert 2 <= len(before) < 6, "the kill came too late to test a resume"
+    shutil.rmtree(first_cwd)  # the first machine's local state is gone
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=second_cwd, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = read_table(trials_uri)
+    assert len(after) == 6 and after.trial_id.is_unique
+    assert not after.duplicated(subset=CONFIG_COLUMNS).any()
+    assert set(before.trial_id) <= set(after.trial_id)
+    assert "front picture: s3://" in resumed.stdout
+
+
+def test_a_data_root_missing_on_a_node_names_the_node_and_the_path(tmp_path: Path) -> None:
+    import socket
+
+    from kdsearch.errors import KdsearchError
+    from kdsearch.search.run import require_data_here
+    from kdsearch.space.specs import DataSpec
+
+    require_data_here(DataSpec(), "n1")  # digits: no root to look for
+    require_data_here(DataSpec(name="imagefolder", root=str(tmp_path)), "n1")
+    missing = tmp_path / "elsewhere"
+    with pytest.raises(
+        KdsearchError, match=f"data.root: {missing} does not exist on node {socket.gethostname()} \\(abc"
+    ):
+        require_data_here(DataSpec(name="imagefolder", root=str(missing)), "abc123")
