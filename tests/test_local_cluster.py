@@ -1,0 +1,304 @@
+"""cluster/local.sh: a head and two worker nodes as separate processes on this machine, joined with the
+cluster's own token; after `stop` nothing they started is left."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL_SH = REPO / "cluster" / "local.sh"
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="local.sh and this test need Linux's /proc"),
+]
+
+# A driver that joins the cluster and prints every alive node.
+NODES_DRIVER = """
+import json, logging, sys
+import ray
+ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)
+nodes = [
+    {"id": n["NodeID"], "socket": n["ObjectStoreSocketName"], "cpus": n["Resources"].get("CPU", 0.0)}
+    for n in ray.nodes() if n["Alive"]
+]
+print(json.dumps(nodes))
+"""
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any Ray address or token, so only what local.sh hands out can join."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "RAY_API_SERVER"))}
+    ray_here = Path(sys.executable).parent / "ray"
+    if ray_here.exists():
+        env["KDSEARCH_RAY"] = str(ray_here)  # the Ray of the interpreter running the tests
+    return {**env, **extra}
+
+
+def stat_of(pid: int) -> tuple[int, int] | None:
+    """(session id, start time) of a live process, None once it is gone (or a zombie)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[3]), int(fields[19])
+
+
+def processes_in_sessions(sids: set[int]) -> dict[int, int]:
+    """pid -> start time of every live process whose session is one of sids."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := stat_of(int(entry.name))) and st[0] in sids:
+            found[int(entry.name)] = st[1]
+    return found
+
+
+def recorded_pids(state: Path) -> dict[str, int]:
+    """The node pids local.sh recorded (nodes/NAME/pid survives `stop`, the pids file does not)."""
+    return {d.name: int((d / "pid").read_text()) for d in sorted((state / "nodes").glob("*")) if (d / "pid").exists()}
+
+
+def parse_env(text: str) -> dict[str, str]:
+    env = {}
+    for line in text.splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = shlex.split(value)[0]
+    return env
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    """`local.sh start 2` with its state under tmp_path; stopped afterwards, and whatever is left of the
+    recorded node sessions killed by pid even when the test failed."""
+    state = tmp_path / "state"
+    started = subprocess.run(
+        [str(LOCAL_SH), "--dir", str(state), "start", "2", "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    try:
+        yield state, started
+    finally:
+        subprocess.run([str(LOCAL_SH), "--dir", str(state), "stop"], capture_output=True, timeout=90, env=clean_env())
+        leftovers = processes_in_sessions(set(recorded_pids(state).values())) if (state / "nodes").exists() else {}
+        for pid in leftovers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_local_cluster_starts_joins_with_its_token_and_stops_everything(cluster):
+    state, started = cluster
+    assert started.returncode == 0, started.stderr
+
+    # The address: printed alone on stdout, written to STATE/address, on a picked port
+    address = started.stdout.strip()
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", address), started.stdout
+    assert (state / "address").read_text().strip() == address
+    assert int(address.split(":")[1]) != 6379
+
+    # Every node recorded, alive, each the leader of its own session, in its own working directory
+    pids_file = dict(line.split() for line in (state / "pids").read_text().splitlines())
+    pids = recorded_pids(state)
+    assert {name: str(pid) for name, pid in pids.items()} == pids_file
+    assert sorted(pids) == ["head", "worker-1", "worker-2"]
+    for name, pid in pids.items():
+        assert stat_of(pid) is not None and stat_of(pid)[0] == pid, f"{name} (pid {pid}) is not a live session leader"
+    cwds = {name: os.readlink(f"/proc/{pid}/cwd") for name, pid in pids.items()}
+    assert cwds == {name: str((state / "nodes" / name / "cwd").resolve()) for name in pids}
+    assert len(set(cwds.values())) == 3
+
+    # The token: fresh, private, and what the env file points drivers to
+    token_file = state / "auth_token"
+    assert re.fullmatch(r"[0-9a-f]{64}", token_file.read_text())
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    env = parse_env((state / "env").read_text())
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert Path(env["RAY_AUTH_TOKEN_PATH"]).resolve() == token_file.resolve()
+    assert env["RAY_ADDRESS"] == address
+    shown = subprocess.run(
+        [str(LOCAL_SH), "--dir", str(state), "env"], capture_output=True, text=True, timeout=30, env=clean_env()
+    )
+    assert parse_env(shown.stdout) == env
+
+    # A driver with the env joins and sees three alive nodes; one without the token is refused (run together:
+    # the refusal takes Ray's connection timeout)
+    with_token = subprocess.Popen(
+        [sys.executable, "-c", NODES_DRIVER, address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(**env),
+        cwd=state.parent,
+    )
+    without_token = subprocess.Popen(
+        [sys.executable, "-c", NODES_DRIVER, address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+        cwd=state.parent,
+    )
+    try:
+        out, err = with_token.communicate(timeout=90)
+        refused_out, refused_err = without_token.communicate(timeout=90)
+    finally:
+        for p in (with_token, without_token):
+            p.kill()
+            p.wait()
+    assert with_token.returncode == 0, err
+    nodes = json.loads(out.strip().splitlines()[-1])
+    assert len(nodes) == 3 and len({n["id"] for n in nodes}) == 3
+    assert sorted(n["cpus"] for n in nodes) == [0.0, 1.0, 1.0]  # a head without CPUs, two 1-CPU workers
+    assert without_token.returncode != 0 and "InvalidAuthToken" in refused_err, (refused_out, refused_err[-2000:])
+
+    # Each node has its own temp dir, and each alive node's object store lives in one of them
+    temp_dirs = {name: (state / "nodes" / name / "temp_dir").read_text().strip() for name in pids}
+    assert len(set(temp_dirs.values())) == 3
+    owners = sorted(name for n in nodes for name, t in temp_dirs.items() if n["socket"].startswith(t + "/"))
+    assert owners == ["head", "worker-1", "worker-2"]
+
+    # A second start on the same state folder refuses, and starts nothing
+    again = subprocess.run(
+        [str(LOCAL_SH), "--dir", str(state), "start", "1"], capture_output=True, text=True, timeout=60, env=clean_env()
+    )
+    assert again.returncode == 1 and "still runs" in again.stderr, again.stderr
+    assert recorded_pids(state) == pids and (state / "address").read_text().strip() == address
+
+    # What runs now: the three leaders and the Ray processes of their sessions (raylets, GCS, agents, ...)
+    before = processes_in_sessions(set(pids.values()))
+    assert set(pids.values()) <= set(before) and len(before) > 6
+
+    stopped = subprocess.run(
+        [str(LOCAL_SH), "--dir", str(state), "stop"], capture_output=True, text=True, timeout=90, env=clean_env()
+    )
+    assert stopped.returncode == 0, stopped.stderr
+    still = {pid for pid, start in before.items() if (st := stat_of(pid)) and st[1] == start}
+    assert not still, f"still running after stop: {still}"
+    assert not processes_in_sessions(set(pids.values()))
+    assert not (state / "pids").exists() and not (state / "address").exists() and not token_file.exists()
+    status = subprocess.run(
+        [str(LOCAL_SH), "--dir", str(state), "status"], capture_output=True, text=True, timeout=30, env=clean_env()
+    )
+    assert status.returncode == 1 and status.stdout.count("not running") == 3, status.stdout
+
+
+def test_local_sh_commands_without_a_cluster(tmp_path: Path):
+    """Bad usage is exit code 2; stop, status and env on a folder without a running cluster say so."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(LOCAL_SH), "--dir", str(tmp_path / "none"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_env(),
+        )
+
+    assert run("start", "two").returncode == 2
+    assert run("restart").returncode == 2
+    stop = run("stop")
+    assert stop.returncode == 0 and "nothing to stop" in stop.stderr
+    assert run("status").returncode == 1
+    assert run("env").returncode == 1
+    assert not (tmp_path / "none").exists(), "commands that start nothing create nothing"
+
+
+@pytest.mark.timeout(400)
+def test_a_search_runs_across_nodes_with_its_run_in_a_bucket(
+    digits_teacher_path: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A head and two workers from local.sh, each in its own working directory, and a moto S3
+    server on 127.0.0.1: `kdsearch search --address ... --storage s3://...` spreads trials over
+    both workers, every trial's weights reach the bucket, and export reads them back."""
+
+    from tests.helpers import write_space
+    from tests.s3 import list_keys, make_bucket, s3_server
+    from tests.test_storage_s3 import read_table
+
+    runs = "s3://cluster-test/runs"
+    state = tmp_path / "state"
+    space = write_space(tmp_path, digits_teacher_path, trials=4, epochs=2)
+    with s3_server(tmp_path / "moto.log") as s3:
+        make_bucket(s3, "cluster-test")
+        started = subprocess.run(
+            [str(LOCAL_SH), "--dir", str(state), "start", "2", "--timeout", "60"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=clean_env(**s3),  # the nodes reach the bucket the usual way
+        )
+        try:
+            assert started.returncode == 0, started.stderr
+            auth = parse_env((state / "env").read_text())
+            driver_cwd = tmp_path / "driver"
+            driver_cwd.mkdir()
+            kdsearch = Path(sys.executable).with_name("kdsearch")
+            search = subprocess.run(
+                [str(kdsearch), "search", str(space), "--address", started.stdout.strip(), "--storage", runs],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=clean_env(**s3, **auth),
+                cwd=driver_cwd,
+            )
+            assert search.returncode == 0, search.stderr[-3000:]
+            saved = os.environ.copy()
+            os.environ.update(s3)
+            try:
+                trials = read_table(f"{runs}/digits_search/trials.parquet")
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            assert len(trials) == 4
+            trained = trials[trials.status != "infeasible"]
+            assert trained.node_id.nunique() >= 2, trials[["trial_id", "status", "node_id"]]
+            keys = list_keys(s3, f"{runs}/digits_search")
+            for _, row in trials[trials.status == "completed"].iterrows():
+                assert f"trials/{row.trial_id}/model.safetensors" in keys
+            assert list(driver_cwd.iterdir()) == []  # the run is in the bucket, not here
+            best = trials[trials.status == "completed"].sort_values("val_acc").iloc[-1]
+            exported = subprocess.run(
+                [
+                    str(kdsearch),
+                    "export",
+                    f"{runs}/digits_search",
+                    "--trial",
+                    best.trial_id,
+                    "--out",
+                    str(tmp_path / "s"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=clean_env(**s3),
+            )
+            assert exported.returncode == 0, exported.stderr
+            assert (tmp_path / "s" / "model.safetensors").stat().st_size > 0
+
+        finally:
+            pids = recorded_pids(state) if (state / "nodes").exists() else {}
+            before = processes_in_sessions(set(pids.values()))
+            stop = subprocess.run(
+                [str(LOCAL_SH), "--dir", str(state), "stop"], capture_output=True, timeout=90, env=clean_env()
+            )
+            left = {pid for pid, start in before.items() if (st := stat_of(pid)) and st[1] == start}
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+        assert stop.returncode == 0 and not left, f"still running after stop: {left}"
