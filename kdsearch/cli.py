@@ -142,7 +142,7 @@ def trial(
     run_dir = Path("runs") / space.name
     workdir = (workdir or run_dir / "trials" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     data = load_data(space)
-    needs_teacher = teacher_source(spec.recipe, data.random_augment) is not TeacherSource.NONE
+    needs_teacher = teacher_source(spec.recipe) is not TeacherSource.NONE
     teacher = load_teacher(space, train_if_missing=True, log=err_console.print, data=data) if needs_teacher else None
     s = spec.student
     err_console.print(

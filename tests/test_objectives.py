@@ -99,20 +99,19 @@ def test_every_dataset_has_a_loader() -> None:
 
 
 @pytest.mark.parametrize(
-    ("recipe", "augment", "live", "expected"),
+    ("recipe", "live", "expected"),
     [
-        (RecipeSpec(alpha=0.0), False, False, TeacherSource.NONE),
-        (RecipeSpec(alpha=0.0), True, True, TeacherSource.NONE),
-        (RecipeSpec(alpha=0.5), False, False, TeacherSource.CACHED),
-        (RecipeSpec(alpha=0.0, hard_weight=1.0), False, False, TeacherSource.CACHED),
-        (RecipeSpec(alpha=0.5), True, False, TeacherSource.LIVE),
-        (RecipeSpec(alpha=0.5), False, True, TeacherSource.LIVE),
-        (RecipeSpec(alpha=0.0, feature_weight=1.0), False, False, TeacherSource.LIVE),
-        (RecipeSpec(alpha=0.5, attention_weight=1.0), False, False, TeacherSource.LIVE),
+        (RecipeSpec(alpha=0.0), False, TeacherSource.NONE),
+        (RecipeSpec(alpha=0.0), True, TeacherSource.NONE),
+        (RecipeSpec(alpha=0.5), False, TeacherSource.CACHED),
+        (RecipeSpec(alpha=0.0, hard_weight=1.0), False, TeacherSource.CACHED),
+        (RecipeSpec(alpha=0.5), True, TeacherSource.LIVE),
+        (RecipeSpec(alpha=0.0, feature_weight=1.0), False, TeacherSource.LIVE),
+        (RecipeSpec(alpha=0.5, attention_weight=1.0), False, TeacherSource.LIVE),
     ],
 )
-def test_teacher_source(recipe: RecipeSpec, augment: bool, live: bool, expected: TeacherSource) -> None:
-    assert teacher_source(recipe, augment, live) is expected
+def test_teacher_source(recipe: RecipeSpec, live: bool, expected: TeacherSource) -> None:
+    assert teacher_source(recipe, live) is expected
 
 
 def test_a_space_knows_where_its_trials_get_the_teacher() -> None:
@@ -124,7 +123,6 @@ def test_a_space_knows_where_its_trials_get_the_teacher() -> None:
     }
     mixed = parse_space({**base, "recipe": {"alpha": {"low": 0.0, "high": 1.0}, "feature_weight": [0.0, 1.0]}})
     assert mixed.teacher_sources() == {TeacherSource.NONE, TeacherSource.CACHED, TeacherSource.LIVE}
-    assert mixed.teacher_sources(random_augment=True) == {TeacherSource.NONE, TeacherSource.LIVE}
 
 
 def test_unknown_objective_lists_the_table() -> None:

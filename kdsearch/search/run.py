@@ -188,18 +188,19 @@ def _prepare_run(
 
 def _load_once(space: SearchSpace, cache: Storage, say: Callable[[str], None]) -> tuple[Any, Any, Any]:
     """Load the data, and the teacher's logits (computed once by Ray tasks, or read from the
-    cache under the storage root) and its weights for the trials that run it live.
+    cache under the storage root: per image, or per image and epoch with the view's seed when
+    the augmentation is random) and its weights for the trials that run it live.
 
     All three go to the workers through Ray's object store: no worker loads the teacher's
     checkpoint or runs it for the cache. The logits are None where no trial reads them.
     """
-    from kdsearch.search.teacher_tasks import cached_teacher_logits
+    from kdsearch.search.teacher_tasks import cached_teacher_logits, cached_teacher_views
     from kdsearch.train.data import load_data
     from kdsearch.train.logit_cache import cache_key
     from kdsearch.train.teacher import ShippedTeacher, load_teacher
 
     data = load_data(space)
-    sources = space.teacher_sources(data.random_augment)
+    sources = space.teacher_sources()
     if sources == {TeacherSource.NONE}:
         return data, None, None
     teacher = load_teacher(space, train_if_missing=True, log=say, data=data)  # trains the built-in one if missing
@@ -207,11 +208,9 @@ def _load_once(space: SearchSpace, cache: Storage, say: Callable[[str], None]) -
         ShippedTeacher.of(teacher, space, cache_key(space.teacher, data)) if TeacherSource.LIVE in sources else None
     )
     if TeacherSource.CACHED not in sources:
-        if TeacherSource.CACHED in space.teacher_sources(random_augment=False):
-            say("training augmentation is random: trials run the teacher live (the logit cache is off)")
         return data, None, shipped
-    logits = cached_teacher_logits(space, data, teacher, cache, space.resources.gpus, say)
-    return data, logits, shipped
+    build = cached_teacher_views if data.random_augment else cached_teacher_logits
+    return data, build(space, data, teacher, cache, space.resources.gpus, say), shipped
 
 
 def run_search(

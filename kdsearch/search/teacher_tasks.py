@@ -64,3 +64,64 @@ def cached_teacher_logits(
         f"in {time.perf_counter() - t0:.1f} s"
     )
     return logits
+
+
+@ray.remote
+def _views_shard(shipped: Any, dspec: Any, epochs: list[int], start: int, stop: int) -> list[tuple[int, Any, Any]]:
+    from kdsearch.train.data import load_data
+    from kdsearch.train.replay_cache import teacher_views
+
+    teacher, data = shipped.build(), load_data(dspec)
+    out = []
+    for epoch in epochs:
+        seeds, logits = teacher_views(teacher, data, epoch, start, stop)
+        out.append((epoch, seeds, logits.numpy()))
+    return out
+
+
+def cached_teacher_views(
+    space: Any, data: Any, teacher: Any, cache: Any, gpus_per_trial: float, say: Callable[[str], None]
+) -> Any:
+    """The replay cache (augmentation seed and teacher logits per image and epoch) for this
+    teacher and data, up to the space's largest `train.epochs`; the epochs it lacks are
+    computed by Ray tasks sharded over images and epochs and written epoch by epoch."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from kdsearch.train.logit_cache import cache_key
+    from kdsearch.train.replay_cache import ReplayCache, bytes_per_view
+    from kdsearch.train.teacher import ShippedTeacher
+
+    replay = ReplayCache(cache, cache_key(space.teacher, data), data.num_classes)
+    epochs = int(max(space.dims["train.epochs"].values()))
+    missing = replay.missing(epochs)
+    if not missing:
+        say(f"teacher views: reusing the replay cache {cache.uri_of()} ({replay.key}, {epochs} epochs)")
+        return replay
+    size = data.num_train * len(missing) * bytes_per_view(data.num_classes)
+    say(
+        f"replay cache: {data.num_train:,} images x {len(missing)} epochs x {bytes_per_view(data.num_classes)} bytes "
+        f"= {size / 1e6:.1f} MB, into {cache.uri_of()}"
+    )
+    t0 = time.perf_counter()
+    use_gpu = gpus_per_trial > 0
+    workers = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1))
+    bounds = shard_bounds(data.num_train, workers)
+    per_task = max(1, math.ceil(SHARD_IMAGES / max(1, bounds[0][1] - bounds[0][0])))
+    chunks = [missing[i : i + per_task] for i in range(0, len(missing), per_task)]
+    shipped = ray.put(ShippedTeacher.of(teacher, space, replay.key))
+    task = _views_shard.options(num_cpus=1, num_gpus=1 if use_gpu else 0)
+    pending = [[task.remote(shipped, space.data, chunk, start, stop) for start, stop in bounds] for chunk in chunks]
+    for chunk, refs in zip(chunks, pending):  # in epoch order: each epoch is written as soon as its shards are in
+        shards = ray.get(refs)
+        for i, epoch in enumerate(chunk):
+            seeds = np.concatenate([s[i][1] for s in shards])
+            logits = torch.from_numpy(np.concatenate([s[i][2] for s in shards]))
+            replay.write(epoch, seeds, logits)
+    say(
+        f"teacher views cached once for the search: {data.num_train * len(missing):,} (image, epoch) views by "
+        f"{len(chunks) * len(bounds)} Ray task(s) in {time.perf_counter() - t0:.1f} s"
+    )
+    return replay

@@ -165,19 +165,15 @@ class SearchSpace:
         for combo in itertools.product(*(d.values() for d in dims.values())):
             yield self.build({**recipe_train, **dict(zip(dims, combo))}).student
 
-    def teacher_sources(self, random_augment: bool | None = None) -> set[TeacherSource]:
+    def teacher_sources(self) -> set[TeacherSource]:
         """Where the teacher signal comes from, over every recipe the space holds.
 
         `teacher_source` depends on each weight only through whether it is 0, so one recipe per
         zero/non-zero pattern of the recipe dimensions covers the space.
         """
-        augment = self.data.augment if random_augment is None else random_augment
         recipe_dims = {k.removeprefix("recipe."): d for k, d in self.dims.items() if k.startswith("recipe.")}
         patterns = [sorted({0.0 if v == 0 else max(d.values()) for v in d.values()}) for d in recipe_dims.values()]
-        return {
-            teacher_source(RecipeSpec(**dict(zip(recipe_dims, combo))), random_augment=augment)
-            for combo in itertools.product(*patterns)
-        }
+        return {teacher_source(RecipeSpec(**dict(zip(recipe_dims, combo)))) for combo in itertools.product(*patterns)}
 
 
 MAX_ENUMERATED = 200_000

@@ -160,22 +160,22 @@ class TeacherSource(str, Enum):
     """Where a trial's teacher signal comes from."""
 
     NONE = "none"  # plain cross-entropy with the labels: no teacher at all
-    CACHED = "cached"  # the logit cache, computed once per search
+    CACHED = "cached"  # computed once per search: the logit cache, or the replay cache under augmentation
     LIVE = "live"  # the teacher runs on every batch
 
 
-def teacher_source(recipe: RecipeSpec, random_augment: bool = False, live: bool = False) -> TeacherSource:
+def teacher_source(recipe: RecipeSpec, live: bool = False) -> TeacherSource:
     """The one rule for where a recipe's teacher signal comes from.
 
     Feature or attention distillation needs the teacher's inner activations: live. Soft or
-    hard distillation needs only its logits: cached, unless the training view is random
-    (the cache holds the logits of the plain view) or `live` forces it (a baseline).
+    hard distillation needs only its logits: cached once per search (with a random
+    augmentation, per image and epoch with the view's seed), unless `live` forces it (a baseline).
     """
     if recipe.needs_live_teacher:
         return TeacherSource.LIVE
     if not recipe.uses_teacher_logits:
         return TeacherSource.NONE
-    return TeacherSource.LIVE if random_augment or live else TeacherSource.CACHED
+    return TeacherSource.LIVE if live else TeacherSource.CACHED
 
 
 @dataclass(frozen=True)

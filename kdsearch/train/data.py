@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -28,6 +30,15 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, labels, dataset indices
+VIEW_SEED = 20_240_527  # the root of every image's augmentation seed; fixed, so every trial sees the same views
+
+
+def view_seeds(epoch: int, num_images: int) -> np.ndarray:
+    """The augmentation seed (4 bytes) of each training image at `epoch`: a fixed function of
+    (epoch, image), so the view of an image at an epoch is the same in every trial, whatever
+    its batch size or order, and the replay cache can store and replay it."""
+    rng = np.random.default_rng(np.random.SeedSequence([VIEW_SEED, epoch]))
+    return rng.integers(0, 2**32, num_images, dtype=np.uint32)
 
 
 @dataclass
@@ -40,17 +51,29 @@ class Data:
     num_classes: int
     in_chans: int
     fingerprint: str  # identifies the exact training images and their transform (cache key)
-    random_augment: bool  # the training transform is random: the teacher must see each view live
+    random_augment: bool  # the training view of an image changes with the epoch (a seeded augmentation)
 
     @property
     def num_train(self) -> int:
         return len(self.train)  # type: ignore[arg-type]
 
-    def train_batches(self, batch_size: int, epoch: int, seed: int, workers: int = 0) -> Iterator[Batch]:
-        """Shuffled training batches, the order fixed by (seed, epoch)."""
+    def train_batches(
+        self, batch_size: int, epoch: int, seed: int, workers: int = 0, seeds: np.ndarray | None = None
+    ) -> Iterator[Batch]:
+        """Shuffled training batches, the order fixed by (seed, epoch); with a random augmentation
+        each image's view comes from its seed at this epoch (`seeds`, else `view_seeds(epoch)`)."""
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(self.num_train, generator=g)
-        yield from _batches(self.train, order, batch_size, workers, drop_last=self.num_train > batch_size)
+        if self.random_augment and seeds is None:
+            seeds = view_seeds(epoch, self.num_train)
+        yield from _batches(self.train, order, batch_size, workers, self.num_train > batch_size, seeds)
+
+    def views(self, indices: np.ndarray | torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
+        """The augmented training views of images `indices` with their `seeds` (replay)."""
+        idx = torch.as_tensor(np.asarray(indices))
+        full = np.zeros(self.num_train, dtype=np.uint32)
+        full[idx.numpy()] = seeds
+        return next(iter(_batches(self.train, idx, len(idx), 0, False, full)))[0]
 
     def val_batches(self, batch_size: int, workers: int = 0) -> Iterator[Batch]:
         yield from _batches(self.val, torch.arange(len(self.val)), batch_size, workers)  # type: ignore[arg-type]
@@ -65,10 +88,12 @@ class Data:
 
 
 class TensorSplit(Dataset):
-    """Images and labels held as tensors; indexing returns (image, label, index)."""
+    """Images and labels held as tensors; indexing returns (image, label, index). `augment`,
+    when given, makes each image's view from its seed: `augment(images, seeds)`."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: Callable | None = None):
+        self.x, self.y, self.augment = x, y, augment
+        self.plain = self if augment is None else TensorSplit(x, y)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -76,15 +101,20 @@ class TensorSplit(Dataset):
     def __getitem__(self, i: int) -> Batch:
         return self.x[i], self.y[i], torch.tensor(i)
 
-    def take(self, idx: torch.Tensor) -> Batch:
-        return self.x[idx], self.y[idx], idx
+    def take(self, idx: torch.Tensor, seeds: np.ndarray | None = None) -> Batch:
+        x = self.x[idx]
+        if self.augment is not None and seeds is not None:
+            x = self.augment(x, seeds[idx.numpy()])
+        return x, self.y[idx], idx
 
 
 class IndexedDataset(Dataset):
-    """Wraps a torchvision dataset to also return the index; `plain` is the same images un-augmented."""
+    """Wraps a torchvision dataset to also return the index; `plain` is the same images un-augmented.
+    With `seeds` set, image i's random transform draws from torch's RNG seeded with seeds[i]."""
 
     def __init__(self, ds: Dataset, plain: Dataset | None = None):
         self.ds = ds
+        self.seeds: np.ndarray | None = None
         if plain is not None:
             self.plain = IndexedDataset(plain)
 
@@ -92,20 +122,55 @@ class IndexedDataset(Dataset):
         return len(self.ds)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> Batch:
-        x, y = self.ds[i]
+        if self.seeds is None:
+            x, y = self.ds[i]
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(self.seeds[i]))
+                x, y = self.ds[i]
         return x, torch.tensor(y), torch.tensor(i)
 
 
 def _batches(
-    ds: Dataset, order: torch.Tensor, batch_size: int, workers: int, drop_last: bool = False
+    ds: Dataset,
+    order: torch.Tensor,
+    batch_size: int,
+    workers: int,
+    drop_last: bool = False,
+    seeds: np.ndarray | None = None,
 ) -> Iterator[Batch]:
     if isinstance(ds, TensorSplit):  # the fast path: no DataLoader, no per-item Python
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
-            yield ds.take(order[start : start + batch_size])
+            yield ds.take(order[start : start + batch_size], seeds)
         return
+    if isinstance(ds, IndexedDataset):
+        ds.seeds = seeds  # the loader's workers get this epoch's seeds with the dataset
     loader = DataLoader(ds, batch_size=batch_size, sampler=order.tolist(), num_workers=workers, drop_last=drop_last)
     yield from loader
+
+
+def shift_and_rotate(
+    x: torch.Tensor, seeds: np.ndarray, max_shift: float = 2.0, max_degrees: float = 12.0
+) -> torch.Tensor:
+    """Digits' augmentation: each image shifted by up to `max_shift` pixels and rotated by up to
+    `max_degrees`, its parameters drawn from its own seed. The sampling grid is built with
+    elementwise operations only, so an image's view is the same bit for bit in any batch."""
+    b, _, h, w = x.shape
+    params = np.array([np.random.default_rng(int(s)).uniform(-1, 1, 3) for s in seeds], dtype=np.float64)
+    angle = torch.tensor(params[:, 0] * math.radians(max_degrees), dtype=x.dtype).view(b, 1, 1)
+    tx = torch.tensor(params[:, 1] * 2 * max_shift / w, dtype=x.dtype).view(b, 1, 1)
+    ty = torch.tensor(params[:, 2] * 2 * max_shift / h, dtype=x.dtype).view(b, 1, 1)
+    ys, xs = torch.meshgrid(
+        (torch.arange(h, dtype=x.dtype) * 2 + 1) / h - 1,
+        (torch.arange(w, dtype=x.dtype) * 2 + 1) / w - 1,
+        indexing="ij",
+    )
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    gx = cos * xs - sin * ys + tx
+    gy = sin * xs + cos * ys + ty
+    grid = torch.stack([gx, gy], dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def load_data(spec: DataSpec | object) -> Data:
@@ -135,12 +200,14 @@ def load_digits(spec: DataSpec) -> Data:
     idx_train, idx_val = train_test_split(
         range(len(y)), test_size=spec.val_fraction, stratify=digits.target, random_state=SPLIT_SEED
     )
-    train = TensorSplit(x[idx_train].contiguous(), y[idx_train].contiguous())
+    train = TensorSplit(
+        x[idx_train].contiguous(), y[idx_train].contiguous(), shift_and_rotate if spec.augment else None
+    )
     val = TensorSplit(x[idx_val].contiguous(), y[idx_val].contiguous())
     fp = _fingerprint(
         name="digits", img_size=spec.img_size, val_fraction=spec.val_fraction, split_seed=SPLIT_SEED, n=len(y)
     )
-    return Data(spec, train, val, 10, DATASETS["digits"].in_chans, fp, random_augment=False)
+    return Data(spec, train, val, 10, DATASETS["digits"].in_chans, fp, random_augment=spec.augment)
 
 
 def _require_root(spec: DataSpec) -> Path:

@@ -33,19 +33,28 @@ class TrialDiverged(RuntimeError):
 @dataclass
 class TeacherSignal:
     """The teacher's output for a training batch, from where `teacher_source` said it comes:
-    None (no teacher), the logit cache (looked up by the images' dataset indices) or the
+    None (no teacher), the cache (looked up by the images' dataset indices: the logit cache,
+    or under augmentation the replay cache's current epoch, whose seeds make the views) or the
     teacher run live. Counts the images the teacher ran on."""
 
     source: TeacherSource
     teacher: nn.Module | None = None  # on the training device when live
-    cached: Any = None  # kdsearch.train.logit_cache.TeacherLogits when cached
+    cached: Any = None  # kdsearch.train.logit_cache.TeacherLogits (plain views)
+    replay: Any = None  # kdsearch.train.replay_cache.ReplayCache (augmented views)
     features: bool = False  # live only: the teacher's final features (feature distillation)
     attn: bool = False  # live only: its last attention map (attention distillation)
     images: int = 0
+    seeds: Any = None  # this epoch's view seeds, from the replay cache
 
     @property
     def num_features(self) -> int | None:
         return getattr(self.teacher, "num_features", None)
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Read this epoch's seeds and logits from the replay cache (one epoch in memory at a time)."""
+        if self.replay is not None:
+            replayed = self.replay.read(epoch)
+            self.seeds, self.cached = replayed.seeds, replayed.logits
 
     def __call__(self, x: Tensor, idx: Tensor) -> Any:
         from kdsearch.train.teacher import TeacherOutput, run_teacher
@@ -76,7 +85,9 @@ def train_epoch(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     sums: dict[str, float] = {}
     seen = 0
-    for step, (x, y, idx) in enumerate(data.train_batches(train.batch_size, epoch, train.seed, loader_workers)):
+    teacher.begin_epoch(epoch)
+    batches = data.train_batches(train.batch_size, epoch, train.seed, loader_workers, seeds=teacher.seeds)
+    for step, (x, y, idx) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
             out = model.forward_distill(x, attn=loss_fn.needs_attention)

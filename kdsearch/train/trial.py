@@ -50,9 +50,11 @@ def run_trial(
 ) -> dict[str, Any]:
     """Train `spec`'s student by distillation; report after each epoch; return the last metrics.
 
-    data, teacher and cached_logits may be passed in (a search loads them once per worker);
-    otherwise they are loaded here. The teacher's logits are read from (or written once to)
-    `cache_dir` (default: `workdir/cache`). `live_teacher` runs the teacher on every batch
+    data, teacher and cached_logits may be passed in (a search loads them once per worker;
+    `cached_logits` is a TeacherLogits, or a ReplayCache when the data's augmentation is
+    random); otherwise they are loaded here. The teacher's logits (or, under augmentation, the
+    replay cache of this trial's epochs) are read from or written once to `cache_dir`
+    (default: `workdir/cache`). `live_teacher` runs the teacher on every batch
     even where the cache would do (a baseline to compare with). `loader_workers` are
     DataLoader processes for datasets read from disk (in-memory ones need none). Each report
     holds val_acc, every computed objective (FLOPs, MACs, params), the measured ones among
@@ -67,7 +69,7 @@ def run_trial(
 
     data = data or load_data(spec.data)
     model = build_student(spec.student).to(device)
-    source = teacher_source(spec.recipe, data.random_augment, live=live_teacher)
+    source = teacher_source(spec.recipe, live=live_teacher)
     signal = teacher_signal(
         spec, source, data, device, teacher, cached_logits, Path(cache_dir or workdir / "cache"), log
     )
@@ -123,12 +125,20 @@ def teacher_signal(
 
         teacher = shared_teacher(spec, data=data, log=log)
     if source is TeacherSource.CACHED and cached_logits is None:
-        from kdsearch.train.logit_cache import teacher_logits
+        from kdsearch.storage import Storage
+        from kdsearch.train.logit_cache import cache_key, teacher_logits
+        from kdsearch.train.replay_cache import ReplayCache, build_replay_cache
 
-        cached_logits, teacher_images = teacher_logits(teacher, data, spec.teacher, cache_dir)
+        if data.random_augment:
+            cached_logits = ReplayCache(Storage.open(cache_dir), cache_key(spec.teacher, data), data.num_classes)
+            teacher_images = build_replay_cache(teacher, data, cached_logits, spec.train.epochs)
+        else:
+            cached_logits, teacher_images = teacher_logits(teacher, data, spec.teacher, cache_dir)
     if source is TeacherSource.LIVE:
         r = spec.recipe
         return TeacherSignal(source, teacher=teacher.to(device), features=r.needs_features, attn=r.needs_attention)
+    if data.random_augment and source is TeacherSource.CACHED:
+        return TeacherSignal(source, teacher=teacher, replay=cached_logits, images=teacher_images)
     return TeacherSignal(source, teacher=teacher, cached=cached_logits, images=teacher_images)
 
 
