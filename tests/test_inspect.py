@@ -177,6 +177,7 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     assert {"report.html", "report.md", "front.png", "pe_fronts.png"} <= {p.name for p in tmp_path.iterdir()}
     md = (tmp_path / "report.md").read_text()
     assert "## Front members" in md and "## Failed and early-stopped trials" in md and "Hypervolume" in md
+    assert "## Throughput" in md and "| trial_id | epochs | images_per_second | data_wait_share |" in md
     dom, errors = render(tmp_path / "report.html")
     assert errors == []
     assert "<title>kdsearch report" in dom and "<title>ERROR" not in dom

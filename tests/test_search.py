@@ -118,8 +118,11 @@ def test_status_command_reads_the_files(local_search, capsys: pytest.CaptureFixt
     assert status["finished"] == 8 and status["running"] == 0
     assert status["stopped_early"] == (trials.status == "stopped_early").sum()
     assert [f["trial_id"] for f in status["front"]] == [r["trial_id"] for r in result.front]
+    assert status["throughput"]["images_per_second"] > 0 and 0 < status["throughput"]["data_wait_share"] < 1
+    assert "mfu" not in status["throughput"]  # never measured on a CPU
     assert run_cli(["status", str(run_dir(result))]) == 0
-    assert "front so far" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "front so far" in out and "images/s, waiting for data" in out
 
 
 def test_existing_run_needs_resume(local_search, capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,3 +144,19 @@ def test_unreachable_address_is_one_line(local_search, tmp_path: Path, capsys: p
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"kdsearch: error: --address {address}: no Ray cluster answers there (Connection refused)"]
     assert not (tmp_path / "digits_search").exists()  # no run was started
+
+
+def test_more_gpus_than_the_machine_has_is_one_line(digits_teacher_path: Path, tmp_path: Path, capsys) -> None:
+    import torch
+    import yaml
+
+    from tests.helpers import write_space
+
+    space = write_space(tmp_path, digits_teacher_path)
+    raw = yaml.safe_load(space.read_text())
+    raw["resources"] = {"cpus": 1, "gpus": torch.cuda.device_count() + 2}
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert run_cli(["search", str(space), "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"resources.gpus: each trial asks for {torch.cuda.device_count() + 2} GPUs" in err[0]
+    assert not (tmp_path / "runs" / "digits_search").exists()

@@ -74,6 +74,9 @@ def test_reports_every_epoch_and_saves_weights(digits_space, data, teacher, tmp_
     result = run_trial(spec, reports.append, tmp_path, data=data, teacher=teacher, cache_dir=tmp_path / "cache")
     assert [r["epoch"] for r in reports] == [1, 2]
     assert METRICS <= set(reports[-1])
+    for r in reports:  # throughput, measured: no device memory or MFU on a CPU
+        assert r["images_per_second"] > 0 and 0 < r["data_wait_share"] < 1
+        assert math.isnan(r["peak_memory"]) and math.isnan(r["mfu"])
     assert result["checkpoint"] == str(tmp_path / "model.safetensors")
     saved = TrialSpec.from_dict(json.loads((tmp_path / "trial_spec.json").read_text()))
     assert saved == spec

@@ -176,6 +176,37 @@ def trouble(run: Run) -> list[dict[str, Any]]:
     ]
 
 
+def throughput_table(run: Run) -> list[dict[str, Any]]:
+    """Each trained trial's throughput: mean images/s over its epochs, the share of time it
+    waited for data, its largest peak device memory (MiB) and mean MFU, where measured."""
+    by_trial: dict[str, list[dict[str, Any]]] = {}
+    for e in run.epochs:
+        by_trial.setdefault(e["trial_id"], []).append(e)
+
+    def mean(rows: list[dict[str, Any]], key: str) -> float | None:
+        vals = [float(r[key]) for r in rows if r.get(key) is not None and not math.isnan(float(r[key]))]
+        return sum(vals) / len(vals) if vals else None
+
+    out = []
+    for tid, rows in sorted(by_trial.items()):
+        peaks = [
+            float(r["peak_memory"])
+            for r in rows
+            if r.get("peak_memory") is not None and not math.isnan(r["peak_memory"])
+        ]
+        out.append(
+            {
+                "trial_id": tid,
+                "epochs": len(rows),
+                "images_per_second": mean(rows, "images_per_second"),
+                "data_wait_share": mean(rows, "data_wait_share"),
+                "peak_memory_mib": max(peaks) / 2**20 if peaks else None,
+                "mfu": mean(rows, "mfu"),
+            }
+        )
+    return out
+
+
 def front_table(run: Run) -> list[dict[str, Any]]:
     """The front as rows of plain values: id, every objective, costs, architecture, recipe."""
     return front_records(front_rows(run.trials, run.objectives), run.objectives)
@@ -271,6 +302,11 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#
 {"".join(parts)}
 <h2>Failed and early-stopped trials</h2>
 {_table_html(trouble(run))}
+<h2>Throughput</h2>
+<p>Per trial, over its epochs: training images per second, the share of time spent waiting for data, the
+peak device memory and the model FLOPs utilization (3 x FLOPs per image x images/s over the device's bf16
+peak; empty on CPUs).</p>
+{_table_html(throughput_table(run))}
 </body></html>
 """
     write_text_atomic(path, page)
@@ -304,6 +340,7 @@ def write_markdown(run: Run, hv: Hypervolume, imp: dict[str, Any], out: Path) ->
                 _table_md([{"parameter": k, "importance": v} for k, v in imp[name].items()]),
             ]
     md += ["## Failed and early-stopped trials\n", _table_md(trouble(run))]
+    md += ["## Throughput\n", _table_md(throughput_table(run))]
     path = out / "report.md"
     write_text_atomic(path, "\n".join(md))
     return path

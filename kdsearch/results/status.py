@@ -6,6 +6,8 @@ The front's columns come from `front_records` and are shown as the objectives ta
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +42,7 @@ def status_dict(
     elapsed = now - started
     eta = elapsed / finished * (total - finished) if finished and finished < total else 0.0
     return {
+        "throughput": throughput(epochs),
         "total": total,
         "finished": finished,
         "running": running,
@@ -79,6 +82,25 @@ def _cell(column: str, value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def throughput(epochs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Medians over each trial's latest epoch: images/s, the share of time waiting for data,
+    model FLOPs utilization; the largest peak device memory. Empty before any epoch."""
+    latest: dict[str, dict[str, Any]] = {}
+    for e in epochs:
+        if e["trial_id"] not in latest or e["epoch"] > latest[e["trial_id"]]["epoch"]:
+            latest[e["trial_id"]] = e
+    if not latest:
+        return {}
+
+    def values(key: str) -> list[float]:
+        return [float(v) for r in latest.values() if (v := r.get(key)) is not None and not math.isnan(float(v))]
+
+    out = {k: statistics.median(v) for k in ("images_per_second", "data_wait_share", "mfu") if (v := values(k))}
+    if peaks := values("peak_memory"):
+        out["peak_memory"] = max(peaks)
+    return out
+
+
 def render_status(
     trials: Sequence[dict[str, Any]],
     epochs: Sequence[dict[str, Any]],
@@ -94,7 +116,16 @@ def render_status(
         f"  failed {s['failed']}  running {s['running']}   elapsed {_hms(s['elapsed_seconds'])}",
         f"  expected {_hms(s['expected_remaining_seconds'])} more" if s["expected_remaining_seconds"] else "",
     )
-    return Group(head, render_front(s["front"], "front so far"))
+    t = s["throughput"]
+    parts = [f"{t['images_per_second']:,.0f} images/s"] if "images_per_second" in t else []
+    if "data_wait_share" in t:
+        parts.append(f"waiting for data {t['data_wait_share']:.0%}")
+    if "mfu" in t:
+        parts.append(f"MFU {t['mfu']:.1%}")
+    if "peak_memory" in t:
+        parts.append(f"peak memory {t['peak_memory'] / 2**30:.2f} GiB")
+    lines = [head] + ([Text("throughput (latest epoch of each trial, median): " + ", ".join(parts))] if parts else [])
+    return Group(*lines, render_front(s["front"], "front so far"))
 
 
 def _hms(seconds: float) -> str:

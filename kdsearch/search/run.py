@@ -148,6 +148,21 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise KdsearchError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
 
 
+def _check_local_gpus(gpus: float) -> None:
+    """On the embedded local Ray, a trial cannot have more GPUs than this machine: say so
+    before anything trains (on a cluster the autoscaler may still add them)."""
+    if gpus <= 0:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if gpus > have:
+        raise KdsearchError(
+            f"resources.gpus: each trial asks for {gpus:g} GPUs but this machine has {have}; "
+            "lower it, or join a cluster with --address"
+        )
+
+
 def _prepare_run(
     space_file: Path, space: SearchSpace, paths: RunPaths, resume: bool, trials: int, address: str | None
 ) -> float:
@@ -239,6 +254,12 @@ def run_search(
     root.check_writable()  # a bucket that does not exist or refuses writes: one line, before anything runs
     if address:
         _check_reachable(address)
+    else:
+        _check_local_gpus(space.resources.gpus)
+    if space.resources.gpus >= 2:
+        say(
+            f"resources.gpus: each trial reserves {space.resources.gpus:g} GPUs but trains on one (data-parallel trials are not built yet)"
+        )
     paths = RunPaths(root.child(name or space.name))
     total = trials or space.search.trials
     started = _prepare_run(space_file, space, paths, resume, total, address)

@@ -1,12 +1,14 @@
 """The pieces of the training loop `run_trial` is made of: one epoch, evaluation, the
 optimizer and its schedule, and the teacher's signal for a batch.
 
-Plain torch, no Ray; the built-in teacher's training (kdsearch.models.digits_cnn) uses `evaluate` too.
+Plain torch, no Ray; the built-in teacher's training (kdsearch.train.digits_teacher) uses `evaluate` too.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -79,16 +81,23 @@ def train_epoch(
     device: torch.device,
     loader_workers: int = 0,
 ) -> dict[str, float]:
-    """One pass over the training split; returns each loss part's mean over the images seen
-    (and "images"). Raises TrialDiverged on a non-finite loss."""
+    """One pass over the training split; returns each loss part's mean over the images seen,
+    "images", and "data_wait": the seconds spent waiting for batches (loading, augmenting,
+    copying to the device). Raises TrialDiverged on a non-finite loss."""
     model.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     sums: dict[str, float] = {}
-    seen = 0
+    seen, waited = 0, 0.0
     teacher.begin_epoch(epoch)
-    batches = data.train_batches(train.batch_size, epoch, train.seed, loader_workers, seeds=teacher.seeds)
-    for step, (x, y, idx) in enumerate(batches):
+    batches = iter(data.train_batches(train.batch_size, epoch, train.seed, loader_workers, seeds=teacher.seeds))
+    for step in itertools.count():
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            break
+        x, y, idx = batch
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        waited += time.perf_counter() - t0
         with autocast:
             out = model.forward_distill(x, attn=loss_fn.needs_attention)
             total, parts = loss_fn(out, y, teacher(x, idx))
@@ -101,7 +110,33 @@ def train_epoch(
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + value * len(x)
         seen += len(x)
-    return {**{k: v / max(seen, 1) for k, v in sums.items()}, "images": seen}
+    return {**{k: v / max(seen, 1) for k, v in sums.items()}, "images": seen, "data_wait": waited}
+
+
+# Dense bf16 peak of the accelerators kdsearch is run on (vendor data sheets, FLOP/s); MFU is
+# left out (NaN) on a device not named here and on CPUs.
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def device_peak_flops(device: torch.device) -> float:
+    if device.type != "cuda":
+        return math.nan
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), math.nan)
+
+
+def efficiency(flops_per_image: int, images: int, train_seconds: float, data_wait: float, device: torch.device) -> dict:
+    """An epoch's throughput figures: images/s, the share of the epoch spent waiting for data,
+    peak device memory (bytes, NaN on CPU) and model FLOPs utilization (training costs about
+    3x the forward FLOPs; NaN where the device's peak is unknown)."""
+    ips = images / train_seconds if train_seconds > 0 else math.nan
+    peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else math.nan
+    return {
+        "images_per_second": ips,
+        "data_wait_share": data_wait / train_seconds if train_seconds > 0 else math.nan,
+        "peak_memory": float(peak_memory),
+        "mfu": 3 * flops_per_image * ips / device_peak_flops(device),
+    }
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from kdsearch.space.objectives import MeasureContext, Objective
 from kdsearch.space.specs import TeacherSource, TrialSpec, teacher_source
 from kdsearch.train.data import Data, load_data
 from kdsearch.train.distill import DistillLoss
-from kdsearch.train.loop import TeacherSignal, TrialDiverged, evaluate, make_optimizer, train_epoch
+from kdsearch.train.loop import TeacherSignal, TrialDiverged, efficiency, evaluate, make_optimizer, train_epoch
 
 __all__ = ["Report", "TrialDiverged", "run_trial", "save_student", "teacher_signal"]
 
@@ -80,11 +80,14 @@ def run_trial(
 
     metrics: dict[str, Any] = {}
     for epoch in range(1, spec.train.epochs + 1):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         losses = train_epoch(
             model, loss_fn, signal, data, optimizer, schedule, spec.train, epoch - 1, device, loader_workers
         )
         train_seconds = time.perf_counter() - t0
+        throughput = efficiency(computed["flops"], losses["images"], train_seconds, losses["data_wait"], device)
         val_acc = evaluate(model, data, device, workers=loader_workers)
         ctx = MeasureContext(model, spec, data, device, epoch)
         metrics = {
@@ -93,9 +96,9 @@ def run_trial(
             **computed,
             **objective_table.measured(objectives, ctx),
             "train_loss": losses.get("total", math.nan),
-            **{f"loss_{k}": v for k, v in losses.items() if k not in ("total", "images")},
+            **{f"loss_{k}": v for k, v in losses.items() if k not in ("total", "images", "data_wait")},
             "epoch_seconds": time.perf_counter() - t0,
-            "images_per_second": losses["images"] / train_seconds if train_seconds > 0 else math.nan,
+            **throughput,
             "teacher_images": signal.images,
             "lr": schedule.get_last_lr()[0],
         }
