@@ -78,19 +78,26 @@ def make_bucket(env: dict[str, str], bucket: str) -> None:
     fs.create_dir(bucket)
 
 
-def list_keys(env: dict[str, str], uri: str) -> list[str]:
-    """Every object below an s3:// URI, as paths relative to it."""
-    import pyarrow.fs as pafs
-
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """These variables set in this process for the block, the old values back after it."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def list_keys(env: dict[str, str], uri: str) -> list[str]:
+    """Every object below an s3:// URI, as paths relative to it."""
+    import pyarrow.fs as pafs
+
+    with environment(env):
+        fs, root = pafs.FileSystem.from_uri(uri)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     return sorted(i.path.removeprefix(root).lstrip("/") for i in infos if i.type == pafs.FileType.File)

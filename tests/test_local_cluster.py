@@ -230,7 +230,7 @@ def test_a_search_runs_across_nodes_with_its_run_in_a_bucket(
     both workers, every trial's weights reach the bucket, and export reads them back."""
 
     from tests.helpers import write_space
-    from tests.s3 import list_keys, make_bucket, s3_server
+    from tests.s3 import environment, list_keys, make_bucket, s3_server
     from tests.test_storage_s3 import read_table
 
     runs = "s3://cluster-test/runs"
@@ -264,13 +264,8 @@ def test_a_search_runs_across_nodes_with_its_run_in_a_bucket(
                 cwd=driver_cwd,
             )
             assert search.returncode == 0, search.stderr[-3000:]
-            saved = os.environ.copy()
-            os.environ.update(s3)
-            try:
+            with environment(s3):
                 trials = read_table(f"{runs}/digits_search/trials.parquet")
-            finally:
-                os.environ.clear()
-                os.environ.update(saved)
             assert len(trials) == 4
             assert (trials.status == "completed").all(), trials[["trial_id", "status", "error"]]
             assert trials.node_id.nunique() == 2, trials[["trial_id", "node_id"]]  # both workers, never the 0-CPU head

@@ -63,6 +63,21 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def kill_driver_when(cmd: list[str], ready, what: str, log: Path, cwd: Path | None = None) -> None:
+    """Start a `kdsearch search` driver, SIGKILL it once `ready()` holds, and kill every process
+    it had started (Ray's helpers can outlive a killed driver), by pid."""
+    with open(log, "w") as out:
+        driver = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        helpers: list[int] = []
+        try:
+            wait_for(ready, 240, what)
+            helpers = descendants(driver.pid)
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            kill_all(helpers + descendants(driver.pid))
+
+
 def epochs_seen(path: Path) -> int:
     try:
         return len(pd.read_parquet(path)) if path.exists() else 0
@@ -109,17 +124,7 @@ def test_sigkilled_driver_resumes_without_losing_or_repeating(digits_teacher_pat
     kdsearch = Path(sys.executable).with_name("kdsearch")
     cmd = [str(kdsearch), "search", str(space), "--storage", str(runs), "--name", "killed"]
     trials_file = runs / "killed" / "trials.parquet"
-    log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    helpers: list[int] = []
-    try:
-        wait_for(lambda: epochs_seen(trials_file) >= 3, 240, "three finished trials")
-        helpers = descendants(driver.pid)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        kill_all(helpers + descendants(driver.pid))  # Ray's helpers can outlive a killed driver
-        log.close()
+    kill_driver_when(cmd, lambda: epochs_seen(trials_file) >= 3, "three finished trials", tmp_path / "first.log")
     before = pd.read_parquet(trials_file)
     assert 3 <= len(before) < 8, "the kill came too late to test a resume"
 

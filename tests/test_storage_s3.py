@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import yaml
 
 from tests.helpers import run_cli, write_space
-from tests.s3 import list_keys, make_bucket, s3_server
+from tests.s3 import environment, list_keys, make_bucket, s3_server
 
 BUCKET = "kdsearch-test"
 RUNS = f"s3://{BUCKET}/runs"
@@ -30,16 +29,8 @@ RUNS = f"s3://{BUCKET}/runs"
 def s3(tmp_path_factory: pytest.TempPathFactory):
     with s3_server(tmp_path_factory.mktemp("moto") / "moto.log") as env:
         make_bucket(env, BUCKET)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # this process and the Ray it starts reach the bucket the usual way
-        try:
+        with environment(env):  # this process and the Ray it starts reach the bucket the usual way
             yield env
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def _home_results() -> set[str]:
@@ -145,7 +136,7 @@ def _rows(uri: str) -> int:
 def test_sigkilled_driver_resumes_from_the_bucket_elsewhere(s3, digits_teacher_path: Path, tmp_path: Path) -> None:
     """The driver dies; its working directory is deleted; the search is resumed from another
     directory and finishes with every trial once."""
-    from tests.test_search_faults import CONFIG_COLUMNS, descendants, kill_all, wait_for
+    from tests.test_search_faults import CONFIG_COLUMNS, kill_driver_when
 
     space = write_space(tmp_path, digits_teacher_path, trials=6, epochs=4, seed=7)
     kdsearch = Path(sys.executable).with_name("kdsearch")
@@ -154,17 +145,8 @@ def test_sigkilled_driver_resumes_from_the_bucket_elsewhere(s3, digits_teacher_p
     first_cwd, second_cwd = tmp_path / "first", tmp_path / "second"
     first_cwd.mkdir()
     second_cwd.mkdir()
-    log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen(cmd, cwd=first_cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    helpers: list[int] = []
-    try:
-        wait_for(lambda: _rows(trials_uri) >= 2, 240, "two finished trials in the bucket")
-        helpers = descendants(driver.pid)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        kill_all(helpers + descendants(driver.pid))
-        log.close()
+    ready = lambda: _rows(trials_uri) >= 2  # noqa: E731
+    kill_driver_when(cmd, ready, "two finished trials in the bucket", tmp_path / "first.log", cwd=first_cwd)
     before = read_table(trials_uri)
     assert 2 <= len(before) < 6, "the kill came too late to test a resume"
     shutil.rmtree(first_cwd)  # the first machine's local state is gone

@@ -63,6 +63,7 @@ def _trainable(
     threads: int,
     objectives: Pairs,
     measured: tuple,
+    world_size: int = 1,
 ) -> None:
     """One Ray Tune trial: an infeasible config reports at once (its exact costs, and the
     worst value of what it never measured); the rest run `run_trial` in a local temporary
@@ -102,6 +103,7 @@ def _trainable(
             cached_logits=cached_logits,
             objectives=measured,
             loader_workers=max(0, threads - 1),  # the trial's other CPUs decode images (unused for in-memory digits)
+            world_size=world_size,  # N >= 2 GPUs: one process each (kdsearch.train.parallel)
         )
         for name in ("trial_spec.json", "model.safetensors"):  # the weights last: their presence means complete
             run.store.upload(Path(workdir) / name, f"{RunPaths.trial_dir(trial_id)}/{name}")
@@ -256,10 +258,6 @@ def run_search(
         _check_reachable(address)
     else:
         _check_local_gpus(space.resources.gpus)
-    if space.resources.gpus >= 2:
-        say(
-            f"resources.gpus: each trial reserves {space.resources.gpus:g} GPUs but trains on one (data-parallel trials are not built yet)"
-        )
     paths = RunPaths(root.child(name or space.name))
     total = trials or space.search.trials
     started = _prepare_run(space_file, space, paths, resume, total, address)
@@ -315,6 +313,7 @@ def _search(
             threads=max(1, int(space.resources.cpus)),
             objectives=space.objectives,
             measured=measured,
+            world_size=int(space.resources.gpus) if space.resources.gpus >= 2 else 1,
         ),
         {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
     )

@@ -69,9 +69,21 @@ class TeacherSignal:
         return None
 
 
+class DistillStep(nn.Module):
+    """The student and its loss as one module: one call is one step's forward, and it is what
+    DistributedDataParallel wraps in a data-parallel trial (the loss's projector included)."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, x: Tensor, y: Tensor, teacher_out: Any) -> tuple[Tensor, dict[str, float]]:
+        out = self.model.forward_distill(x, attn=self.loss_fn.needs_attention)
+        return self.loss_fn(out, y, teacher_out)
+
+
 def train_epoch(
-    model: nn.Module,
-    loss_fn: nn.Module,
+    step_fn: nn.Module,
     teacher: TeacherSignal,
     data: Data,
     optimizer: torch.optim.Optimizer,
@@ -80,11 +92,16 @@ def train_epoch(
     epoch: int,
     device: torch.device,
     loader_workers: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, float]:
     """One pass over the training split; returns each loss part's mean over the images seen,
     "images", and "data_wait": the seconds spent waiting for batches (loading, augmenting,
-    copying to the device). Raises TrialDiverged on a non-finite loss."""
-    model.train()
+    copying to the device). Raises TrialDiverged on a non-finite loss.
+
+    With `shard` = (rank, world) > 1 process, each takes every world-th image of each global
+    batch (`train.batch_size` images) and the returned means are over all of them."""
+    rank, world = shard
+    step_fn.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     sums: dict[str, float] = {}
     seen, waited = 0, 0.0
@@ -95,13 +112,12 @@ def train_epoch(
         batch = next(batches, None)
         if batch is None:
             break
-        x, y, idx = batch
+        x, y, idx = (t[rank::world] for t in batch) if world > 1 else batch
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         waited += time.perf_counter() - t0
         with autocast:
-            out = model.forward_distill(x, attn=loss_fn.needs_attention)
-            total, parts = loss_fn(out, y, teacher(x, idx))
-        if not torch.isfinite(total):
+            total, parts = step_fn(x, y, teacher(x, idx))
+        if not _finite_everywhere(total, world):
             raise TrialDiverged(epoch + 1, step, float(total.detach()))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -110,7 +126,29 @@ def train_epoch(
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + value * len(x)
         seen += len(x)
+    if world > 1:
+        sums, seen = _summed(sums, seen, device)
     return {**{k: v / max(seen, 1) for k, v in sums.items()}, "images": seen, "data_wait": waited}
+
+
+def _finite_everywhere(total: Tensor, world: int) -> bool:
+    """The loss is finite in every process (each must stop at the same step, or the others wait)."""
+    finite = torch.isfinite(total.detach()).float().reshape(1)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def _summed(sums: dict[str, float], seen: int, device: torch.device) -> tuple[dict[str, float], int]:
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys] + [float(seen)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    values = t.tolist()
+    return dict(zip(keys, values[:-1])), int(values[-1])
 
 
 # Dense bf16 peak of the accelerators kdsearch is run on (vendor data sheets, FLOP/s); MFU is

@@ -26,9 +26,17 @@ from kdsearch.space.objectives import MeasureContext, Objective
 from kdsearch.space.specs import TeacherSource, TrialSpec, teacher_source
 from kdsearch.train.data import Data, load_data
 from kdsearch.train.distill import DistillLoss
-from kdsearch.train.loop import TeacherSignal, TrialDiverged, efficiency, evaluate, make_optimizer, train_epoch
+from kdsearch.train.loop import (
+    DistillStep,
+    TeacherSignal,
+    TrialDiverged,
+    efficiency,
+    evaluate,
+    make_optimizer,
+    train_epoch,
+)
 
-__all__ = ["Report", "TrialDiverged", "run_trial", "save_student", "teacher_signal"]
+__all__ = ["Report", "TrialDiverged", "run_trial", "save_student", "teacher_signal", "train_trial"]
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -47,6 +55,7 @@ def run_trial(
     loader_workers: int = 0,
     objectives: Sequence[Objective] = (),
     log: Callable[[str], None] = lambda s: None,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """Train `spec`'s student by distillation; report after each epoch; return the last metrics.
 
@@ -60,20 +69,55 @@ def run_trial(
     holds val_acc, every computed objective (FLOPs, MACs, params), the measured ones among
     `objectives`, the loss parts and timings. The final weights are saved as
     `workdir/model.safetensors` with `workdir/trial_spec.json` beside them.
+
+    `world_size` > 1 trains data-parallel in that many processes (one GPU each, or CPUs with
+    gloo): each takes its share of every global batch of `train.batch_size` images, and this
+    process (rank 0) reports, evaluates and saves (kdsearch.train.parallel).
     """
-    t_start = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(spec.train.seed)
-
     data = data or load_data(spec.data)
-    model = build_student(spec.student).to(device)
+    if world_size > 1:
+        from kdsearch.train.parallel import run_data_parallel
+
+        return run_data_parallel(
+            world_size, spec, report, workdir, data=data, teacher=teacher, cached_logits=cached_logits,
+            cache_dir=cache_dir, live_teacher=live_teacher, loader_workers=loader_workers, objectives=objectives,
+            log=log,
+        )  # fmt: skip
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = teacher_source(spec.recipe, live=live_teacher)
     signal = teacher_signal(
         spec, source, data, device, teacher, cached_logits, Path(cache_dir or workdir / "cache"), log
     )
+    return train_trial(spec, report, workdir, data, signal, device, loader_workers, objectives)
+
+
+def train_trial(
+    spec: TrialSpec,
+    report: Report,
+    workdir: Path | None,
+    data: Data,
+    signal: TeacherSignal,
+    device: torch.device,
+    loader_workers: int = 0,
+    objectives: Sequence[Objective] = (),
+    shard: tuple[int, int] = (0, 1),
+) -> dict[str, Any]:
+    """The training loop of one process: every epoch, then the weights saved to `workdir`.
+    In a data-parallel trial (`shard` = (rank, world)) the model and the loss are wrapped in
+    DistributedDataParallel; only rank 0 evaluates, reports and saves (`workdir` None elsewhere)."""
+    t_start = time.perf_counter()
+    rank, world = shard
+    torch.manual_seed(spec.train.seed)
+    model = build_student(spec.student).to(device)
     loss_fn = DistillLoss(spec.recipe, student_dim=spec.student.embed_dim, teacher_dim=signal.num_features).to(device)
+    step_fn: nn.Module = DistillStep(model, loss_fn)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        step_fn = DistributedDataParallel(step_fn, device_ids=ids, find_unused_parameters=True)
     steps_per_epoch = max(1, data.num_train // spec.train.batch_size)
     optimizer, schedule = make_optimizer([model, loss_fn], spec.train, steps_per_epoch)
     computed = objective_table.computed(spec.student)
@@ -84,9 +128,11 @@ def run_trial(
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         losses = train_epoch(
-            model, loss_fn, signal, data, optimizer, schedule, spec.train, epoch - 1, device, loader_workers
+            step_fn, signal, data, optimizer, schedule, spec.train, epoch - 1, device, loader_workers, shard
         )
         train_seconds = time.perf_counter() - t0
+        if rank != 0:
+            continue
         throughput = efficiency(computed["flops"], losses["images"], train_seconds, losses["data_wait"], device)
         val_acc = evaluate(model, data, device, workers=loader_workers)
         ctx = MeasureContext(model, spec, data, device, epoch)
@@ -104,6 +150,8 @@ def run_trial(
         }
         report(dict(metrics))
 
+    if workdir is None:
+        return metrics
     checkpoint = save_student(model, spec, workdir)
     return {**metrics, "checkpoint": str(checkpoint), "wall_seconds": time.perf_counter() - t_start}
 
