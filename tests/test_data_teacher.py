@@ -3,6 +3,7 @@ teacher then runs live), and the top-k sparse logit cache."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ def test_image_folder_with_a_timm_teacher_runs_live(folder: Path, teacher_checkp
     assert not any(p.requires_grad for p in teacher.parameters())
     reports: list[dict] = []
     run_trial(space.default_spec(), reports.append, tmp_path / "w", data=data, teacher=teacher, loader_workers=1)
-    # random augmentation: the cache cannot replay it, so every batch went through the teacher
+    # feature distillation needs the teacher live: every batch went through it
     assert reports[0]["teacher_images"] == 32 and reports[-1]["teacher_images"] == 64
     assert reports[-1]["loss_feature"] > 0  # resnet features (B, C, 1, 1) at 32px, matched by resizing
 
@@ -104,3 +105,27 @@ def test_sparse_logits_keep_the_top_k_and_fill_the_rest() -> None:
     assert dense.tolist() == [[8.0, 9.0, 8.0, 8.0, 8.0], [5.0, 3.0, 3.0, 3.0, 3.0]]
     assert (dense.argmax(1) == logits[[1, 0]].argmax(1)).all()
     assert TeacherLogits(logits).take(torch.tensor([0])).tolist() == [logits[0].tolist()]
+
+
+def test_one_loader_per_trial_makes_each_epochs_seeded_views(
+    folder: Path, teacher_checkpoint: Path, tmp_path: Path
+) -> None:
+    """A disk dataset gets one DataLoader per trial (its workers persist across epochs), and
+    each epoch's views are those of that epoch's seeds: what the replay cache stored."""
+    from kdsearch.train.data import view_seeds
+
+    data = load_data(load_space(space_file(tmp_path, folder, teacher_checkpoint)))
+
+    def epoch(e: int) -> dict[int, torch.Tensor]:
+        return {int(i): v for x, _, idx in data.train_batches(8, e, 0, workers=1) for i, v in zip(idx, x)}
+
+    first = epoch(0)
+    ((sampler, loader),) = data._loaders.values()
+    second = epoch(1)
+    assert list(data._loaders.values()) == [(sampler, loader)] and loader.persistent_workers
+    some = np.array(sorted(set(first) & set(second))[:6])  # drop_last leaves a different few out each epoch
+    for seen, e in ((first, 0), (second, 1)):
+        replayed = data.views(some, view_seeds(e, data.num_train)[some])
+        assert all(torch.equal(seen[int(i)], v) for i, v in zip(some, replayed))
+    assert any(not torch.equal(first[int(i)], second[int(i)]) for i in some)
+    assert pickle.loads(pickle.dumps(data))._loaders == {}  # loaders stay in their process

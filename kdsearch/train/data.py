@@ -13,13 +13,13 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdsearch.errors import KdsearchError
 from kdsearch.space.datasets import DATASETS
@@ -52,6 +52,10 @@ class Data:
     in_chans: int
     fingerprint: str  # identifies the exact training images and their transform (cache key)
     random_augment: bool  # the training view of an image changes with the epoch (a seeded augmentation)
+    _loaders: dict = field(default_factory=dict, repr=False, compare=False)  # this process's training loaders
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_loaders": {}}  # loaders (and their worker processes) stay in their process
 
     @property
     def num_train(self) -> int:
@@ -66,7 +70,21 @@ class Data:
         order = torch.randperm(self.num_train, generator=g)
         if self.random_augment and seeds is None:
             seeds = view_seeds(epoch, self.num_train)
-        yield from _batches(self.train, order, batch_size, workers, self.num_train > batch_size, seeds)
+        drop_last = self.num_train > batch_size
+        if isinstance(self.train, TensorSplit):
+            yield from _batches(self.train, order, batch_size, workers, drop_last, seeds)
+            return
+        key = (batch_size, workers, drop_last)
+        if key not in self._loaders:  # one loader per trial: its workers persist across epochs
+            sampler = EpochSampler()
+            loader = DataLoader(
+                self.train, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            )  # fmt: skip
+            self._loaders[key] = (sampler, loader)
+        sampler, loader = self._loaders[key]
+        sampler.order, sampler.seeds = order.tolist(), seeds
+        yield from loader
 
     def views(self, indices: np.ndarray | torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
         """The augmented training views of images `indices` with their `seeds` (replay)."""
@@ -108,9 +126,27 @@ class TensorSplit(Dataset):
         return x, self.y[idx], idx
 
 
+class EpochSampler(Sampler):
+    """The training order of the current epoch, and each image's augmentation seed with it: it
+    runs in the trial's process, so a persistent loader's workers get both with every index."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+        self.seeds: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
+        if self.seeds is None:
+            return iter(self.order)
+        return iter([(i, int(self.seeds[i])) for i in self.order])
+
+
 class IndexedDataset(Dataset):
     """Wraps a torchvision dataset to also return the index; `plain` is the same images un-augmented.
-    With `seeds` set, image i's random transform draws from torch's RNG seeded with seeds[i]."""
+    Image i's random transform draws from torch's RNG seeded with its seed: given with the index
+    (`ds[(i, seed)]`, from an `EpochSampler`) or from `seeds`."""
 
     def __init__(self, ds: Dataset, plain: Dataset | None = None):
         self.ds = ds
@@ -121,12 +157,13 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ds)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> Batch:
-        if self.seeds is None:
+    def __getitem__(self, item: int | tuple[int, int]) -> Batch:
+        i, seed = item if isinstance(item, tuple) else (item, None if self.seeds is None else int(self.seeds[item]))
+        if seed is None:
             x, y = self.ds[i]
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(self.seeds[i]))
+                torch.manual_seed(seed)
                 x, y = self.ds[i]
         return x, torch.tensor(y), torch.tensor(i)
 
