@@ -186,6 +186,7 @@ class TrainSpec:
     weight_decay: float = searchable(0.05, **_NON_NEGATIVE)
     warmup_epochs: int = searchable(1, **_int_at_least(0))
     seed: int = searchable(0)
+    compile: bool = searchable(False)  # torch.compile the training step (worth it on GPUs, for long trials)
 
 
 def out_of_range(spec: Any, section: str) -> list[str]:

@@ -113,6 +113,8 @@ def train_trial(
     model = build_student(spec.student).to(device)
     loss_fn = DistillLoss(spec.recipe, student_dim=spec.student.embed_dim, teacher_dim=signal.num_features).to(device)
     step_fn: nn.Module = DistillStep(model, loss_fn)
+    if spec.train.compile:
+        step_fn = torch.compile(step_fn)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
