@@ -108,7 +108,8 @@ def main() -> None:
         from kdsearch.train.teacher import load_teacher
 
         teacher = load_teacher(spec)
-        cache = ReplayCache(Storage.open(tmp / "cache"), cache_key(spec.teacher, data), data.num_classes)
+        key = cache_key(spec.teacher, data)
+        cache = ReplayCache(Storage.open(tmp / "cache"), key, data.num_classes, spec.teacher.cache_topk)
         t0 = time.perf_counter()
         views = build_replay_cache(teacher, data, cache, args.epochs)
         build_seconds = time.perf_counter() - t0

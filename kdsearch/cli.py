@@ -68,6 +68,16 @@ def _print_summary(s: dict) -> None:
     )
     weights = t["checkpoint"] or ("timm pretrained" if t["pretrained"] else "trained by kdsearch")
     console.print(f"teacher: {t['model']} ({weights}); trials get its signal from: {', '.join(s['teacher_sources'])}")
+    cache = s["teacher_cache"]
+    if cache and cache["kind"] == "replay":
+        console.print(
+            f"teacher cache: a replay of every (image, epoch): {cache['bytes_per_view']} bytes x {cache['epochs']} epochs "
+            f"= {cache['bytes_per_training_image']:,} bytes per training image, built once per search"
+        )
+    elif cache:
+        console.print(
+            f"teacher cache: its logits of each training image, {cache['bytes_per_training_image']:,} bytes each"
+        )
     table = Table("dimension", "values", "count", "default")
     for dim in s["dimensions"]:
         style = None if dim["kind"] != "fixed" else "dim"

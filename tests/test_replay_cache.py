@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from kdsearch.space.specs import DataSpec
+from kdsearch.space.specs import DataSpec, replay_bytes_per_view
 from kdsearch.storage import Storage
 from kdsearch.train.data import load_data, view_seeds
 from kdsearch.train.logit_cache import cache_key
-from kdsearch.train.replay_cache import ReplayCache, build_replay_cache, bytes_per_view, teacher_views
+from kdsearch.train.replay_cache import ReplayCache, build_replay_cache, teacher_views
 from kdsearch.train.teacher import run_teacher
 from tests.helpers import write_space
 
@@ -80,21 +80,23 @@ def test_the_cache_stores_four_bytes_and_the_logits_per_view(augmented, replay: 
     assert (
         stored.logits.values.shape == (augmented.num_train, 10) and stored.logits.indices is None
     )  # dense: 10 classes
-    assert bytes_per_view(10) == 4 + 2 * 10 and bytes_per_view(1000) == 4 + 10 * 4
+    assert replay_bytes_per_view(10, 10) == 4 + 2 * 10 and replay_bytes_per_view(1000, 10) == 4 + 10 * 4
     raw = replay.store.read_bytes(replay.name(0))
-    assert len(raw) < augmented.num_train * bytes_per_view(10) + 2_000  # the arrays, and an npz's few headers
+    assert (
+        len(raw) < augmented.num_train * replay_bytes_per_view(10, 10) + 2_000
+    )  # the arrays, and an npz's few headers
     with pytest.raises(FileNotFoundError, match="no epoch 5"):
         replay.read(5)
 
 
 def test_sparse_epochs_keep_the_top_k(tmp_path: Path) -> None:
-    cache = ReplayCache(Storage.open(tmp_path), "k", 200)
+    cache = ReplayCache(Storage.open(tmp_path), "k", 200, topk=7)
     logits = torch.randn(6, 200)
     cache.write(0, np.arange(6, dtype=np.uint32), logits)
     back = cache.read(0).logits
-    assert back.indices.shape == (6, 10)
+    assert back.indices.shape == (6, 7)
     dense = back.take(torch.arange(6))
-    top = logits.topk(10, dim=1)
+    top = logits.topk(7, dim=1)
     torch.testing.assert_close(dense.gather(1, top.indices), top.values.half().float())
 
 
@@ -126,3 +128,19 @@ def test_a_search_with_augmentation_runs_the_teacher_once_per_view(digits_teache
     assert sorted(p.name for p in cache) == ["epoch-0000.npz", "epoch-0001.npz", "epoch-0002.npz"]
     trials = pd.read_parquet(result.paths.store.local_path() / "trials.parquet")
     assert (trials.status == "completed").sum() >= 1 and not (trials.status == "failed").any()
+
+
+def test_space_show_says_what_the_cache_will_hold() -> None:
+    from kdsearch.space.file import load_space
+    from kdsearch.space.summary import summarize
+
+    root = Path(__file__).resolve().parents[1] / "search_spaces"
+    augmented = summarize(load_space(root / "digits_augment.yaml"), samples=10)["teacher_cache"]
+    assert augmented == {
+        "kind": "replay",
+        "bytes_per_view": 4 + 2 * 10,
+        "epochs": 15,
+        "bytes_per_training_image": 24 * 15,
+    }
+    plain = summarize(load_space(root / "digits_quick.yaml"), samples=10)["teacher_cache"]
+    assert plain == {"kind": "logits", "bytes_per_training_image": 4 * 10}

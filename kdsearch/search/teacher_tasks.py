@@ -57,7 +57,7 @@ def cached_teacher_logits(
     shipped = ray.put(ShippedTeacher.of(teacher, space, key))
     task = _logits_shard.options(num_cpus=1, num_gpus=1 if use_gpu else 0)
     shards = ray.get([task.remote(shipped, space.data, start, stop) for start, stop in bounds])
-    logits = from_dense(torch.from_numpy(np.concatenate(shards)), data.num_classes, key)
+    logits = from_dense(torch.from_numpy(np.concatenate(shards)), data.num_classes, key, space.teacher.cache_topk)
     write_cache(cache, logits)
     say(
         f"teacher logits cached once for the search: {data.num_train:,} images by {len(bounds)} Ray task(s) "
@@ -90,19 +90,21 @@ def cached_teacher_views(
     import numpy as np
     import torch
 
+    from kdsearch.space.specs import replay_bytes_per_view
     from kdsearch.train.logit_cache import cache_key
-    from kdsearch.train.replay_cache import ReplayCache, bytes_per_view
+    from kdsearch.train.replay_cache import ReplayCache
     from kdsearch.train.teacher import ShippedTeacher
 
-    replay = ReplayCache(cache, cache_key(space.teacher, data), data.num_classes)
+    replay = ReplayCache(cache, cache_key(space.teacher, data), data.num_classes, space.teacher.cache_topk)
+    per_view = replay_bytes_per_view(data.num_classes, space.teacher.cache_topk)
     epochs = int(max(space.dims["train.epochs"].values()))
     missing = replay.missing(epochs)
     if not missing:
         say(f"teacher views: reusing the replay cache {cache.uri_of()} ({replay.key}, {epochs} epochs)")
         return replay
-    size = data.num_train * len(missing) * bytes_per_view(data.num_classes)
+    size = data.num_train * len(missing) * per_view
     say(
-        f"replay cache: {data.num_train:,} images x {len(missing)} epochs x {bytes_per_view(data.num_classes)} bytes "
+        f"replay cache: {data.num_train:,} images x {len(missing)} epochs x {per_view} bytes "
         f"= {size / 1e6:.1f} MB, into {cache.uri_of()}"
     )
     t0 = time.perf_counter()

@@ -115,6 +115,7 @@ PLAIN: dict[str, dict[str, Key]] = {
         ),
         "checkpoint": Key("str", None, optional=True),
         "pretrained": Key("bool", False),
+        "cache_topk": Key("int", 10, _ge(1), "an integer >= 1 (logits kept per image above 100 classes)"),
     },
     "budget": {
         "max_gflops": Key("float", None, _gt(0), "a number of GFLOPs > 0, or null", optional=True),
@@ -314,7 +315,7 @@ def _parse_teacher(ctx: _Ctx, t: dict[str, Any], base_dir: Path) -> TeacherSpec:
             "teacher.pretrained", "the built-in teacher has no pretrained weights; give a checkpoint or leave it out"
         )
     checkpoint = str((base_dir / os.path.expanduser(t["checkpoint"])).resolve()) if t["checkpoint"] else None
-    return TeacherSpec(model=t["model"], checkpoint=checkpoint, pretrained=t["pretrained"])
+    return TeacherSpec(model=t["model"], checkpoint=checkpoint, pretrained=t["pretrained"], cache_topk=t["cache_topk"])
 
 
 def _parse_objectives(ctx: _Ctx, body: Any) -> tuple[tuple[str, str], ...]:

@@ -221,6 +221,23 @@ class TeacherSpec:
     model: str = BUILTIN_TEACHER
     checkpoint: str | None = None
     pretrained: bool = False
+    cache_topk: int = 10  # logits kept per image in the teacher caches when the classes are many
+
+
+SPARSE_ABOVE = 100
+"""Above this many classes the teacher caches keep each image's top-k logits only (TinyViT)."""
+
+
+def logit_bytes_per_image(num_classes: int, topk: int) -> int:
+    """What one training image costs in the plain logit cache: float32 logits, dense or k
+    (value, int32 index) pairs above SPARSE_ABOVE classes."""
+    return topk * (4 + 4) if num_classes > SPARSE_ABOVE else 4 * num_classes
+
+
+def replay_bytes_per_view(num_classes: int, topk: int) -> int:
+    """What one (image, epoch) costs in the replay cache: a 4-byte seed and the logits, dense
+    fp16 for few classes or k (fp16 value, int16 index) pairs above SPARSE_ABOVE."""
+    return 4 + (topk * (2 + 2) if num_classes > SPARSE_ABOVE else 2 * num_classes)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from kdsearch.space import objectives
 from kdsearch.space.dimensions import Choice, Fixed, FloatRange, IntRange, cardinality
 from kdsearch.space.flops import count_flops
 from kdsearch.space.search_space import SearchSpace, iter_architectures
+from kdsearch.space.specs import TeacherSource, logit_bytes_per_image, replay_bytes_per_view
 
 
 def summarize(space: SearchSpace, samples: int = 2000, seed: int = 0) -> dict[str, Any]:
@@ -62,6 +63,7 @@ def summarize(space: SearchSpace, samples: int = 2000, seed: int = 0) -> dict[st
             for name, mode in space.objectives
         ],
         "teacher_sources": sorted(s.value for s in space.teacher_sources()),
+        "teacher_cache": _teacher_cache(space),
         "search": {"trials": space.search.trials, "sampler": space.search.sampler, "seed": space.search.seed},
         "resources": {"cpus": space.resources.cpus, "gpus": space.resources.gpus},
     }
@@ -74,3 +76,20 @@ def _kind(dim: Any) -> str:
 def _count(dim: Any) -> int | None:
     c = cardinality(dim)
     return None if math.isinf(c) else int(c)
+
+
+def _teacher_cache(space: SearchSpace) -> dict[str, Any] | None:
+    """What the teacher's cache will hold for this space, per training image (None: no trial reads it)."""
+    if TeacherSource.CACHED not in space.teacher_sources():
+        return None
+    classes, k = space.data.num_classes or 0, space.teacher.cache_topk
+    if not space.data.augment:
+        return {"kind": "logits", "bytes_per_training_image": logit_bytes_per_image(classes, k)}
+    epochs = int(max(space.dims["train.epochs"].values()))
+    per_view = replay_bytes_per_view(classes, k)
+    return {
+        "kind": "replay",
+        "bytes_per_view": per_view,
+        "epochs": epochs,
+        "bytes_per_training_image": per_view * epochs,
+    }

@@ -2,7 +2,7 @@
 
 Keyed by a content hash of the teacher's weights and of the training images' identity and
 transform, so a second search with the same teacher and data reuses them. Above
-`TOPK_CLASSES` classes only the top-k logits are kept (TinyViT's sparse scheme).
+`SPARSE_ABOVE` classes only the top-k logits are kept (k: `teacher.cache_topk`) (TinyViT's sparse scheme).
 The files live in a `kdsearch.storage.Storage` (a folder or a bucket) and are written whole, so
 concurrent trials never read a torn cache.
 """
@@ -20,13 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdsearch.space.specs import TeacherSpec
+from kdsearch.space.specs import SPARSE_ABOVE, TeacherSpec
 from kdsearch.storage import Storage
 from kdsearch.train.data import Data
 from kdsearch.train.teacher import run_teacher
-
-TOPK_CLASSES = 100  # above this many classes the cache keeps the top-k logits only (TinyViT)
-TOPK = 10
 
 
 @dataclass
@@ -55,7 +52,10 @@ class TeacherLogits:
 def cache_key(tspec: TeacherSpec, data: Data) -> str:
     """A content hash of the teacher's weights and the exact training images and transform."""
     h = hashlib.sha256()
-    h.update(json.dumps({"model": tspec.model, "pretrained": tspec.pretrained, "data": data.fingerprint}).encode())
+    kept = tspec.cache_topk if data.num_classes > SPARSE_ABOVE else "all"
+    h.update(
+        json.dumps({"model": tspec.model, "pretrained": tspec.pretrained, "data": data.fingerprint, "k": kept}).encode()
+    )
     if tspec.checkpoint and Path(tspec.checkpoint).is_file():
         with open(tspec.checkpoint, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -66,7 +66,7 @@ def cache_key(tspec: TeacherSpec, data: Data) -> str:
 def read_cache(store: Storage, key: str, num_classes: int) -> TeacherLogits | None:
     """The logits cached under `key` in `store`, or None when they are not there (whole)."""
     names = _names(key)
-    sparse = num_classes > TOPK_CLASSES
+    sparse = num_classes > SPARSE_ABOVE
     if not store.exists(names[0]) or (sparse and not store.exists(names[1])):
         return None
     values = torch.from_numpy(_load_npy(store.read_bytes(names[0])))
@@ -97,11 +97,11 @@ def compute_logits(
     return torch.cat(chunks) if chunks else torch.zeros(0, data.num_classes)
 
 
-def from_dense(logits: Tensor, num_classes: int, key: str) -> TeacherLogits:
-    """Dense logits as the cache keeps them: top-k sparse above TOPK_CLASSES classes."""
-    if num_classes <= TOPK_CLASSES:
+def from_dense(logits: Tensor, num_classes: int, key: str, topk: int = 10) -> TeacherLogits:
+    """Dense logits as the cache keeps them: top-k sparse above SPARSE_ABOVE classes."""
+    if num_classes <= SPARSE_ABOVE:
         return TeacherLogits(logits.contiguous(), None, num_classes, key)
-    top = logits.topk(TOPK, dim=1)
+    top = logits.topk(topk, dim=1)
     return TeacherLogits(top.values.contiguous(), top.indices.to(torch.int32).contiguous(), num_classes, key)
 
 
@@ -118,7 +118,7 @@ def teacher_logits(
     hit = read_cache(store, key, data.num_classes)
     if hit is not None:
         return hit, 0
-    result = from_dense(compute_logits(teacher, data), data.num_classes, key)
+    result = from_dense(compute_logits(teacher, data), data.num_classes, key, tspec.cache_topk)
     write_cache(store, result)
     return result, data.num_train
 

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdsearch.space.specs import SPARSE_ABOVE
 from kdsearch.storage import Storage
 from kdsearch.train.data import Data, view_seeds
-from kdsearch.train.logit_cache import TOPK, TOPK_CLASSES, TeacherLogits
+from kdsearch.train.logit_cache import TeacherLogits
 from kdsearch.train.teacher import run_teacher
 
 
@@ -38,10 +39,11 @@ class ReplayCache:
     store: Storage
     key: str  # the teacher-and-data content key (kdsearch.train.logit_cache.cache_key)
     num_classes: int
+    topk: int = 10  # logits kept per view when sparse (teacher.cache_topk)
 
     @property
     def sparse(self) -> bool:
-        return self.num_classes > TOPK_CLASSES
+        return self.num_classes > SPARSE_ABOVE
 
     def name(self, epoch: int) -> str:
         return f"teacher-replay-{self.key}/epoch-{epoch:04d}.npz"
@@ -64,7 +66,7 @@ class ReplayCache:
         """Store one epoch (dense logits in, sparse or dense fp16 out); returns its bytes."""
         arrays = {"seeds": seeds.astype(np.uint32)}
         if self.sparse:
-            top = logits.topk(TOPK, dim=1)
+            top = logits.topk(self.topk, dim=1)
             arrays.update(values=top.values.half().numpy(), indices=top.indices.to(torch.int16).numpy())
         else:
             arrays["values"] = logits.half().numpy()
@@ -72,11 +74,6 @@ class ReplayCache:
         np.savez(buffer, **arrays)
         self.store.write_bytes(self.name(epoch), buffer.getvalue())
         return len(buffer.getvalue())
-
-
-def bytes_per_view(num_classes: int) -> int:
-    """Bytes a view costs in the cache: its 4-byte seed and its logits (k pairs, or K values)."""
-    return 4 + (TOPK * (2 + 2) if num_classes > TOPK_CLASSES else 2 * num_classes)
 
 
 @torch.no_grad()

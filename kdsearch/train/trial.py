@@ -183,7 +183,8 @@ def teacher_signal(
         from kdsearch.train.replay_cache import ReplayCache, build_replay_cache
 
         if data.random_augment:
-            cached_logits = ReplayCache(Storage.open(cache_dir), cache_key(spec.teacher, data), data.num_classes)
+            key = cache_key(spec.teacher, data)
+            cached_logits = ReplayCache(Storage.open(cache_dir), key, data.num_classes, spec.teacher.cache_topk)
             teacher_images = build_replay_cache(teacher, data, cached_logits, spec.train.epochs)
         else:
             cached_logits, teacher_images = teacher_logits(teacher, data, spec.teacher, cache_dir)
