@@ -287,6 +287,9 @@ cmd_start() {
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/auth_token"
   unset RAY_AUTH_TOKEN RAY_ADDRESS RAY_API_SERVER_ADDRESS
   export RAY_USAGE_STATS_ENABLED=0
+  # The nodes (and the jobs `ray job submit` starts on them) find kdsearch beside their ray
+  PATH="$(dirname "$RAY"):$PATH"
+  export PATH
 
   local temp_root="$STATE/tmp"
   if ((${#temp_root} + 1 + ${#n} + 7 > MAX_TEMP_DIR_LEN)); then # +/worker-N

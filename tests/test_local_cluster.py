@@ -302,3 +302,34 @@ def test_a_search_runs_across_nodes_with_its_run_in_a_bucket(
             for pid in left:
                 os.kill(pid, signal.SIGKILL)
         assert stop.returncode == 0 and not left, f"still running after stop: {left}"
+
+
+@pytest.mark.timeout(400)
+def test_ray_job_submit_runs_a_search_on_the_cluster(cluster, digits_teacher_path: Path, tmp_path: Path) -> None:
+    """`ray job submit --working-dir . -- kdsearch search SPACE --address auto --storage DIR`, as
+    the README shows it, from a shell whose PATH does not hold this environment: the job finds
+    kdsearch beside the nodes' ray."""
+    import pandas as pd
+
+    from tests.helpers import write_space
+
+    state, started = cluster
+    assert started.returncode == 0, started.stderr
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    write_space(job_dir, digits_teacher_path, trials=2, epochs=2)
+    env = clean_env(**parse_env((state / "env").read_text()), PATH="/usr/bin:/bin")
+    ray = Path(sys.executable).with_name("ray")
+    runs = tmp_path / "runs"
+    cmd = [str(ray), "job", "submit", "--working-dir", ".", "--", "kdsearch", "search", "space.yaml"]
+    job = subprocess.run(
+        cmd + ["--address", "auto", "--storage", str(runs), "--name", "job"],
+        capture_output=True,
+        text=True,
+        timeout=360,
+        env=env,
+        cwd=job_dir,
+    )
+    assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, (job.stdout + job.stderr)[-3000:]
+    trials = pd.read_parquet(runs / "job" / "trials.parquet")
+    assert len(trials) == 2 and trials.node_id.notna().all()
