@@ -10,6 +10,7 @@ renamed; an object store's PUT is already atomic.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -111,7 +112,8 @@ class Storage:
         return self.read_bytes(rel).decode("utf-8")
 
     def download(self, rel: str, local: str | os.PathLike) -> Path:
-        """Copy a file of the storage to a local path (no copy when it is local already)."""
+        """Copy a file of the storage to a local path (callers that can read a local storage in
+        place use `local_path` first)."""
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_bytes(self.read_bytes(rel))
@@ -133,9 +135,10 @@ class Storage:
                 with self.fs.open_output_stream(tmp) as f:
                     f.write(data)
                 self.fs.move(tmp, target)
-            finally:
-                if self.exists_path(tmp):
-                    self.fs.delete_file(tmp)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self.fs.delete_file(tmp)  # a partial copy, never left behind
+                raise
         except OSError as e:
             raise KdsearchError(f"{self.uri_of(rel)}: cannot write ({_first_line(e)})") from None
 
@@ -165,11 +168,6 @@ class Storage:
             return self.fs.get_file_info(self.path(rel))
         except OSError as e:
             raise KdsearchError(f"{self.uri_of(rel)}: cannot reach the storage ({_first_line(e)})") from None
-
-    def exists_path(self, path: str) -> bool:
-        import pyarrow.fs as pafs
-
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def _first_line(e: BaseException) -> str:

@@ -88,10 +88,11 @@ class Data:
 
     def views(self, indices: np.ndarray | torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
         """The augmented training views of images `indices` with their `seeds` (replay)."""
-        idx = torch.as_tensor(np.asarray(indices))
-        full = np.zeros(self.num_train, dtype=np.uint32)
-        full[idx.numpy()] = seeds
-        return next(iter(_batches(self.train, idx, len(idx), 0, False, full)))[0]
+        idx = np.asarray(indices)
+        if isinstance(self.train, TensorSplit):
+            x = self.train.x[torch.as_tensor(idx)]
+            return x if self.train.augment is None else self.train.augment(x, np.asarray(seeds))
+        return torch.stack([self.train[(int(i), int(s))][0] for i, s in zip(idx, seeds)])
 
     def val_batches(self, batch_size: int, workers: int = 0) -> Iterator[Batch]:
         yield from _batches(self.val, torch.arange(len(self.val)), batch_size, workers)  # type: ignore[arg-type]

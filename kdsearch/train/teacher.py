@@ -48,18 +48,7 @@ def load_teacher(
     return _frozen(_load_timm(tspec, dspec))
 
 
-_SHARED: dict[Any, nn.Module] = {}
-
-
-def shared_teacher(spec: Any, data: Data | None = None, log: Callable[[str], None] = lambda s: None) -> nn.Module:
-    """`load_teacher`, once per process for each teacher, data and checkpoint file: a Ray
-    worker runs many trials (actors are reused) and loads a live teacher for the first only."""
-    path = Path(spec.teacher.checkpoint) if spec.teacher.checkpoint else None
-    stat = path.stat() if path is not None and path.is_file() else None
-    key = (spec.teacher, spec.data, stat and (stat.st_mtime_ns, stat.st_size))
-    if key not in _SHARED:
-        _SHARED[key] = load_teacher(spec, log=log, data=data)
-    return _SHARED[key]
+_SHARED: dict[Any, nn.Module] = {}  # teachers built in this process from shipped weights, by key
 
 
 @dataclass

@@ -174,9 +174,9 @@ def teacher_signal(
         return TeacherSignal(source)
     teacher_images = 0
     if teacher is None and (source is TeacherSource.LIVE or cached_logits is None):
-        from kdsearch.train.teacher import shared_teacher
+        from kdsearch.train.teacher import load_teacher
 
-        teacher = shared_teacher(spec, data=data, log=log)
+        teacher = load_teacher(spec, log=log, data=data)
     if source is TeacherSource.CACHED and cached_logits is None:
         from kdsearch.storage import Storage
         from kdsearch.train.logit_cache import cache_key, teacher_logits
