@@ -363,12 +363,13 @@ def eval_(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
-    """Re-measure an exported student's val accuracy."""
+    """Re-measure an exported student's accuracy on the val split (what the search selected on)
+    and on the held-out test split (what no search ever read)."""
     from kdsearch.results.export import card_spec, load_student, read_card
     from kdsearch.space.datasets import DATASETS
     from kdsearch.space.specs import DataSpec
-    from kdsearch.train.data import load_data
-    from kdsearch.train.loop import evaluate
+    from kdsearch.train.data import load_data, load_test
+    from kdsearch.train.loop import evaluate, evaluate_test
 
     card = read_card(student)
     spec = card_spec(card)
@@ -388,19 +389,25 @@ def eval_(
         raise KdsearchError(
             f"--data {data}: {loaded.num_classes} classes x {loaded.in_chans} channels, the student has {spec.student.num_classes} x {spec.student.in_chans}"
         )
-    acc = evaluate(load_student(student), loaded)
+    model = load_student(student)
+    test = load_test(dspec)
+    acc, test_acc = evaluate(model, loaded), evaluate_test(model, test)
+    recorded = card["metrics"]["val_acc"]
     result = {
         "student": str(student),
         "data": dspec.name,
         "val_acc": acc,
-        "recorded_val_acc": card["metrics"]["val_acc"],
-        "images": len(loaded.val),
+        "test_acc": test_acc,
+        "recorded_val_acc": recorded,
+        "val_images": len(loaded.val),
+        "test_images": len(test),
     }
     if as_json:
         typer.echo(json.dumps(result))
     else:
         wide_console().print(
-            f"val_acc {acc:.4f} on {len(loaded.val):,} {dspec.name} val images (recorded at export: {card['metrics']['val_acc']:.4f})"
+            f"val_acc {acc:.4f} on {len(loaded.val):,} {dspec.name} val images (selected on; recorded at export: {recorded:.4f})\n"
+            f"test_acc {test_acc:.4f} on {len(test):,} held-out test images ({DATASETS[dspec.name].test_split})"
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -41,10 +42,16 @@ def digits_space(digits_space_file: Path):
 def small_run(digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """One real search (8 trials on a local Ray) shared by the tests that inspect a run."""
     from kdsearch.search.run import run_search
+    from kdsearch.train.data import TEST_READ_LOG
     from tests.helpers import write_space
 
     tmp = tmp_path_factory.mktemp("search")
     space = write_space(
         tmp, digits_teacher_path, max_concurrent=1
     )  # one at a time: the same trials stop early every run
-    return run_search(space, storage=tmp / "runs", say=lambda s: None), space
+    # every process of the search (the driver, Ray's workers) logs any test-split image it reads here
+    os.environ[TEST_READ_LOG] = str(tmp / "test_reads.log")
+    try:
+        return run_search(space, storage=tmp / "runs", say=lambda s: None), space
+    finally:
+        del os.environ[TEST_READ_LOG]

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from kdsearch.errors import KdsearchError
 from kdsearch.space.file import load_space
-from kdsearch.train.data import load_data
+from kdsearch.train.data import load_data, load_test
 from kdsearch.train.logit_cache import TeacherLogits
 from kdsearch.train.teacher import load_teacher
 from kdsearch.train.trial import run_trial
@@ -39,7 +39,7 @@ def draw(kind: str, rng: np.random.Generator) -> Image.Image:
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
     rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("val", 4)):
+    for split, n in (("train", 15), ("val", 4)):  # val/ is the test split: val is carved from train/
         for c in CLASSES:
             (root / split / c).mkdir(parents=True)
             for i in range(n):
@@ -71,7 +71,8 @@ def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_image_folder_with_a_timm_teacher_runs_live(folder: Path, teacher_checkpoint: Path, tmp_path: Path) -> None:
     space = load_space(space_file(tmp_path, folder, teacher_checkpoint))
     data = load_data(space)
-    assert data.num_classes == 3 and data.num_train == 36 and len(data.val) == 12 and data.random_augment
+    assert data.num_classes == 3 and data.num_train == 36 and len(data.val) == 9 and data.random_augment
+    assert len(load_test(space)) == 12  # val/ holds the held-out test images (there is no test/)
     x, y, idx = next(data.train_batches(8, 0, 0))
     assert x.shape == (8, 3, 32, 32) and idx.dtype == torch.long
     teacher = load_teacher(space, data=data)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import kdsearch
 from kdsearch.models.student import build_student
 from kdsearch.results.export import spec_of
-from kdsearch.train.data import load_data
+from kdsearch.train.data import count_test_images_read, load_data, load_test
 from tests.helpers import run_cli
 from tests.helpers import run_dir as local_run_dir
 
@@ -121,8 +121,21 @@ torch.save({{'logits': logits, 'acc': (logits.argmax(-1) == y).sum().item() / le
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     torch.testing.assert_close(got["logits"], expected, rtol=0, atol=0)
     assert got["acc"] == pytest.approx(best.val_acc, abs=1e-9)
+    read_before = count_test_images_read()
     assert run_cli(["eval", str(out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["val_acc"] == pytest.approx(best.val_acc, abs=1e-9)
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["val_acc"] == pytest.approx(best.val_acc, abs=1e-9)
+    # and the held-out test split, which the search never read, measured beside it
+    test = load_test(spec.data)
+    assert evaluated["test_images"] == len(test) == count_test_images_read() - read_before
+    x_test = torch.stack([test[i][0] for i in range(len(test))])
+    y_test = torch.stack([test[i][1] for i in range(len(test))])
+    with torch.no_grad():
+        test_acc = (trained(x_test).argmax(-1) == y_test).float().mean().item()
+    assert evaluated["test_acc"] == pytest.approx(test_acc, abs=1e-6)
+    assert run_cli(["eval", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"val_acc {best.val_acc:.4f}" in said and f"test_acc {test_acc:.4f} on {len(test):,} held-out" in said
 
 
 def test_export_picks_from_the_front(run_dir: Path, small_run, tmp_path: Path) -> None:

@@ -108,6 +108,7 @@ PLAIN: dict[str, dict[str, Key]] = {
         "num_classes": Key("int", None, _ge(2), "an integer >= 2", optional=True),
         "val_fraction": Key("float", 0.2, lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
         "augment": Key("bool", False),
+        "test_fraction": Key("float", 0.2, lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
     },
     "teacher": {
         "model": Key(
@@ -299,6 +300,7 @@ def _parse_data(ctx: _Ctx, d: dict[str, Any], base_dir: Path) -> DataSpec:
         num_classes=num_classes,
         val_fraction=d["val_fraction"],
         augment=d["augment"],
+        test_fraction=d["test_fraction"],
     )
 
 

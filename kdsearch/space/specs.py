@@ -206,8 +206,9 @@ class DataSpec:
     img_size: int = 16
     root: str | None = None
     num_classes: int | None = None
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # of the training data, carved out (stratified, fixed) to select on
     augment: bool = False
+    test_fraction: float = 0.2  # of all images, held out as the test split where the dataset has none (digits)
 
 
 BUILTIN_TEACHER = "kdsearch/digits_cnn"

@@ -3,8 +3,12 @@
 Nothing is ever downloaded. Every training batch carries the indices of its images, so a
 trial can look up the teacher's cached logits for exactly those images.
 
-The train/val split of digits is fixed (stratified, seed `SPLIT_SEED`) and does not depend on
-a trial's seed: every trial of a search is measured on the same validation images.
+Three splits. `load_data` gives train and val, both carved from the dataset's training data
+(stratified, seed `SPLIT_SEED`, independent of any trial's seed: every trial of a search is
+measured on the same val images). The test split is never part of `Data`: only
+`load_test` reads it (for `eval`, `export` and `confirm`), and it counts every test image read
+(`count_test_images_read`; with KDSEARCH_TEST_READ_LOG set, each process also appends its reads to
+that file), so "no search reads a test image" is checked, not assumed.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +32,7 @@ from kdsearch.space.datasets import DATASETS
 from kdsearch.space.specs import DataSpec
 
 SPLIT_SEED = 0
+TEST_READ_LOG = "KDSEARCH_TEST_READ_LOG"  # a file each process appends "pid images" to when it reads test images
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -225,9 +232,10 @@ def _fingerprint(**parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_digits(spec: DataSpec) -> Data:
+def _digits(spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor, dict[str, list[int]]]:
+    """Digits' images (scaled to img_size, normalized), labels and the indices of each split:
+    test held out first (data.test_fraction), then val carved from the rest (data.val_fraction)."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0, 1]
@@ -235,17 +243,36 @@ def load_digits(spec: DataSpec) -> Data:
     if spec.img_size != 8:
         x = F.interpolate(x, size=(spec.img_size, spec.img_size), mode="bilinear", align_corners=False)
     x = (x - 0.5) / 0.5
-    idx_train, idx_val = train_test_split(
-        range(len(y)), test_size=spec.val_fraction, stratify=digits.target, random_state=SPLIT_SEED
-    )
+    rest, test = _stratified(list(range(len(y))), digits.target, spec.test_fraction)
+    train, val = _stratified(rest, digits.target[rest], spec.val_fraction)
+    return x, y, {"train": train, "val": val, "test": test}
+
+
+def _stratified(indices: list[int], labels: np.ndarray, fraction: float) -> tuple[list[int], list[int]]:
+    """(kept, carved): `fraction` of `indices` carved out, stratified by label, fixed by SPLIT_SEED."""
+    from sklearn.model_selection import train_test_split
+
+    kept, carved = train_test_split(indices, test_size=fraction, stratify=labels, random_state=SPLIT_SEED)
+    return list(kept), list(carved)
+
+
+def load_digits(spec: DataSpec) -> Data:
+    x, y, split = _digits(spec)
+    idx_train, idx_val = split["train"], split["val"]
     train = TensorSplit(
         x[idx_train].contiguous(), y[idx_train].contiguous(), shift_and_rotate if spec.augment else None
     )
     val = TensorSplit(x[idx_val].contiguous(), y[idx_val].contiguous())
     fp = _fingerprint(
-        name="digits", img_size=spec.img_size, val_fraction=spec.val_fraction, split_seed=SPLIT_SEED, n=len(y)
-    )
+        name="digits", img_size=spec.img_size, val_fraction=spec.val_fraction, test_fraction=spec.test_fraction,
+        split_seed=SPLIT_SEED, n=len(y),
+    )  # fmt: skip
     return Data(spec, train, val, 10, DATASETS["digits"].in_chans, fp, random_augment=spec.augment)
+
+
+def load_digits_test(spec: DataSpec) -> Dataset:
+    x, y, split = _digits(spec)
+    return TensorSplit(x[split["test"]].contiguous(), y[split["test"]].contiguous())
 
 
 def _require_root(spec: DataSpec) -> Path:
@@ -273,59 +300,117 @@ def _transforms(spec: DataSpec, native: int, mean: tuple, std: tuple):
     return aug, plain
 
 
-def load_cifar(spec: DataSpec) -> Data:
+def _carve(spec: DataSpec, train: Dataset, plain: Dataset, targets: list[int]) -> tuple[Dataset, Dataset]:
+    """Train and val carved from a torchvision training set: val is data.val_fraction of it
+    (stratified, fixed), with the deterministic transform; both index 0..n-1 of their own."""
+    from torch.utils.data import Subset
+
+    idx_train, idx_val = _stratified(list(range(len(targets))), np.asarray(targets), spec.val_fraction)
+    return (
+        IndexedDataset(Subset(train, idx_train), Subset(plain, idx_train)),
+        IndexedDataset(Subset(plain, idx_val)),
+    )
+
+
+def _cifar(spec: DataSpec, train: bool, transform: Any) -> Dataset:
     from torchvision.datasets import CIFAR10, CIFAR100
 
-    info = DATASETS[spec.name]
     cls, folder = (CIFAR10, "cifar-10-batches-py") if spec.name == "cifar10" else (CIFAR100, "cifar-100-python")
     root = _require_root(spec)
-    train_tf, plain_tf = _transforms(spec, 32, CIFAR_MEAN, CIFAR_STD)
     try:
-        train = cls(str(root), train=True, transform=train_tf, download=False)
-        plain = cls(str(root), train=True, transform=plain_tf, download=False)
-        val = cls(str(root), train=False, transform=plain_tf, download=False)
+        return cls(str(root), train=train, transform=transform, download=False)
     except RuntimeError:
         raise KdsearchError(
             f"data.root: {root} holds no {spec.name} files; expected {root / folder}/ (kdsearch never downloads)"
         ) from None
-    fp = _fingerprint(name=spec.name, root=str(root), img_size=spec.img_size, n=len(train))
-    return Data(
-        spec,
-        IndexedDataset(train, plain),
-        IndexedDataset(val),
-        info.num_classes,
-        info.in_chans,
-        fp,
-        random_augment=spec.augment,
-    )
+
+
+def load_cifar(spec: DataSpec) -> Data:
+    """CIFAR's 50,000 training images, carved into train and val; its test set is `load_cifar_test`'s."""
+    info = DATASETS[spec.name]
+    train_tf, plain_tf = _transforms(spec, 32, CIFAR_MEAN, CIFAR_STD)
+    full, plain = _cifar(spec, True, train_tf), _cifar(spec, True, plain_tf)
+    train, val = _carve(spec, full, plain, list(full.targets))
+    fp = _fingerprint(
+        name=spec.name, root=str(spec.root), img_size=spec.img_size, n=len(full), val_fraction=spec.val_fraction,
+        split_seed=SPLIT_SEED,
+    )  # fmt: skip
+    return Data(spec, train, val, info.num_classes, info.in_chans, fp, random_augment=spec.augment)
+
+
+def load_cifar_test(spec: DataSpec) -> Dataset:
+    _, plain_tf = _transforms(spec, 32, CIFAR_MEAN, CIFAR_STD)
+    return IndexedDataset(_cifar(spec, False, plain_tf))
 
 
 def load_imagefolder(spec: DataSpec) -> Data:
+    """An image folder's train/, carved into train and val; its test split is `load_imagefolder_test`'s."""
     from torchvision.datasets import ImageFolder
 
     root = _require_root(spec)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise KdsearchError(
-                f"data.root: {root} has no {split}/ folder; an image folder needs train/ and val/ with one folder per class"
-            )
-    train_tf, plain_tf = _transforms(spec, -1, IMAGENET_MEAN, IMAGENET_STD)
-    train = ImageFolder(str(root / "train"), transform=train_tf)
-    plain = ImageFolder(str(root / "train"), transform=plain_tf)
-    val = ImageFolder(str(root / "val"), transform=plain_tf)
-    if spec.num_classes is not None and len(train.classes) != spec.num_classes:
+    if not (root / "train").is_dir():
         raise KdsearchError(
-            f"data.num_classes: the space says {spec.num_classes} but {root / 'train'} has {len(train.classes)} class folders"
+            f"data.root: {root} has no train/ folder; an image folder needs train/ with one folder per class"
         )
-    if val.classes != train.classes:
-        raise KdsearchError(f"data.root: {root}/val has different class folders from {root}/train")
-    fp = _fingerprint(name="imagefolder", root=str(root), img_size=spec.img_size, n=len(train), classes=train.classes)
-    return Data(
-        spec,
-        IndexedDataset(train, plain),
-        IndexedDataset(val),
-        len(train.classes),
-        DATASETS[spec.name].in_chans,
-        fp,
-        random_augment=spec.augment,
-    )
+    train_tf, plain_tf = _transforms(spec, -1, IMAGENET_MEAN, IMAGENET_STD)
+    full = ImageFolder(str(root / "train"), transform=train_tf)
+    plain = ImageFolder(str(root / "train"), transform=plain_tf)
+    if spec.num_classes is not None and len(full.classes) != spec.num_classes:
+        raise KdsearchError(
+            f"data.num_classes: the space says {spec.num_classes} but {root / 'train'} has {len(full.classes)} class folders"
+        )
+    train, val = _carve(spec, full, plain, list(full.targets))
+    fp = _fingerprint(
+        name="imagefolder", root=str(root), img_size=spec.img_size, n=len(full), classes=full.classes,
+        val_fraction=spec.val_fraction, split_seed=SPLIT_SEED,
+    )  # fmt: skip
+    return Data(spec, train, val, len(full.classes), DATASETS[spec.name].in_chans, fp, random_augment=spec.augment)
+
+
+def load_imagefolder_test(spec: DataSpec) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    root = _require_root(spec)
+    folder = root / "test" if (root / "test").is_dir() else root / "val"
+    if not folder.is_dir():
+        raise KdsearchError(f"data.root: {root} has neither test/ nor val/; the test split is read from one of them")
+    _, plain_tf = _transforms(spec, -1, IMAGENET_MEAN, IMAGENET_STD)
+    test = ImageFolder(str(folder), transform=plain_tf)
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if test.classes != classes:
+        raise KdsearchError(f"data.root: {folder} has different class folders from {root / 'train'}")
+    return IndexedDataset(test)
+
+
+# --------------------------------------------------------------------------------------
+# The held-out test split: read here only, every image counted
+# --------------------------------------------------------------------------------------
+
+_test_images_read = 0
+
+
+def count_test_images_read() -> int:
+    """Test-split images this process has read (through `read_test_batches`)."""
+    return _test_images_read
+
+
+def load_test(spec: DataSpec | object) -> Dataset:
+    """The held-out test split of a space's (or a DataSpec's) dataset, by the table's test loader.
+    Only `eval`, `export` and `confirm` call this: a search never does."""
+    if not isinstance(spec, DataSpec):
+        spec = spec.data
+    if spec.name not in DATASETS:
+        raise KdsearchError(f"data.name: unknown dataset {spec.name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[spec.name].test_function()(spec)
+
+
+def read_test_batches(test: Dataset, batch_size: int, workers: int = 0) -> Iterator[Batch]:
+    """The test split's images in order, each one counted (and logged, with KDSEARCH_TEST_READ_LOG)."""
+    global _test_images_read
+    for batch in _batches(test, torch.arange(len(test)), batch_size, workers):  # type: ignore[arg-type]
+        n = len(batch[1])
+        _test_images_read += n
+        if os.environ.get(TEST_READ_LOG):
+            with open(os.environ[TEST_READ_LOG], "a") as f:
+                f.write(f"{os.getpid()} {n}\n")
+        yield batch
