@@ -192,7 +192,12 @@ def trial(
 @app.command("search")
 def search(
     space_file: Path = typer.Argument(..., help="A search-space YAML file."),
-    trials: int = typer.Option(None, "--trials", min=1, help="Trials to run [default: the space's search.trials]."),
+    trials: int = typer.Option(
+        None,
+        "--trials",
+        min=1,
+        help="Trials the run is to have [default: the space's search.trials]; with --resume, more than it has extends it.",
+    ),
     address: str = typer.Option(
         None, "--address", help="Join a Ray cluster: 'auto' or ray://HOST:PORT [default: a local Ray]."
     ),
@@ -202,7 +207,12 @@ def search(
         "--storage",
         help="Where runs live: a folder, or a URI such as s3://BUCKET/runs (any pyarrow filesystem).",
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run NAME after its driver died."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run NAME after its driver died (or extend it: --trials N)."
+    ),
+    from_run: str = typer.Option(
+        None, "--from", help="Start the sampler from an earlier run's trials (its folder or URI; the same data)."
+    ),
     plot: Path = typer.Option(None, "--plot", help="Write the front as a PNG here [default: RUN/front.png]."),
 ) -> None:
     """Run a multi-objective search: Ray Tune runs trials, Optuna chooses them."""
@@ -217,6 +227,7 @@ def search(
         name=name,
         storage=storage,
         resume=resume,
+        from_run=from_run,
         say=err_console.print,
         console=err_console,
     )

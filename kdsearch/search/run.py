@@ -15,6 +15,7 @@ experiment state (tune/), the teacher-logit cache (cache/) and each trial's weig
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -36,6 +37,7 @@ from kdsearch.search.callbacks import LiveView, ResultsRecorder
 from kdsearch.search.early_stopping import ParetoHalvingRule
 from kdsearch.search.scheduler import ParetoHalving
 from kdsearch.search.searcher import DefineByRun, KdsearchOptunaSearch
+from kdsearch.search.warm_start import add_earlier_trials, enqueue_configs
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.file import load_space
 from kdsearch.space.objectives import Pairs, accuracy_and_cost, values_for_sampler
@@ -166,41 +168,51 @@ def _check_local_gpus(gpus: float) -> None:
 
 
 def _prepare_run(
-    space_file: Path, space: SearchSpace, paths: RunPaths, resume: bool, trials: int, address: str | None
-) -> float:
-    """Create (or check, on resume) the run in its storage; returns the run's start time."""
+    space_file: Path,
+    space: SearchSpace,
+    paths: RunPaths,
+    resume: bool,
+    trials: int | None,
+    address: str | None,
+    from_run: str | None = None,
+) -> dict[str, Any]:
+    """Create (or check, on resume) the run in its storage; returns its run.json."""
     text = Path(space_file).read_text()
     store = paths.store
     if resume:
         if not store.exists(RunPaths.META):
             raise KdsearchError(f"--resume: {paths.uri} holds no run to resume; start it without --resume")
+        if from_run:
+            raise KdsearchError("--from: only a new run starts from another; --resume continues this one")
         meta = paths.meta()
         if store.exists(RunPaths.SPACE) and store.read_text(RunPaths.SPACE) != text:
             raise KdsearchError(
                 f"--resume: {space_file} differs from the space the run started with ({store.uri_of(RunPaths.SPACE)})"
             )
-        return float(meta["started"])
+        if trials is not None and trials < int(meta["trials"]):
+            raise KdsearchError(
+                f"--trials {trials}: the run was started for {meta['trials']} trials; --resume can only extend it"
+            )
+        return meta
     if store.exists(RunPaths.META):
         raise KdsearchError(
             f"--name: a run already exists at {paths.uri}; use --resume to continue it or another --name"
         )
     store.write_text(RunPaths.SPACE, text)
-    started = time.time()
-    write_json(
-        store,
-        RunPaths.META,
-        {
-            "name": paths.name,
-            "space_file": str(Path(space_file).resolve()),
-            "space_name": space.name,
-            "trials": trials,
-            "started": started,
-            "address": address,
-            "kdsearch": __version__,
-            "objectives": [list(o) for o in space.objectives],
-        },
-    )
-    return started
+    meta = {
+        "name": paths.name,
+        "space_file": str(Path(space_file).resolve()),
+        "space_name": space.name,
+        "trials": trials or space.search.trials,
+        "started": time.time(),
+        "address": address,
+        "kdsearch": __version__,
+        "objectives": [list(o) for o in space.objectives],
+        "tune": RunPaths.TUNE,  # the Ray Tune experiment now running (an extended run gets another)
+        "from": from_run,  # the earlier run whose trials the sampler started from (--from)
+    }
+    write_json(store, RunPaths.META, meta)
+    return meta
 
 
 def _load_once(space: SearchSpace, cache: Storage, say: Callable[[str], None]) -> tuple[Any, Any, Any]:
@@ -238,14 +250,19 @@ def run_search(
     name: str | None = None,
     storage: str | os.PathLike | None = None,
     resume: bool = False,
+    from_run: str | os.PathLike | None = None,
     console: Any = None,
     say: Callable[[str], None] = print,
     reuse_actors: bool = True,
 ) -> SearchResult:
-    """Run (or resume) a search; returns the trials table and the front.
+    """Run (or resume, or extend) a search; returns the trials table and the front.
 
     `storage` is where runs live: a local or NFS path, or a URI (s3://, gs://, any pyarrow
     filesystem); the run is `storage/name`, the teacher-logit cache `storage/cache`.
+    `resume` continues a run whose driver died; with `trials` above the run's total it then
+    extends the run to that many trials (a finished run too), rerunning none.
+    `from_run` (a new run only) starts the sampler from an earlier run's trials of the same
+    data, as if this search had run them (kdsearch.search.warm_start).
     `console` (a rich Console) gets a live view of the search; `say` its one-line messages.
     `reuse_actors=False` is Ray's default, kept as a baseline for benchmarks: every trial
     then pays a fresh worker's imports and data loading.
@@ -258,88 +275,157 @@ def run_search(
         _check_reachable(address)
     else:
         _check_local_gpus(space.resources.gpus)
+    earlier = _earlier_trials(from_run, space) if from_run is not None else None
     paths = RunPaths(root.child(name or space.name))
-    total = trials or space.search.trials
-    started = _prepare_run(space_file, space, paths, resume, total, address)
+    meta = _prepare_run(space_file, space, paths, resume, trials, address, None if from_run is None else str(from_run))
+    total = trials or int(meta["trials"])
 
     owns_ray = not ray.is_initialized()
     _init_ray(address)
     try:
-        return _search(space, paths, root.child("cache"), total, started, resume, console, say, reuse_actors)
+        search = _Search(space, paths, root.child("cache"), meta, console, say, reuse_actors)
+        if not resume:
+            return search.start(total, earlier)
+        return search.resume(total)
     finally:
         if owns_ray:
             ray.shutdown()
 
 
-def _search(
-    space: SearchSpace,
-    paths: RunPaths,
-    cache: Storage,
-    total: int,
-    started: float,
-    resume: bool,
-    console: Any,
-    say: Callable[[str], None],
-    reuse_actors: bool,
-) -> SearchResult:
-    data, cached, teacher = _load_once(space, cache, say)
+def _earlier_trials(location: str | os.PathLike, space: SearchSpace) -> list[dict[str, Any]]:
+    """The trials of the run `--from` names; one clear line when it is not a run or has none."""
+    from kdsearch.results.tables import open_run
 
-    acc, _ = accuracy_and_cost(space.objectives)
-    costs = tuple(name for name, mode in space.objectives if mode == "min")
-    searcher = KdsearchOptunaSearch(
-        space=DefineByRun(space),
-        metric=[name for name, _ in space.objectives],
-        mode=[mode for _, mode in space.objectives],
-        sampler=make_sampler(space.search),
-        run=paths,
-        total=total,
-    )
-    scheduler = ParetoHalving(ParetoHalvingRule(space.early_stopping), acc, costs, paths)
-    recorder = ResultsRecorder(paths, searcher)
-    callbacks: list[tune.Callback] = [recorder]
-    if console is not None:
-        callbacks.append(LiveView(recorder, space, total, started, console))
+    rows = open_run(location).rows(RunPaths.TRIALS)
+    if not rows:
+        raise KdsearchError(f"--from {location}: the run has no recorded trials yet")
+    return rows
 
-    measured = tuple(
-        objective_table.get(name) for name, _ in space.objectives if objective_table.get(name).source == "measured"
-    )
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            _trainable,
-            run=paths,
-            data=data,
-            cached_logits=cached,
-            teacher=teacher,
-            threads=max(1, int(space.resources.cpus)),
-            objectives=space.objectives,
-            measured=measured,
-            world_size=int(space.resources.gpus) if space.resources.gpus >= 2 else 1,
-        ),
-        {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
-    )
-    store = paths.store
-    tune_dir = store.path(RunPaths.TUNE)
-    if resume and tune.Tuner.can_restore(tune_dir, storage_filesystem=store.fs):
-        tuner = tune.Tuner.restore(
-            tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=False, storage_filesystem=store.fs
+
+class _Search:
+    """One run's Ray Tune experiments: the first, a resumed one, and extensions (each a Tune
+    experiment of its own in the run's storage, named in run.json's "tune")."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        paths: RunPaths,
+        cache: Storage,
+        meta: dict[str, Any],
+        console: Any,
+        say: Callable[[str], None],
+        reuse_actors: bool,
+    ):
+        self.space, self.paths, self.meta, self.console, self.say = space, paths, meta, console, say
+        self.reuse_actors = reuse_actors
+        self.data, self.cached, self.teacher = _load_once(space, cache, say)
+
+    def start(self, total: int, earlier: list[dict[str, Any]] | None) -> SearchResult:
+        searcher = self._searcher(total, self.space.search.seed)
+        queued = enqueue_configs(searcher.study, self.space)
+        if queued:
+            self.say(f"{queued} enqueued configs run first (search.enqueue)")
+        if earlier is not None:
+            warm = add_earlier_trials(
+                searcher.study, self.space, earlier, self.space.objectives, searcher.study.sampler
+            )
+            self.say(warm.describe(str(self.meta["from"])))
+        return self._fit(self._tuner(searcher, total, RunPaths.TUNE), total)
+
+    def resume(self, total: int) -> SearchResult:
+        """Continue the run's current experiment where the driver left it; then, when `total`
+        is above what the run has, extend it with a new experiment warm-started from every
+        recorded trial."""
+        store, experiment = self.paths.store, self.meta.get("tune", RunPaths.TUNE)
+        recorded = self.paths.rows(RunPaths.TRIALS)
+        result = None
+        if len(recorded) < int(self.meta["trials"]):  # the experiment has trials left to run
+            tune_dir = store.path(experiment)
+            if not tune.Tuner.can_restore(tune_dir, storage_filesystem=store.fs):
+                raise KdsearchError(
+                    f"--resume: {store.uri_of(experiment)} holds no Ray Tune state (the search died before its first checkpoint); start it again"
+                )
+            tuner = tune.Tuner.restore(
+                tune_dir,
+                trainable=self._trainable(),
+                resume_unfinished=True,
+                resume_errored=False,
+                storage_filesystem=store.fs,
+            )
+            self.say(f"resuming {self.paths.uri}")
+            result = self._fit(tuner, int(self.meta["trials"]))
+            if result.interrupted:
+                return result
+            recorded = result.trials
+        if total <= len(recorded):
+            if result is None:
+                self.say(f"{self.paths.uri} already has {len(recorded)} trials; --trials N above that extends it")
+            return result or self._result(total, None)
+        return self._extend(total, recorded)
+
+    def _extend(self, total: int, recorded: list[dict[str, Any]]) -> SearchResult:
+        current = str(self.meta.get("tune", RunPaths.TUNE))
+        n = int(current.rpartition("-")[2]) if current != RunPaths.TUNE else 1  # experiments so far
+        experiment = f"{RunPaths.TUNE}-{n + 1}"
+        # a sampler seeded afresh for each extension: the first one's draws would repeat the run's start
+        searcher = self._searcher(total, self.space.search.seed + n)
+        warm = add_earlier_trials(searcher.study, self.space, recorded, self.space.objectives, searcher.study.sampler)
+        self.meta.update(trials=total, tune=experiment)
+        write_json(self.paths.store, RunPaths.META, self.meta)
+        self.say(f"extending {self.paths.uri} from {len(recorded)} to {total} trials; {warm.describe('this run')}")
+        return self._fit(self._tuner(searcher, total - len(recorded), experiment), total)
+
+    def _searcher(self, total: int, seed: int) -> KdsearchOptunaSearch:
+        space = self.space
+        settings = dataclasses.replace(space.search, seed=seed)
+        return KdsearchOptunaSearch(
+            space=DefineByRun(space),
+            metric=[name for name, _ in space.objectives],
+            mode=[mode for _, mode in space.objectives],
+            sampler=make_sampler(settings),
+            run=self.paths,
+            total=total,
         )
-        say(f"resuming {paths.uri}")
-    elif resume:
-        raise KdsearchError(
-            f"--resume: {store.uri_of(RunPaths.TUNE)} holds no Ray Tune state (the search died before its first checkpoint); start it again"
+
+    def _trainable(self) -> Any:
+        space = self.space
+        measured = tuple(
+            objective_table.get(name) for name, _ in space.objectives if objective_table.get(name).source == "measured"
         )
-    else:
-        tuner = tune.Tuner(
-            trainable,
+        return tune.with_resources(
+            tune.with_parameters(
+                _trainable,
+                run=self.paths,
+                data=self.data,
+                cached_logits=self.cached,
+                teacher=self.teacher,
+                threads=max(1, int(space.resources.cpus)),
+                objectives=space.objectives,
+                measured=measured,
+                world_size=int(space.resources.gpus) if space.resources.gpus >= 2 else 1,
+            ),
+            {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
+        )
+
+    def _tuner(self, searcher: KdsearchOptunaSearch, num_samples: int, experiment: str) -> tune.Tuner:
+        space, store = self.space, self.paths.store
+        acc, _ = accuracy_and_cost(space.objectives)
+        costs = tuple(name for name, mode in space.objectives if mode == "min")
+        recorder = ResultsRecorder(self.paths, searcher)
+        callbacks: list[tune.Callback] = [recorder]
+        if self.console is not None:
+            callbacks.append(LiveView(recorder, space, searcher.total, float(self.meta["started"]), self.console))
+        return tune.Tuner(
+            self._trainable(),
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=total,
+                scheduler=ParetoHalving(ParetoHalvingRule(space.early_stopping), acc, costs, self.paths),
+                num_samples=num_samples,
                 max_concurrent_trials=space.search.max_concurrent,
-                reuse_actors=reuse_actors,  # warm workers: imports, data and teacher load once each
+                reuse_actors=self.reuse_actors,  # warm workers: imports, data and teacher load once each
             ),
             run_config=tune.RunConfig(
-                name=RunPaths.TUNE,
+                name=experiment,
                 storage_path=store.path(),
                 storage_filesystem=store.fs,
                 failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
@@ -347,6 +433,13 @@ def _search(
                 verbose=0,
             ),
         )
-    grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
-    rows = paths.rows(RunPaths.TRIALS)
-    return SearchResult(paths, rows, front_rows(rows, space.objectives), interrupted=len(rows) < total, grid=grid)
+
+    def _fit(self, tuner: tune.Tuner, total: int) -> SearchResult:
+        grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
+        return self._result(total, grid)
+
+    def _result(self, total: int, grid: Any) -> SearchResult:
+        rows = self.paths.rows(RunPaths.TRIALS)
+        return SearchResult(
+            self.paths, rows, front_rows(rows, self.space.objectives), interrupted=len(rows) < total, grid=grid
+        )

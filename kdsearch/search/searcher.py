@@ -45,6 +45,11 @@ class KdsearchOptunaSearch(OptunaSearch):
         self._configs: dict[str, dict[str, Any]] = {}  # trial id -> config (saved with the searcher)
 
     @property
+    def total(self) -> int:
+        """The trials the run is to have in all (recorded ones included)."""
+        return self._total
+
+    @property
     def objectives(self) -> Pairs:
         return list(zip(self._metric, self._mode))
 

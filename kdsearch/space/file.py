@@ -215,7 +215,14 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
     if not isinstance(description, str):
         raise ctx.fail("description", f"must be text, got {_type(description)}")
 
-    plain = {section: _parse_plain(ctx, section, raw.get(section)) for section in PLAIN}
+    search_body = raw.get("search")
+    enqueue = search_body.get("enqueue") if isinstance(search_body, dict) else None
+    if isinstance(search_body, dict) and "enqueue" in search_body:  # a list of configs, not a scalar key
+        search_body = {k: v for k, v in search_body.items() if k != "enqueue"}
+    plain = {
+        section: _parse_plain(ctx, section, search_body if section == "search" else raw.get(section))
+        for section in PLAIN
+    }
     data = _parse_data(ctx, plain["data"], base_dir)
     teacher = _parse_teacher(ctx, plain["teacher"], base_dir)
 
@@ -249,7 +256,7 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
         objectives=objectives,
         budget=budget,
         resources=Resources(**plain["resources"]),
-        search=SearchSettings(**plain["search"]),
+        search=SearchSettings(**plain["search"], enqueue=_parse_enqueue(ctx, enqueue, dims)),
         early_stopping=EarlyStopping(**plain["early_stopping"]),
         description=description,
         raw=raw,
@@ -273,6 +280,43 @@ def _parse_plain(ctx: _Ctx, section: str, body: Any) -> dict[str, Any]:
         key = f"{section}.{name}"
         out[name] = _check_scalar(ctx, key, body[name], spec) if name in body else spec.default
     return out
+
+
+def _parse_enqueue(ctx: _Ctx, items: Any, dims: dict[str, Dimension]) -> tuple[dict[str, Any], ...]:
+    """`search.enqueue`: configs the search tries first, in order (Optuna's enqueue_trial), each a
+    mapping of dotted dimension names to values, e.g. {student.embed_dim: 192, student.depth: 12};
+    the dimensions a config leaves out are sampled. Every key must be a dimension of the space and
+    every value one it allows."""
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise ctx.fail("search.enqueue", f"must be a list of configs ({{student.depth: 4, ...}}), got {_type(items)}")
+    out = []
+    for i, config in enumerate(items):
+        where = f"search.enqueue[{i}]"
+        if not isinstance(config, dict) or not config:
+            raise ctx.fail(where, f"must be a mapping of dimension names to values, got {_type(config)}")
+        for key, value in config.items():
+            if key not in dims:
+                near = difflib.get_close_matches(str(key), list(dims), n=1)
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                raise ctx.fail(f"{where}.{key}", f"is not a dimension of this space{hint}; known: {', '.join(dims)}")
+            section, _, name = key.partition(".")
+            value = _check_scalar(ctx, f"{where}.{key}", value, SEARCHABLE[section][name])
+            dim = dims[key]
+            if not _within(dim, value):
+                raise ctx.fail(f"{where}.{key}", f"{value!r} is not in the space: {dim.describe()}")
+            config[key] = value
+        out.append(dict(config))
+    return tuple(out)
+
+
+def _within(dim: Dimension, value: Any) -> bool:
+    if isinstance(dim, FloatRange):
+        return dim.low <= value <= dim.high
+    if isinstance(dim, IntRange):
+        return dim.contains(value)
+    return value in dim.values()
 
 
 def _parse_data(ctx: _Ctx, d: dict[str, Any], base_dir: Path) -> DataSpec:

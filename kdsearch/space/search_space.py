@@ -80,6 +80,7 @@ class SearchSettings:
     seed: int = 0
     max_failures: int = 1
     max_concurrent: int | None = None
+    enqueue: tuple[dict[str, Any], ...] = ()  # configs tried first (dotted dimension names -> values)
 
 
 @dataclass(frozen=True)
