@@ -198,6 +198,7 @@ def _prepare_run(
             "address": address,
             "kdsearch": __version__,
             "objectives": [list(o) for o in space.objectives],
+            "hypervolume_reference": space.reference_point(),
         },
     )
     return started
