@@ -377,3 +377,30 @@ def test_every_view_reads_the_runs_reference(tmp_path, capsys) -> None:
     assert run_cli(["pareto", paths.uri, "--objectives", "val_acc,macs", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)["hypervolume"]
     assert out["reference"] == {"val_acc": 0.0, "macs": parse_space(raw).largest("macs")}
+
+
+def test_the_live_view_draws_the_runs_hypervolume(tmp_path) -> None:
+    """LiveView (what a search draws on its console) measures against run.json's reference."""
+    import io
+
+    from rich.console import Console
+
+    from kdsearch.results.tables import RunPaths, write_json, write_table
+    from kdsearch.search.callbacks import LiveView, ResultsRecorder
+    from kdsearch.space.file import parse_space
+
+    raw = {**SPACE, "budget": {"max_gflops": 0.001}}
+    paths = RunPaths.at(tmp_path / "run")
+    paths.store.write_text(RunPaths.SPACE, yaml.safe_dump(raw))
+    row = {"trial_id": "a", "status": "completed", "val_acc": 0.5, "flops": 5e5, "finished_at": 1.0}
+    write_table([row], paths.store, RunPaths.TRIALS, ("trial_id",))
+    meta = {"objectives": [["val_acc", "max"], ["flops", "min"]], "started": 0.0, "trials": 4}
+    write_json(paths.store, RunPaths.META, {**meta, "hypervolume_reference": {"val_acc": 0.0, "flops": 2e6}})
+    recorder = ResultsRecorder(paths, searcher=None)
+    recorder.setup()
+    out = io.StringIO()
+    view = LiveView(recorder, parse_space(raw), 4, 0.0, Console(file=out, width=160))
+    view.setup()
+    view.on_experiment_end([])
+    expected = 0.5 * (1 - 5e5 / 2e6)  # run.json's 2e6, not the space's budget 1e6
+    assert f"hypervolume {expected:.4f} of the box from the reference (val_acc 0, flops 2e6)" in out.getvalue()
