@@ -251,18 +251,20 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
 ) -> None:
     """Progress and the front so far, from a run's files (while it runs or after)."""
+    from kdsearch.results.hypervolume import run_reference
     from kdsearch.results.status import render_status, status_dict
     from kdsearch.results.tables import RunPaths, open_run
 
     paths = open_run(run)
     meta = paths.meta()
     trials, epochs = paths.rows(RunPaths.TRIALS), paths.rows(RunPaths.EPOCHS)
+    objectives = [tuple(o) for o in meta["objectives"]]
+    reference, why = run_reference(paths, meta, objectives)
+    args = (trials, epochs, objectives, meta["trials"], meta["started"])
     if as_json:
-        typer.echo(
-            json.dumps(status_dict(trials, epochs, meta["objectives"], meta["trials"], meta["started"]), default=str)
-        )
+        typer.echo(json.dumps(status_dict(*args, reference=reference, why_no_reference=why), default=str))
         return
-    wide_console().print(render_status(trials, epochs, meta["objectives"], meta["trials"], meta["started"]))
+    wide_console().print(render_status(*args, reference=reference, why_no_reference=why))
 
 
 class Format(str, Enum):

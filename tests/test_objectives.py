@@ -24,6 +24,7 @@ from kdsearch.space.samplers import SAMPLERS, make_sampler
 from kdsearch.space.search_space import SearchSettings
 from kdsearch.space.specs import RecipeSpec, StudentSpec, TeacherSource, teacher_source
 from tests.helpers import run_cli, run_dir, write_space
+from tests.test_pareto import brute_hypervolume
 
 # --------------------------------------------------------------------------- the tables
 
@@ -157,6 +158,7 @@ def test_a_made_up_objective_flows_everywhere(weight_rms, digits_teacher_path: P
     space_file = write_space(tmp_path, digits_teacher_path, trials=5, epochs=2, max_concurrent=1)
     raw = yaml.safe_load(space_file.read_text())
     raw["objectives"] = {"val_acc": "max", "flops": "min", "weight_rms": "min"}
+    raw["hypervolume"] = {"reference": {"weight_rms": 1.0}}  # measured, no budget: the file states it
     space_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     assert load_space(space_file).objectives == (("val_acc", "max"), ("flops", "min"), ("weight_rms", "min"))
 
@@ -182,19 +184,29 @@ def test_a_made_up_objective_flows_everywhere(weight_rms, digits_teacher_path: P
     assert out["objectives"] == [["val_acc", "max"], ["flops", "min"], ["weight_rms", "min"]]
     assert out["units"]["weight_rms"] == "RMS of the student's weights"
     assert all(r["weight_rms"] > 0 for r in out["front"])
-    assert out["hypervolume"]["value"] is None and "one maximized and one minimized" in out["hypervolume"]["why_not"]
+    # the hypervolume in all three objectives, against the reference run.json holds
+    reference = {"val_acc": 0.0, "flops": 0.004e9, "weight_rms": 1.0}  # worst, budget, stated
+    assert json.loads((run_dir(result) / "run.json").read_text())["hypervolume_reference"] == reference
+    unit = [(1 - r.val_acc, r.flops / 0.004e9, r.weight_rms / 1.0) for r in done.itertuples()]
+    expected = brute_hypervolume(unit, [False] * 3, [1.0] * 3)
+    assert 0 < expected < 1 and out["hypervolume"]["value"] == pytest.approx(expected)
+    assert out["hypervolume"]["reference"] == reference and out["hypervolume"]["why_not"] is None
     assert run_cli(["pareto", run]) == 0
     assert "weight_rms" in capsys.readouterr().out
 
     assert run_cli(["status", run, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert [r["weight_rms"] for r in status["front"]] == [r["weight_rms"] for r in out["front"]]
+    assert status["hypervolume"]["value"] == pytest.approx(expected)
 
     assert run_cli(["report", run, "--out", str(tmp_path / "report")]) == 0
     capsys.readouterr()
     page = (tmp_path / "report" / "report.html").read_text()
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "weight_rms" in page and "weight_rms" in md and "hypervolume: none" in md
+    assert "weight_rms" in page and "weight_rms" in md
+    line = f"hypervolume {expected:.4f} of the box from the reference (val_acc 0, flops 4e6, weight_rms 1) to the ideal"
+    assert line in md and line in page
+    assert "Hypervolume over completed trials" in md and (tmp_path / "report" / "hypervolume_trials.png").exists()
 
     best = out["front"][0]["trial_id"]
     assert run_cli(["export", run, "--trial", best, "--out", str(tmp_path / "student")]) == 0

@@ -56,38 +56,44 @@ def front_rows(trials: Sequence[dict[str, Any]], objectives: Pairs) -> list[dict
     return sorted((r for r, keep in zip(done, mask) if keep), key=lambda r: (r[cost], r["trial_id"]))
 
 
-def hypervolume_2d(points: np.ndarray, maximize: Sequence[bool], reference: Sequence[float]) -> float:
-    """Area dominated by `points` and bounded by `reference` (2 objectives, any max/min mix).
+def hypervolume(points: np.ndarray, maximize: Sequence[bool], reference: Sequence[float]) -> float:
+    """Volume dominated by `points` and bounded by `reference`, in any number of objectives.
 
-    Points no better than the reference in both objectives add nothing; NaN rows are ignored.
+    Optuna's exact WFG (2-D and 3-D by sweeps) does the work: `optuna._hypervolume.compute_hypervolume`,
+    a private module of Optuna (5.0 here), so tests/test_pareto.py pins what it returns. It
+    minimizes and refuses a point beyond the reference; here maximized columns are flipped, and
+    NaN rows and rows beyond the reference in any objective (their box is empty) are dropped
+    first. Duplicates count once.
     """
-    if len(maximize) != 2:
-        raise ValueError("hypervolume_2d takes exactly two objectives")
-    pts = _as_min(np.asarray(points, dtype=float).reshape(-1, 2), maximize)
+    from optuna._hypervolume import compute_hypervolume
+
     ref = _as_min(np.asarray([reference], dtype=float), maximize)[0]
-    pts = pts[~np.isnan(pts).any(axis=1)]
-    pts = pts[(pts[:, 0] < ref[0]) & (pts[:, 1] < ref[1])]
-    if not len(pts):
-        return 0.0
-    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]  # by first objective, then second
-    area, best_second = 0.0, ref[1]
-    for x, y in pts:
-        if y < best_second:
-            area += (ref[0] - x) * (best_second - y)
-            best_second = y
-    return float(area)
+    pts = _as_min(np.asarray(points, dtype=float).reshape(-1, len(maximize)), maximize)
+    pts = pts[~np.isnan(pts).any(axis=1) & (pts <= ref).all(axis=1)]
+    return float(compute_hypervolume(pts, ref)) if len(pts) else 0.0
 
 
-def normalized_hypervolume(acc: np.ndarray, cost: np.ndarray, cost_ref: float) -> float:
-    """Hypervolume of (accuracy max, cost min) in the unit box: accuracy from the reference 0,
-    cost divided by `cost_ref` (kdsearch's default: 1.1 x the largest cost seen). In [0, 1]."""
-    if cost_ref <= 0 or not np.isfinite(cost_ref):
-        return 0.0
-    pts = np.column_stack([np.asarray(acc, dtype=float), np.asarray(cost, dtype=float) / cost_ref])
-    return hypervolume_2d(pts, [True, False], [0.0, 1.0])
+def normalized_hypervolume(
+    points: np.ndarray, maximize: Sequence[bool], reference: Sequence[float], ideal: Sequence[float]
+) -> float:
+    """The fraction of the box from `reference` to `ideal` that `points` dominate, in [0, 1].
+
+    Each objective is scaled to 0 at its ideal and 1 at its reference (accuracy: 1 - acc; a cost
+    with ideal 0: cost / reference), then `hypervolume` against (1, ..., 1). A value better than
+    the ideal counts as the ideal; a point beyond the reference in any objective adds nothing.
+    """
+    lo = _as_min(np.asarray([ideal], dtype=float), maximize)[0]
+    hi = _as_min(np.asarray([reference], dtype=float), maximize)[0]
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(hi > lo)):
+        raise ValueError(f"the reference {list(reference)} must be worse than the ideal {list(ideal)} everywhere")
+    pts = _as_min(np.asarray(points, dtype=float).reshape(-1, len(maximize)), maximize)
+    scaled = np.maximum((pts - lo) / (hi - lo), 0.0)  # NaN stays NaN and is dropped
+    return hypervolume(scaled, [False] * len(maximize), [1.0] * len(maximize))
 
 
-def hypervolume_history(acc: np.ndarray, cost: np.ndarray, cost_ref: float) -> np.ndarray:
+def hypervolume_history(
+    points: np.ndarray, maximize: Sequence[bool], reference: Sequence[float], ideal: Sequence[float]
+) -> np.ndarray:
     """Normalized hypervolume after each point, in the order given (e.g. trials by finish time)."""
-    acc, cost = np.asarray(acc, dtype=float), np.asarray(cost, dtype=float)
-    return np.array([normalized_hypervolume(acc[: i + 1], cost[: i + 1], cost_ref) for i in range(len(acc))])
+    pts = np.asarray(points, dtype=float).reshape(-1, len(maximize))
+    return np.array([normalized_hypervolume(pts[: i + 1], maximize, reference, ideal) for i in range(len(pts))])

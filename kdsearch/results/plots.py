@@ -121,18 +121,19 @@ def pe_fronts_chart(fronts: dict[str, list[dict[str, Any]]], objectives: Pairs) 
     return chart
 
 
-def hypervolume_chart(by_trial: Sequence[dict[str, Any]], over: str = "time") -> Chart:
-    """Normalized hypervolume after each completed trial, over minutes since the start
-    (`over="time"`) or over completed trials (`over="trials"`)."""
+def hypervolume_chart(by_trial: Sequence[dict[str, Any]], over: str = "time", objectives: Pairs = ()) -> Chart:
+    """Normalized hypervolume (in all the run's `objectives`) after each completed trial, over
+    minutes since the start (`over="time"`) or over completed trials (`over="trials"`)."""
     if over == "time":
         xs, label = [h["seconds"] / 60 for h in by_trial], "minutes since the start of the run"
     else:
         xs, label = [h["trial"] for h in by_trial], "completed trials"
     ys = [h["hypervolume"] for h in by_trial]
+    names = f" of {', '.join(name for name, _ in objectives)}" if objectives else ""
     return Chart(
-        f"hypervolume over {over}",
+        f"hypervolume{names} over {over}",
         label,
-        "normalized hypervolume",
+        "hypervolume (share of the box from the reference to the ideal)",
         [Series("hypervolume", xs, ys, kind="steps", legend=False)],
     )
 

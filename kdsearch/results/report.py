@@ -14,85 +14,30 @@ import os
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from kdsearch.atomic import atomic_path, write_text_atomic
+from kdsearch.results.hypervolume import Hypervolume, hypervolume_of, run_reference
 from kdsearch.results.outcomes import STATUSES, Status, counts
-from kdsearch.results.pareto import front_rows, hypervolume_history, normalized_hypervolume
+from kdsearch.results.pareto import front_rows
 from kdsearch.results.plots import front_chart, hypervolume_chart, pe_fronts_chart, save_png, to_plotly
 from kdsearch.results.tables import Run, RunPaths, front_records, require_finished
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import accuracy_and_cost
 from kdsearch.space.specs import POS_EMBEDS
 
-REF_FACTOR = 1.1  # the cost reference point: 1.1 x the largest cost seen
-
-
 # --------------------------------------------------------------------------------------
 # Analyses (plain data)
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class Hypervolume:
-    """The run's hypervolume, or (value None) the plain reason it has none."""
-
-    value: float | None
-    reference: dict[str, float] = field(default_factory=dict)  # raw units: accuracy and cost at the reference point
-    cost: str = ""
-    by_trial: list[dict[str, Any]] = field(default_factory=list)  # [{"trial": n, "seconds": s, "hypervolume": v}]
-    why_not: str = ""
-
-    def describe(self) -> str:
-        """One line saying the value and its reference, or why there is none."""
-        if self.value is None:
-            return f"hypervolume: none ({self.why_not})"
-        return (
-            f"hypervolume {self.value:.4f} (normalized; reference point: accuracy 0, {self.cost} "
-            f"{self.reference[self.cost]:,.0f} = {REF_FACTOR} x the largest seen)"
-        )
-
-    def as_json(self) -> dict[str, Any]:
-        return {"value": self.value, "reference": self.reference, "normalized": True, "why_not": self.why_not or None}
-
-
 def hypervolume(run: Run) -> Hypervolume:
-    """Normalized 2-D hypervolume of (accuracy, cost) against (0, 1.1 x the largest cost seen),
-    for a run judged by exactly one maximized and one minimized objective; for any other run
-    a Hypervolume whose `why_not` says so."""
-    modes = [mode for _, mode in run.objectives]
-    if sorted(modes) != ["max", "min"]:
-        listed = ", ".join(f"{m} {d}" for m, d in run.objectives)
-        return Hypervolume(
-            None, why_not=f"computed for one maximized and one minimized objective; this run has {listed}"
-        )
-    acc, cost = accuracy_and_cost(run.objectives)
-    seen = [r[cost] for r in run.trials if r.get(cost) is not None and r["status"] != Status.INFEASIBLE]
-    if not seen:
-        return Hypervolume(None, why_not=f"no trial has a {cost} yet")
-    ref = REF_FACTOR * max(seen)
-    done = sorted(
-        (r for r in run.trials if r["status"] == Status.COMPLETED and r.get(acc) is not None),
-        key=lambda r: r.get("finished_at") or 0,
-    )
-    acc_values, cost_values = np.array([r[acc] for r in done]), np.array([r[cost] for r in done])
-    hist = hypervolume_history(acc_values, cost_values, ref) if done else []
-    started = run.meta.get("started", 0)
-    by_trial = [
-        {
-            "trial": i + 1,
-            "trial_id": r["trial_id"],
-            "seconds": (r.get("finished_at") or started) - started,
-            "hypervolume": float(v),
-        }
-        for i, (r, v) in enumerate(zip(done, hist))
-    ]
-    value = normalized_hypervolume(acc_values, cost_values, ref) if done else 0.0
-    return Hypervolume(value, {acc: 0.0, cost: ref}, cost, by_trial)
+    """The run's normalized hypervolume in all its objectives, against its reference point
+    (run.json's, else its space's: kdsearch.results.hypervolume), with its history; or a
+    Hypervolume whose `why_not` says why there is none."""
+    reference, why = run_reference(run.paths, run.meta, run.objectives)
+    return hypervolume_of(run.trials, run.objectives, reference, run.meta.get("started", 0), why)
 
 
 def pe_fronts(run: Run) -> dict[str, list[dict[str, Any]]]:
@@ -262,10 +207,11 @@ def _charts(run: Run, hv: Hypervolume) -> list[tuple[str, str, Any]]:
         ("Which encoding wins where", "pe_fronts.png", pe_fronts_chart(pe_fronts(run), run.objectives)),
     ]
     if hv.by_trial:
-        charts.append(
-            ("Hypervolume over completed trials", "hypervolume_trials.png", hypervolume_chart(hv.by_trial, "trials"))
-        )
-        charts.append(("Hypervolume over time", "hypervolume.png", hypervolume_chart(hv.by_trial, "time")))
+        for title, png, over in (
+            ("Hypervolume over completed trials", "hypervolume_trials.png", "trials"),
+            ("Hypervolume over time", "hypervolume.png", "time"),
+        ):
+            charts.append((title, png, hypervolume_chart(hv.by_trial, over, run.objectives)))
     return charts
 
 

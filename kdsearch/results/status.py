@@ -1,4 +1,4 @@
-"""What a run looks like now: counts, the front so far, elapsed and expected time.
+"""What a run looks like now: counts, the front so far and its hypervolume, elapsed and expected time.
 
 Drawn live by the search (kdsearch.search.callbacks.LiveView) and from the files by `kdsearch status`.
 The front's columns come from `front_records` and are shown as the objectives table says.
@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from kdsearch.results.hypervolume import Hypervolume, hypervolume_of
 from kdsearch.results.outcomes import counts
 from kdsearch.results.pareto import front_rows
 from kdsearch.results.tables import front_records
@@ -31,8 +32,11 @@ def status_dict(
     started: float,
     running: int | None = None,
     now: float | None = None,
+    reference: Mapping[str, float] | None = None,
+    why_no_reference: str = "",
 ) -> dict[str, Any]:
-    """The numbers behind the view, JSON-ready."""
+    """The numbers behind the view, JSON-ready. `reference` is the run's hypervolume reference
+    point (kdsearch.results.hypervolume.run_reference); the hypervolume is absent without one."""
     now = now or time.time()
     c = counts([r["status"] for r in trials])
     finished = sum(c.values())
@@ -51,6 +55,9 @@ def status_dict(
         "expected_remaining_seconds": eta,
         "objectives": [list(o) for o in objectives],
         "front": front_records(front_rows(trials, objectives), objectives, recipe=False),
+        "hypervolume": hypervolume_of(
+            trials, objectives, reference or {}, started, why_no_reference or "no reference point given", history=False
+        ).as_json(),
     }
 
 
@@ -108,8 +115,10 @@ def render_status(
     total: int,
     started: float,
     running: int | None = None,
+    reference: Mapping[str, float] | None = None,
+    why_no_reference: str = "",
 ) -> Group:
-    s = status_dict(trials, epochs, objectives, total, started, running)
+    s = status_dict(trials, epochs, objectives, total, started, running, None, reference, why_no_reference)
     head = Text.assemble(
         (f"{s['finished']}/{s['total']} trials", "bold"),
         f"  completed {s['completed']}  stopped early {s['stopped_early']}  infeasible {s['infeasible']}"
@@ -125,6 +134,7 @@ def render_status(
     if "peak_memory" in t:
         parts.append(f"peak memory {t['peak_memory'] / 2**30:.2f} GiB")
     lines = [head] + ([Text("throughput (latest epoch of each trial, median): " + ", ".join(parts))] if parts else [])
+    lines.append(Text(Hypervolume.from_json(s["hypervolume"]).describe()))
     return Group(*lines, render_front(s["front"], "front so far"))
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from ray import tune
 
+from kdsearch.results.hypervolume import run_reference
 from kdsearch.results.outcomes import Status
 from kdsearch.results.status import render_status
 from kdsearch.results.tables import EPOCH_COLUMNS, TRIAL_COLUMNS, RunPaths, write_table
@@ -129,13 +130,15 @@ def _error_text(trial: Any) -> str:
 
 class LiveView(tune.Callback):
     """A rich live view on the console it is given: trials done/running/failed/stopped, the
-    front so far, times."""
+    front so far and its hypervolume (against the run's reference point, from run.json), times."""
 
     def __init__(self, recorder: ResultsRecorder, space: SearchSpace, total: int, started: float, console: Any):
         self.recorder, self.space, self.total, self.started = recorder, space, total, started
         self.console = console
         self._live = None
         self._last = 0.0
+        self.reference: dict[str, float] = {}
+        self._why_no_reference = ""
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_live": None, "console": None}
@@ -143,6 +146,9 @@ class LiveView(tune.Callback):
     def setup(self, **info: Any) -> None:
         from rich.live import Live
 
+        self.reference, self._why_no_reference = run_reference(
+            self.recorder.paths, self.recorder.paths.meta(), self.space.objectives
+        )
         if self.console is not None:
             self._live = Live(console=self.console, refresh_per_second=2, transient=False)
             self._live.start()
@@ -160,6 +166,8 @@ class LiveView(tune.Callback):
                 self.total,
                 self.started,
                 running,
+                reference=self.reference,
+                why_no_reference=self._why_no_reference,
             )
         )
 

@@ -208,6 +208,7 @@ def _prepare_run(
         "address": address,
         "kdsearch": __version__,
         "objectives": [list(o) for o in space.objectives],
+        "hypervolume_reference": space.reference_point(),
         "tune": RunPaths.TUNE,  # the Ray Tune experiment now running (an extended run gets another)
         "from": from_run,  # the earlier run whose trials the sampler started from (--from)
     }

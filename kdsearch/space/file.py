@@ -141,7 +141,7 @@ PLAIN: dict[str, dict[str, Key]] = {
         "max_concurrent": Key("int", None, _ge(1), "an integer >= 1, or null", optional=True),
     },
 }
-TOP_LEVEL = ("name", "description", "objectives", *SEARCHABLE, *PLAIN)
+TOP_LEVEL = ("name", "description", "objectives", *SEARCHABLE, *PLAIN, "hypervolume")
 
 
 # --------------------------------------------------------------------------------------
@@ -246,6 +246,7 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
             "recipe.attention_weight", f"the teacher {BUILTIN_TEACHER} is a CNN with no attention maps; keep it 0"
         )
     objectives = _parse_objectives(ctx, raw.get("objectives"))
+    reference = _parse_hypervolume(ctx, raw.get("hypervolume"), dict(objectives))
     budget = Budget(**plain["budget"])
     space = SearchSpace(
         name=name,
@@ -259,6 +260,7 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
         search=SearchSettings(**plain["search"], enqueue=_parse_enqueue(ctx, enqueue, dims)),
         early_stopping=EarlyStopping(**plain["early_stopping"]),
         description=description,
+        reference=reference,
         raw=raw,
     )
     _check_budget_meetable(ctx, space)
@@ -380,6 +382,37 @@ def _parse_objectives(ctx: _Ctx, body: Any) -> tuple[tuple[str, str], ...]:
             raise ctx.fail(f"objectives.{metric}", f"mode must be max or min, got {mode!r}")
         out.append((metric, mode))
     return tuple(out)
+
+
+def _parse_hypervolume(ctx: _Ctx, body: Any, modes: dict[str, str]) -> dict[str, float]:
+    """`hypervolume: {reference: {metric: value}}`: the reference point as stated, each value
+    worse than the objective's ideal (so the box from one to the other is not empty)."""
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise ctx.fail("hypervolume", f"must be a mapping holding reference: {{metric: value}}, got {_type(body)}")
+    _no_unknown(ctx, "hypervolume", body, ("reference",))
+    stated = body.get("reference")
+    if stated is None:
+        return {}
+    if not isinstance(stated, dict):
+        raise ctx.fail(
+            "hypervolume.reference",
+            f"must be a mapping of metric: value, e.g. {{val_acc: 0.0, flops: 2.0e8}}, got {_type(stated)}",
+        )
+    out = {}
+    for metric, value in stated.items():
+        key = f"hypervolume.reference.{metric}"
+        if metric not in OBJECTIVES:
+            raise ctx.fail(key, f"unknown metric; allowed: {', '.join(OBJECTIVES)}")
+        value = _check_scalar(ctx, key, value, Key("float"))
+        mode = modes.get(metric, OBJECTIVES[metric].mode)
+        ideal = OBJECTIVES[metric].ideal_value(mode)
+        if ideal is not None and (value >= ideal if mode == "max" else value <= ideal):
+            side = "below" if mode == "max" else "above"
+            raise ctx.fail(key, f"must be {side} the ideal {ideal:g} of the {mode}imized {metric}, got {value:g}")
+        out[metric] = value
+    return out
 
 
 # ---- dimensions -----------------------------------------------------------------------

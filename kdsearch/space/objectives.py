@@ -54,6 +54,7 @@ class Objective:
     compute: Callable[[Any], float] | None = None  # StudentSpec -> value, exact, before training
     measure: Callable[[MeasureContext], float] | None = None  # after each epoch
     worst: float | None = None  # told to the sampler for a trial that never trained (infeasible)
+    best: float | None = None  # the ideal value (the far corner of the hypervolume's box); None: 0 for a minimized one
 
     @property
     def source(self) -> str:
@@ -80,6 +81,13 @@ class Objective:
         if self.worst is not None:
             return self.worst
         return -math.inf if mode == "max" else math.inf
+
+    def ideal_value(self, mode: str) -> float | None:
+        """The best value there is: `best`, else 0 for a minimized objective (a cost counts
+        down to nothing), else None (a maximized objective with no known best)."""
+        if self.best is not None:
+            return self.best
+        return 0.0 if mode == "min" else None
 
 
 def _flops(student: Any) -> float:
@@ -133,6 +141,7 @@ for _o in (
         "top-1 accuracy on the val split after each epoch",
         fmt=".4f",
         worst=0.0,
+        best=1.0,
     ),
     Objective(
         "flops",

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from kdsearch.errors import SpaceError
+from kdsearch.space import objectives as objective_table
 from kdsearch.space.datasets import DATASETS
-from kdsearch.space.dimensions import Dimension, SuggestTrial, cardinality
+from kdsearch.space.dimensions import Dimension, Fixed, SuggestTrial, cardinality
 from kdsearch.space.flops import count_flops
 from kdsearch.space.specs import (
     DataSpec,
@@ -54,6 +55,14 @@ class Budget:
 
     def feasible(self, student: StudentSpec) -> bool:
         return all(v <= 0 for v in self.violations(student).values())
+
+    def limit(self, objective: str) -> float | None:
+        """The most of `objective` a trial may have ("flops" in FLOPs, "params"), None when unlimited."""
+        if objective == "flops" and self.max_gflops is not None:
+            return self.max_gflops * 1e9
+        if objective == "params" and self.max_params is not None:
+            return float(self.max_params)
+        return None
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,7 @@ class SearchSpace:
     search: SearchSettings
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     description: str = ""
+    reference: dict[str, float] = field(default_factory=dict)  # hypervolume.reference as the file states it
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ---- making TrialSpecs -----------------------------------------------------------
@@ -159,12 +169,62 @@ class SearchSpace:
         """Distinct students the space holds (inf when a student dimension is continuous)."""
         return math.prod(cardinality(d) for d in self.student_dims().values())
 
-    def architectures(self) -> Iterator[StudentSpec]:
-        """Every student (float ranges at their two ends: FLOPs and params are monotone in them)."""
-        dims = self.student_dims()
+    def architectures(self, dims: Mapping[str, Dimension] | None = None) -> Iterator[StudentSpec]:
+        """Every student (float ranges at their two ends: FLOPs and params are monotone in them);
+        `dims` replaces the student dimensions (kept by `largest`)."""
+        dims = self.student_dims() if dims is None else dims
         recipe_train = {k: d.default for k, d in self.dims.items() if not k.startswith("student.")}
         for combo in itertools.product(*(d.values() for d in dims.values())):
             yield self.build({**recipe_train, **dict(zip(dims, combo))}).student
+
+    # ---- the hypervolume's reference point -------------------------------------------
+
+    def reference_point(self, objectives: Sequence[tuple[str, str]] | None = None) -> dict[str, float]:
+        """The hypervolume's reference, fixed by the space (so runs of one space compare), for
+        `objectives` (default: the space's); an objective with none is left out.
+
+        Each objective's reference is, first found: the value the file states under
+        `hypervolume.reference`; for a maximized one, its worst (`Objective.worst`: val_acc 0);
+        for a minimized one, its budget (flops: max_gflops x 1e9, params: max_params), else its
+        largest value over the space's students (`largest`). A measured objective with no
+        budget (a latency) has none unless the file states it.
+        """
+        out = {}
+        for name, mode in self.objectives if objectives is None else objectives:
+            if name in self.reference:
+                out[name] = float(self.reference[name])
+            elif mode == "max":
+                worst = objective_table.get(name).worst
+                if worst is not None and objective_table.get(name).mode == "max":
+                    out[name] = float(worst)
+            elif (limit := self.budget.limit(name)) is not None:
+                out[name] = limit
+            elif (most := self.largest(name)) is not None:
+                out[name] = most
+        return out
+
+    def largest(self, name: str) -> float | None:
+        """The exact largest value of a computed objective over the space's students; None for an
+        objective that is not computed, or one outside GROWS_WITH_SIZE whose space holds more
+        than MAX_ENUMERATED students.
+
+        Exact without trying every student: FLOPs, MACs and params (kdsearch.space.flops) are
+        sums of products of depth, embed_dim and the MLP width with non-negative factors, the
+        other fields fixed, so none of them shrinks when depth, the width (embed_dim, or head_dim
+        at a fixed num_heads) or mlp_ratio grows; those dimensions are taken at their largest
+        value and only the others (patch size, heads, encoding, distillation token) are tried
+        in every combination. tests/test_pareto.py holds this to trying every student. Any other
+        computed objective is tried on every student (a float range at its two ends).
+        """
+        objective = objective_table.get(name)
+        if objective.compute is None:
+            return None
+        dims = self.student_dims()
+        if name in GROWS_WITH_SIZE:
+            dims = {k: Fixed(max(d.values())) if k in SIZE_DIMS else d for k, d in dims.items()}
+        elif math.prod(len(d.values()) for d in dims.values()) > MAX_ENUMERATED:
+            return None
+        return float(max(objective.compute(student) for student in self.architectures(dims)))
 
     def teacher_sources(self) -> set[TeacherSource]:
         """Where the teacher signal comes from, over every recipe the space holds.
@@ -178,6 +238,9 @@ class SearchSpace:
 
 
 MAX_ENUMERATED = 200_000
+# computed objectives that never shrink when a SIZE_DIMS dimension grows (SearchSpace.largest says why)
+GROWS_WITH_SIZE = ("flops", "macs", "params")
+SIZE_DIMS = ("student.depth", "student.embed_dim", "student.head_dim", "student.mlp_ratio")
 
 
 def iter_architectures(space: SearchSpace) -> Iterator[StudentSpec]:
