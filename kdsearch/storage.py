@@ -69,6 +69,11 @@ class Storage:
     def local(self) -> bool:
         return type(self.fs).__name__ == "LocalFileSystem"
 
+    @property
+    def parent(self) -> Storage:
+        """The storage rooted at the folder above this one (a run's storage root)."""
+        return Storage(posixpath.dirname(self.base), posixpath.dirname(self.root), self.fs, self.query)
+
     def child(self, *parts: str) -> Storage:
         """The storage rooted at a folder below this one."""
         rel = "/".join(parts)

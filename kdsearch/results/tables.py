@@ -63,6 +63,20 @@ EPOCH_COLUMNS = (
     "lr",
     "time",
 )
+# Columns confirm.parquet has first (one row per retraining of a trial with a seed); then the
+# run's other objectives and the trial's config columns, sorted
+CONFIRM_COLUMNS = (
+    "trial_id",
+    "seed",
+    "confirm_id",
+    "status",
+    "val_acc",
+    "test_acc",
+    "epochs",
+    "wall_seconds",
+    "error",
+    "finished_at",
+)
 # The config columns that describe a student (its data fixes the others) and its recipe
 ARCH_COLUMNS = tuple(
     f"student.{f.name}" for f in fields(StudentSpec) if f.name not in ("img_size", "in_chans", "num_classes")
@@ -82,6 +96,7 @@ class RunPaths:
     TRIALS = "trials.parquet"
     EPOCHS = "epochs.parquet"
     STUDY = "study.db"
+    CONFIRM = "confirm.parquet"
     TUNE = "tune"
 
     @classmethod

@@ -186,6 +186,13 @@ def load_space(path: str | os.PathLike) -> SearchSpace:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ctx.fail("", f"cannot read: {e}") from None
+    return parse_space_text(text, source=source, base_dir=p.resolve().parent)
+
+
+def parse_space_text(text: str, source: str = "<space>", base_dir: Path | None = None) -> SearchSpace:
+    """Read and validate a space file's text (a run's stored space.yaml); relative paths in it
+    resolve against `base_dir`."""
+    ctx = _Ctx(source)
     try:
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
@@ -193,7 +200,7 @@ def load_space(path: str | os.PathLike) -> SearchSpace:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ctx.fail("", f"not valid YAML: {where}{problem}") from None
-    return parse_space(raw, source=source, base_dir=p.resolve().parent)
+    return parse_space(raw, source=source, base_dir=base_dir)
 
 
 def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None) -> SearchSpace:
