@@ -51,6 +51,9 @@ def test_pareto_formats(run_dir: Path, small_run, capsys: pytest.CaptureFixture[
     assert f"hypervolume {hv['value']:.4f} of the box from the reference (val_acc 0, flops 4e6)" in table
     assert run_cli(["pareto", str(run_dir), "--objectives", "val_acc,params", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["objectives"] == [["val_acc", "max"], ["params", "min"]]
+    # an objective of the table that this run never recorded: one line, not a traceback
+    assert run_cli(["pareto", str(run_dir), "--objectives", "val_acc,latency_ms"]) == 2
+    assert "the run recorded no latency_ms; it has val_acc, flops, macs, params" in capsys.readouterr().err
 
 
 def test_pareto_plot_is_an_image_of_the_expected_size(run_dir: Path, tmp_path: Path) -> None:

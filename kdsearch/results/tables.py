@@ -189,7 +189,14 @@ def load_run(path: str | os.PathLike, objectives: Sequence[str] | None = None) -
             ) from None
         except ValueError as e:
             raise KdsearchError(f"--objectives: {e}") from None
-    return Run(paths, meta, paths.rows(RunPaths.TRIALS), paths.rows(RunPaths.EPOCHS), objs)
+    trials = paths.rows(RunPaths.TRIALS)
+    if objectives and trials:
+        recorded = {k for r in trials for k, v in r.items() if v is not None}
+        missing = [name for name, _ in objs if name not in recorded]
+        if missing:
+            have = [name for name in objective_table.OBJECTIVES if name in recorded]
+            raise KdsearchError(f"--objectives: the run recorded no {missing[0]}; it has {', '.join(have)}")
+    return Run(paths, meta, trials, paths.rows(RunPaths.EPOCHS), objs)
 
 
 def require_finished(run: Run) -> None:
