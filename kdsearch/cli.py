@@ -26,17 +26,36 @@ def wide_console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=None if stream.isatty() else 160)
 
 
+# rich_markup_mode=None: help texts are plain, so "[default: ...]" in them is shown, not taken for markup
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Search for small vision-transformer students distilled from a teacher.",
 )
-space_app = typer.Typer(no_args_is_help=True, help="Inspect search-space files.")
+space_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect search-space files.")
 app.add_typer(space_app, name="space")
-teacher_app = typer.Typer(no_args_is_help=True, help="Train or inspect a space's teacher.")
+teacher_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Train or inspect a space's teacher.")
 app.add_typer(teacher_app, name="teacher")
 err_console = wide_console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import kdsearch
+
+        typer.echo(f"kdsearch {kdsearch.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print kdsearch's version and exit."
+    ),
+) -> None:
+    """Search for small vision-transformer students distilled from a teacher."""
 
 
 @space_app.command("show")
@@ -353,11 +372,17 @@ def export(
     min_acc: float = typer.Option(
         None, "--min-acc", help="The cheapest front member with at least this val accuracy (0-1)."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace what --out already holds."),
 ) -> None:
     """Export a student: config, weights and a model card that load without kdsearch's search machinery."""
     from kdsearch.results.export import export_student, select_trial
     from kdsearch.results.tables import load_run
 
+    if out.exists() and not out.is_dir():
+        raise KdsearchError(f"--out {out}: is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "an export" if (out / "student.yaml").exists() else "files"
+        raise KdsearchError(f"--out {out}: already holds {what}; add --force to replace it, or choose another folder")
     r = load_run(run)
     row = select_trial(r.trials, r.objectives, trial_id=trial_id, max_gflops=max_gflops, min_acc=min_acc)
     folder = export_student(row, out, run=r.paths, objectives=r.objectives)

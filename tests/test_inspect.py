@@ -153,6 +153,33 @@ def test_export_picks_from_the_front(run_dir: Path, small_run, tmp_path: Path) -
     assert kdsearch.results.export.read_card(tmp_path / "b")["source"]["trial_id"] == best["trial_id"]
 
 
+def test_export_does_not_replace_an_export_without_force(
+    run_dir: Path, small_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    front = small_run[0].front
+    first, other = front[0], front[-1]
+    out = tmp_path / "student"
+    assert run_cli(["export", str(run_dir), "--trial", first["trial_id"], "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert run_cli(["export", str(run_dir), "--trial", other["trial_id"], "--out", str(out)]) == 2
+    assert "already holds an export; add --force to replace it" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing the user had is touched
+    assert run_cli(["export", str(run_dir), "--trial", other["trial_id"], "--out", str(out), "--force"]) == 0
+    assert kdsearch.results.export.read_card(out)["source"]["trial_id"] == other["trial_id"]
+    (tmp_path / "file").write_text("x")
+    assert run_cli(["export", str(run_dir), "--trial", first["trial_id"], "--out", str(tmp_path / "file")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+
+
+def test_version_and_help_say_their_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"kdsearch {kdsearch.__version__}"
+    assert run_cli(["search", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # the help wraps lines
+    assert "[default: a local Ray]" in text and "[default: the space's name]" in text and " ." not in text
+
+
 # ---- the HTML report in a real browser ---------------------------------------------------------
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
