@@ -98,6 +98,23 @@ def test_checkpoint_that_does_not_fit(folder: Path, tmp_path: Path) -> None:
         load_teacher(space)
 
 
+@pytest.mark.parametrize("name", ["teacher", "teacher.pt", "torch-file.safetensors"])
+def test_checkpoints_are_recognised_by_content_not_suffix(
+    folder: Path, teacher_checkpoint: Path, tmp_path: Path, name: str
+) -> None:
+    from kdsearch.train.teacher import save_teacher
+
+    model = timm.create_model("resnet10t", num_classes=3)
+    path = tmp_path / name
+    if name.startswith("torch-file"):  # a torch file under a safetensors name
+        torch.save(model.state_dict(), path)
+    else:  # what `kdsearch teacher train` writes, whatever the path's suffix
+        save_teacher(model, path, {"model": "resnet10t"})
+    loaded = load_teacher(load_space(space_file(tmp_path, folder, path)))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_sparse_logits_keep_the_top_k_and_fill_the_rest() -> None:
     logits = torch.tensor([[5.0, 1.0, 3.0, -2.0, 0.0], [0.0, 9.0, 8.0, 7.0, 1.0]])
     top = logits.topk(2, dim=1)

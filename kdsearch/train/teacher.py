@@ -152,14 +152,16 @@ def _load_timm(tspec: TeacherSpec, dspec: DataSpec) -> nn.Module:
 
 
 def _read_checkpoint(path: Path) -> dict[str, Tensor]:
-    """safetensors, or a torch file read with weights_only=True (never unpickling code)."""
+    """safetensors, or a torch file read with weights_only=True (never unpickling code), told
+    apart by their content, whatever the file's suffix."""
     try:
-        if path.suffix == ".safetensors":
+        if is_safetensors(path):
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:  # a file object: torch.load would go by a .safetensors suffix itself
+                state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
         raise KdsearchError(
             f"teacher.checkpoint: cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
@@ -171,6 +173,13 @@ def _read_checkpoint(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise KdsearchError(f"teacher.checkpoint: {path} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def is_safetensors(path: Path) -> bool:
+    """A safetensors file begins with its JSON header's length (8 bytes, little-endian) and then '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
