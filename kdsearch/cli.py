@@ -251,16 +251,23 @@ def search(
         console=err_console,
     )
     run = result.paths
-    objectives = run.meta()["objectives"]
-    picture = _front_picture(run, result.trials, objectives, plot)
-    title = "Pareto front (" + ", ".join(f"{m} {d}" for m, d in objectives) + ")"
-    wide_console().print(render_front(front_records(result.front, objectives), title))
+    meta = run.meta()
+    objectives = meta["objectives"]
     console = wide_console()
-    console.print(f"run: {run.uri}  (trials.parquet, epochs.parquet, study.db)", soft_wrap=True)
-    console.print(f"front picture: {picture}", soft_wrap=True)
+    if result.front:
+        picture = _front_picture(run, result.trials, objectives, plot)
+        title = "Pareto front (" + ", ".join(f"{m} {d}" for m, d in objectives) + ")"
+        console.print(render_front(front_records(result.front, objectives), title))
+        console.print(f"run: {run.uri}  (trials.parquet, epochs.parquet, study.db)", soft_wrap=True)
+        console.print(f"front picture: {picture}", soft_wrap=True)
+    else:
+        console.print(f"run: {run.uri}  (no trial has completed yet)", soft_wrap=True)
     if result.interrupted:
+        completed = sum(1 for r in result.trials if r["status"] == "completed")
         err_console.print(
-            f"the search stopped early; continue it with: kdsearch search {space_file} --name {run.name} --storage {storage} --resume"
+            f"stopped with {len(result.trials)} of {meta['trials']} trials finished ({completed} completed); "
+            f"continue with: kdsearch search {space_file} --name {run.name} --storage {storage} --resume",
+            soft_wrap=True,
         )
 
 

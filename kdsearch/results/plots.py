@@ -163,7 +163,7 @@ def save_png(chart: Chart, path: str | os.PathLike) -> Path:
     ax.set_ylabel(chart.y_label)
     ax.set_title(chart.title)
     ax.grid(alpha=0.3)
-    if any(s.legend for s in chart.series):
+    if any(s.legend and len(s.x) for s in chart.series):  # an empty chart gets no legend (nor matplotlib's warning)
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     with atomic_path(path) as tmp:

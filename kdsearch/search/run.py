@@ -15,13 +15,14 @@ experiment state (tune/), the teacher-logit cache (cache/) and each trial's weig
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,25 @@ def run_search(
             ray.shutdown()
 
 
+# Ray Tune's loggers whose warnings speak of Tune's API, not of kdsearch's: after Ctrl-C they
+# advise `Tuner.restore(...)` (kdsearch says its own --resume command), and at the end they warn
+# that an infeasible trial (which never wrote Tune's result files) has no metrics to fetch
+_TUNE_ADVICE = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _earlier_trials(location: str | os.PathLike, space: SearchSpace) -> list[dict[str, Any]]:
     """The trials of the run `--from` names; one clear line when it is not a run or has none."""
     from kdsearch.results.tables import open_run
@@ -436,7 +456,8 @@ class _Search:
         )
 
     def _fit(self, tuner: tune.Tuner, total: int) -> SearchResult:
-        grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
+        with _quiet(*_TUNE_ADVICE):
+            grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
         return self._result(total, grid)
 
     def _result(self, total: int, grid: Any) -> SearchResult:
