@@ -100,6 +100,42 @@ def _params(student: Any) -> float:
     return count_flops(student).params
 
 
+def _latency_ms(ctx: MeasureContext) -> float:
+    from kdsearch.train.measure import measure_latency_ms
+
+    return measure_latency_ms(ctx)
+
+
+def _throughput(ctx: MeasureContext) -> float:
+    from kdsearch.train.measure import measure_throughput
+
+    return measure_throughput(ctx)
+
+
+def _inference_memory(ctx: MeasureContext) -> float:
+    from kdsearch.train.measure import measure_inference_memory
+
+    return measure_inference_memory(ctx)
+
+
+# How the measured objectives are taken (kdsearch.train.measure reads these): the images per
+# forward for throughput and inference_memory, and (warm-up, timed) forwards on each device
+MEASURE_BATCH = 64
+MEASURE_REPEATS: dict[str, dict[str, tuple[int, int]]] = {
+    "cpu": {"latency": (3, 15), "throughput": (1, 5)},  # few: a trial measures on the CPU it trains on
+    "cuda": {"latency": (10, 50), "throughput": (3, 20)},
+}
+
+
+def _timing_how(what: str) -> str:
+    (cw, ct), (gw, gt) = MEASURE_REPEATS["cpu"][what], MEASURE_REPEATS["cuda"][what]
+    return (
+        f"on the trial's device, the median of {ct} timed forwards after {cw} warm-up on a CPU ({gt} after {gw} "
+        "on CUDA, synchronized); eval mode, float32, torch.inference_mode, random images; measured once per trial, "
+        "at its first epoch (training changes no architecture): kdsearch.train.measure"
+    )
+
+
 FLOPS_COUNTED = (
     "per image at inference, 2 FLOPs per multiply-add, convolutions, linear layers and both attention "
     "matmuls included, elementwise work not counted (as torch.utils.flop_counter.FlopCounterMode on the "
@@ -156,6 +192,38 @@ for _o in (
     ),
     Objective(
         "params", "min", "trainable parameters", "exact formula from the student's spec", fmt=",.0f", compute=_params
+    ),
+    Objective(
+        "latency_ms",
+        "min",
+        "milliseconds per forward of one image (batch 1)",
+        "batch 1, " + _timing_how("latency"),
+        shown_as="latency ms",
+        fmt=".3g",
+        measure=_latency_ms,
+    ),
+    Objective(
+        "throughput",
+        "max",
+        f"images per second at batch {MEASURE_BATCH}",
+        f"batch {MEASURE_BATCH} / the median time of its forward, " + _timing_how("throughput"),
+        shown_as="images/s",
+        fmt=".4g",
+        measure=_throughput,
+        worst=0.0,
+    ),
+    Objective(
+        "inference_memory",
+        "min",
+        f"bytes at the peak of one inference forward at batch {MEASURE_BATCH}, weights included",
+        f"batch {MEASURE_BATCH}: the weights' bytes plus the peak of the bytes allocated for the input and one forward "
+        "(CUDA: torch.cuda.max_memory_allocated after a reset, above what was allocated before; CPU: the running sum "
+        "of torch.profiler's allocation and free events, at its peak); on the trial's device, eval mode, float32, "
+        "measured once per trial at its first epoch: kdsearch.train.measure",
+        scale=2**20,
+        shown_as="inference MiB",
+        fmt=".3g",
+        measure=_inference_memory,
     ),
 ):
     register(_o)
