@@ -20,9 +20,11 @@ model inside `MeasureContext` and imports what it needs itself.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 MODES = ("max", "min")
@@ -100,22 +102,10 @@ def _params(student: Any) -> float:
     return count_flops(student).params
 
 
-def _latency_ms(ctx: MeasureContext) -> float:
-    from kdsearch.train.measure import measure_latency_ms
-
-    return measure_latency_ms(ctx)
-
-
-def _throughput(ctx: MeasureContext) -> float:
-    from kdsearch.train.measure import measure_throughput
-
-    return measure_throughput(ctx)
-
-
-def _inference_memory(ctx: MeasureContext) -> float:
-    from kdsearch.train.measure import measure_inference_memory
-
-    return measure_inference_memory(ctx)
+def _measured(name: str, ctx: MeasureContext) -> float:
+    """kdsearch.train.measure's figure `name`, imported by name when first measured (space/
+    imports no part above it: the datasets table names its loaders the same way)."""
+    return importlib.import_module("kdsearch.train.measure").measure_objective(ctx, name)
 
 
 # How the measured objectives are taken (kdsearch.train.measure reads these): the images per
@@ -200,7 +190,7 @@ for _o in (
         "batch 1, " + _timing_how("latency"),
         shown_as="latency ms",
         fmt=".3g",
-        measure=_latency_ms,
+        measure=partial(_measured, "latency_ms"),
     ),
     Objective(
         "throughput",
@@ -209,7 +199,7 @@ for _o in (
         f"batch {MEASURE_BATCH} / the median time of its forward, " + _timing_how("throughput"),
         shown_as="images/s",
         fmt=".4g",
-        measure=_throughput,
+        measure=partial(_measured, "throughput"),
         worst=0.0,
     ),
     Objective(
@@ -223,7 +213,7 @@ for _o in (
         scale=2**20,
         shown_as="inference MiB",
         fmt=".3g",
-        measure=_inference_memory,
+        measure=partial(_measured, "inference_memory"),
     ),
 ):
     register(_o)

@@ -1,7 +1,7 @@
 """Measured costs of a student at inference: latency, throughput and peak memory on a device.
 
 The three measured objectives of `kdsearch.space.objectives` (`latency_ms`, `throughput`,
-`inference_memory`) call `measure_latency_ms` and its siblings with a `MeasureContext`;
+`inference_memory`) call `measure_objective` with a `MeasureContext` and the name;
 `kdsearch measure` (kdsearch.results.measured) calls `measure_model` on the weights a run saved.
 Every figure is taken on the model in eval mode, in float32, under `torch.inference_mode`,
 on random images of the student's input shape (timing does not depend on pixel values):
@@ -16,7 +16,7 @@ on random images of the student's input shape (timing does not depend on pixel v
 The warm-up and timed forwards on each kind of device, and BATCH, are stated in the objectives
 table (MEASURE_REPEATS, MEASURE_BATCH). CUDA is synchronized before and after every timed forward. The architecture does not change
 while a trial trains, so a trial measures each model once (at its first epoch) and reports the
-same value after every later epoch (`_once`).
+same value after every later epoch (`measure_objective`).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def device_name(device: torch.device | str) -> str:
 _MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], float]] = weakref.WeakKeyDictionary()
 
 
-def _once(ctx: Any, name: str) -> float:
+def measure_objective(ctx: Any, name: str) -> float:
     """`name` measured on `ctx.model` at the first epoch it is asked for, then the same value:
     training changes the weights, never the architecture (the cache dies with the model)."""
     device = torch.device(ctx.device)
@@ -173,18 +173,6 @@ def _once(ctx: Any, name: str) -> float:
         finally:
             ctx.model.train(was_training)
     return values[key]
-
-
-def measure_latency_ms(ctx: Any) -> float:
-    return _once(ctx, "latency_ms")
-
-
-def measure_throughput(ctx: Any) -> float:
-    return _once(ctx, "throughput")
-
-
-def measure_inference_memory(ctx: Any) -> float:
-    return _once(ctx, "inference_memory")
 
 
 # ---------------------------------------------------------------- an exported ONNX graph
