@@ -372,7 +372,7 @@ def measure(
     run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
     trial_ids: list[str] = typer.Option(
-        [], "--trial", help="Measure this completed trial (repeatable) [default: the front]."
+        [], "--trial", help="Measure this completed trial (repeatable); without it, every front member."
     ),
     runtime: Runtime = typer.Option(
         Runtime.torch, "--runtime", help="torch, or onnx: the exported graph run by onnxruntime on the CPU."

@@ -48,3 +48,16 @@ def test_onnx_logits_match_pytorch_for_every_encoding(pos_embed: str, tmp_path: 
         KdsearchError, match=rf"differ from PyTorch's by up to {moved:.3g} on 6 images \(allowed: 0\.0001\)"
     ):
         check_onnx(path, model, x)
+
+
+def test_the_check_uses_real_images_or_says_it_could_not(tmp_path: Path) -> None:
+    from kdsearch.results.export import ONNX_CHECK_IMAGES, check_images
+    from kdsearch.space.specs import DataSpec, TrialSpec
+
+    images, where = check_images(TrialSpec(student=TINY, data=DataSpec(img_size=16)))
+    assert images.shape == (ONNX_CHECK_IMAGES, 1, 16, 16) and where == "digits val images"
+    assert images.min() == -1.0  # digits are scaled to [-1, 1]: the background is exactly -1
+    student = dataclasses.replace(TINY, in_chans=3, img_size=32)
+    missing = DataSpec(name="cifar10", img_size=32, root=str(tmp_path / "nowhere"))
+    images, where = check_images(TrialSpec(student=student, data=missing))
+    assert images.shape == (ONNX_CHECK_IMAGES, 3, 32, 32) and where.startswith("random images (cifar10 is not here: ")
