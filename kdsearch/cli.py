@@ -371,7 +371,9 @@ def report(
 @app.command("export")
 def export(
     run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
-    out: Path = typer.Option(..., "--out", help="Folder to write student.yaml, model.safetensors and README.md to."),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder to write student.yaml, model.safetensors, model.onnx and README.md to."
+    ),
     trial_id: str = typer.Option(None, "--trial", help="Export this completed trial."),
     max_gflops: float = typer.Option(
         None, "--max-gflops", help="The most accurate front member under this many GFLOPs."
@@ -381,8 +383,8 @@ def export(
     ),
     force: bool = typer.Option(False, "--force", help="Replace what --out already holds."),
 ) -> None:
-    """Export a student: config, weights and a model card that load without kdsearch's search machinery."""
-    from kdsearch.results.export import export_student, select_trial
+    """Export a student: config, weights, an ONNX graph checked against them, and a model card."""
+    from kdsearch.results.export import export_student, read_card, select_trial
     from kdsearch.results.tables import load_run
 
     if out.exists() and not out.is_dir():
@@ -393,9 +395,65 @@ def export(
     r = load_run(run)
     row = select_trial(r.trials, r.objectives, trial_id=trial_id, max_gflops=max_gflops, min_acc=min_acc)
     folder = export_student(row, out, run=r.paths, objectives=r.objectives)
+    checked = read_card(folder)["onnx"]["checked"]
     wide_console().print(
-        f"exported trial {row['trial_id']} (val_acc {row['val_acc']:.4f}, {row['flops'] / 1e9:.4g} GFLOPs, {row['params']:,} params) to {folder}"
+        f"exported trial {row['trial_id']} (val_acc {row['val_acc']:.4f}, {row['flops'] / 1e9:.4g} GFLOPs, {row['params']:,} params) to {folder}; "
+        f"model.onnx matches PyTorch's logits on {checked['images']} {checked['of']} (max abs diff {checked['max_abs_diff']:.2g} <= {checked['tolerance']:g})"
     )
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Runtime(str, Enum):
+    torch = "torch"
+    onnx = "onnx"
+
+
+@app.command("measure")
+def measure(
+    run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
+    device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
+    trial_ids: list[str] = typer.Option(
+        [], "--trial", help="Measure this completed trial (repeatable); without it, every front member."
+    ),
+    runtime: Runtime = typer.Option(
+        Runtime.torch, "--runtime", help="torch, or onnx: the exported graph run by onnxruntime on the CPU."
+    ),
+    fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
+) -> None:
+    """Latency, throughput and peak memory of a run's students on this machine, from their saved
+    weights; written to the run's measured.parquet (one row per trial, device and runtime)."""
+    from kdsearch.results.measured import FIGURES, check_device, measure_run
+    from kdsearch.results.tables import load_run
+    from kdsearch.space import objectives as objective_table
+
+    check_device(device.value, runtime.value)
+    r = load_run(run)
+    rows = measure_run(r, device.value, trial_ids, runtime.value, say=err_console.print)
+    if fmt is Format.json:
+        units = {f: objective_table.get(f).unit for f in FIGURES}
+        typer.echo(json.dumps({"run": r.paths.uri, "units": units, "measured": rows}, default=str))
+    elif fmt is Format.csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        objs = [objective_table.get(f) for f in FIGURES]
+        table = Table("trial_id", "device", "runtime", *(o.heading for o in objs), title=f"measured: {r.name}")
+        for row in rows:
+            table.add_row(row["trial_id"], row["device_name"], row["runtime"], *(o.show(row[o.name]) for o in objs))
+        console = wide_console()
+        console.print(table)
+        console.print(
+            f"latency at batch 1, throughput and inference memory at batch {rows[0]['batch']}; "
+            f"written to {r.paths.store.uri_of('measured.parquet')}",
+            soft_wrap=True,
+        )
 
 
 @app.command("eval")

@@ -93,7 +93,7 @@ def test_export_loads_in_a_fresh_process(
     out = tmp_path / "student"
     assert run_cli(["export", str(run_dir), "--trial", best.trial_id, "--out", str(out)]) == 0
     assert f"exported trial {best.trial_id}" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"student.yaml", "model.safetensors", "README.md"}
+    assert {p.name for p in out.iterdir()} == {"student.yaml", "model.safetensors", "model.onnx", "README.md"}
     card = kdsearch.results.export.read_card(out)
     assert card["cost"]["flops"] == best.flops == kdsearch.count_flops(kdsearch.StudentSpec(**card["student"])).flops
     assert card["metrics"]["val_acc"] == best.val_acc and "FlopCounterMode" in card["cost"]["counted"]

@@ -6,6 +6,8 @@ An exported folder holds everything needed to rebuild the model, like nanoGPT's 
                         metrics, FLOPs/MACs/params and how they were counted, the teacher and
                         data it came from, and the kdsearch/torch/timm versions
     model.safetensors   the weights
+    model.onnx          the same model for deployment (one file, a dynamic batch axis), checked
+                        with onnxruntime against PyTorch's logits on a few real images
     README.md           a short model card
 
 `load_student(folder)` needs only those files: no run directory, no Ray, no Optuna.
@@ -13,6 +15,7 @@ An exported folder holds everything needed to rebuild the model, like nanoGPT's 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Sequence
@@ -90,10 +93,16 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
+ONNX_ATOL = 1e-4
+"""The largest absolute difference allowed between onnxruntime's logits and PyTorch's."""
+ONNX_CHECK_IMAGES = 8  # val images the exported graph is checked on (a batch unlike the one it was traced with)
+
+
 def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, objectives: Pairs = ()) -> Path:
-    """Write student.yaml, model.safetensors and README.md for a trials.parquet row of `run`
-    (a folder or a bucket: the weights are read from its storage); the card's metrics hold
-    val_acc, best_val_acc, epochs and every one of the run's `objectives`."""
+    """Write student.yaml, model.safetensors, model.onnx and README.md for a trials.parquet row
+    of `run` (a folder or a bucket: the weights are read from its storage); the card's metrics
+    hold val_acc, best_val_acc, epochs and every one of the run's `objectives`. KdsearchError
+    when onnxruntime's logits differ from PyTorch's by more than ONNX_ATOL."""
     import timm
     import torch
 
@@ -106,10 +115,13 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, o
         raise KdsearchError(
             f"export: trial {row['trial_id']}'s recorded FLOPs ({row['flops']}) differ from its spec's ({fc.flops})"
         )
-    ckpt = row["checkpoint"]  # relative to the run
-    if not run.store.exists(ckpt):
-        raise KdsearchError(f"export: {run.store.uri_of(ckpt)} is missing; the run is incomplete")
-    weights = run.store.read_bytes(ckpt)
+    weights = trial_weights(row, run)
+    model = student_from(spec, weights)
+    images, where = check_images(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "model.onnx") as tmp:
+        opset = write_onnx(model, tmp)
+        diff = check_onnx(tmp, model, images)
     card = {
         "format": "kdsearch-student/1",
         "student": asdict(spec.student),
@@ -130,15 +142,115 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, o
             "gflops": fc.flops / 1e9,
             "counted": FLOPS_COUNTED,
         },
+        "onnx": {
+            "file": "model.onnx",
+            "opset": opset,
+            "input": "images: float32 (batch, channels, height, width), normalized as in training; batch is dynamic",
+            "output": "logits: float32 (batch, classes)",
+            "checked": {"images": len(images), "of": where, "max_abs_diff": diff, "tolerance": ONNX_ATOL},
+        },
         "source": {"run": run.uri, "trial_id": row["trial_id"]},
         "versions": {"kdsearch": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__)},
     }
-    out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "student.yaml", yaml.safe_dump(card, sort_keys=False))
     with atomic_path(out / "model.safetensors") as tmp:
         tmp.write_bytes(weights)
     write_text_atomic(out / "README.md", model_card(card))
     return out
+
+
+def trial_weights(row: dict[str, Any], run: RunPaths) -> bytes:
+    """The safetensors bytes a completed trial saved in the run's storage."""
+    ckpt = row.get("checkpoint")  # relative to the run
+    if not ckpt or not run.store.exists(ckpt):
+        where = run.store.uri_of(ckpt) if ckpt else f"trial {row['trial_id']}'s checkpoint"
+        raise KdsearchError(f"{where} is missing; the run is incomplete")
+    return run.store.read_bytes(ckpt)
+
+
+def student_from(spec: TrialSpec, weights: bytes) -> Any:
+    """The student of `spec` with these safetensors weights, in eval mode."""
+    from safetensors.torch import load
+
+    from kdsearch.models.student import build_student
+
+    model = build_student(spec.student)
+    model.load_state_dict(load(weights))
+    return model.eval()
+
+
+def write_onnx(model: Any, path: str | os.PathLike) -> int:
+    """Export a student (torch.onnx's dynamo exporter) to one self-contained ONNX file with a
+    dynamic batch axis: input `images`, output `logits`; returns the opset.
+
+    Attention goes through the explicit path (`q k^T + bias`, softmax, `@ v`: the same math as
+    SDPA): the exporter cannot decompose SDPA with relpos' float mask and a symbolic batch.
+    """
+    import logging
+
+    import torch
+
+    from kdsearch.models.student import Attention
+
+    model = copy.deepcopy(model).eval().cpu()
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused_attn = False
+    s = model.spec
+    example = torch.zeros(2, s.in_chans, s.img_size, s.img_size)
+    quiet = logging.getLogger("onnxscript")  # its optimizer warns about every Split it leaves unfolded
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
+            verbose=False,
+        )
+    finally:
+        quiet.setLevel(level)
+    program.save(str(path), external_data=False)
+    return int(next(o.version for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")))
+
+
+def check_onnx(path: str | os.PathLike, model: Any, images: Any) -> float:
+    """The largest absolute difference between onnxruntime's logits (CPU) for `images` and the
+    PyTorch model's; KdsearchError when it exceeds ONNX_ATOL."""
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"images": images.numpy()})[0]
+    with torch.inference_mode():
+        expected = model.eval().cpu()(images).numpy()
+    diff = float(abs(got - expected).max())
+    if not diff <= ONNX_ATOL:
+        raise KdsearchError(
+            f"export: model.onnx's logits differ from PyTorch's by up to {diff:.3g} on {len(images)} images "
+            f"(allowed: {ONNX_ATOL:g}); the ONNX graph is not written"
+        )
+    return diff
+
+
+def check_images(spec: TrialSpec) -> tuple[Any, str]:
+    """ONNX_CHECK_IMAGES val images of the student's data, and what they are; seeded random
+    images of its input shape when that data is not on this machine (said in the second item)."""
+    import torch
+
+    from kdsearch.train.data import load_data
+
+    try:
+        data = load_data(spec.data)
+        return next(iter(data.val_batches(ONNX_CHECK_IMAGES)))[0], f"{spec.data.name} val images"
+    except KdsearchError as e:
+        s = spec.student
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(ONNX_CHECK_IMAGES, s.in_chans, s.img_size, s.img_size, generator=g)
+        return images, f"random images ({spec.data.name} is not here: {e})"
 
 
 def _float(v: Any) -> float | None:
@@ -163,9 +275,17 @@ A ViT student distilled by kdsearch from `{card["teacher"]["model"]}` on `{card[
 
 FLOPs are counted {c["counted"]}.
 
+`model.onnx` (opset {card["onnx"]["opset"]}, dynamic batch axis; input `images`, output `logits`) was checked with
+onnxruntime against PyTorch on {card["onnx"]["checked"]["images"]} {card["onnx"]["checked"]["of"]}: max abs difference of the logits
+{card["onnx"]["checked"]["max_abs_diff"]:.2g} (allowed: {card["onnx"]["checked"]["tolerance"]:g}).
+
 ```python
 import kdsearch
 model = kdsearch.load_student("path/to/this/folder")   # eval mode; logits = model(images)
+
+import onnxruntime                                        # or without PyTorch
+session = onnxruntime.InferenceSession("path/to/this/folder/model.onnx")
+logits = session.run(["logits"], {{"images": images}})[0]  # images: float32 numpy (batch, C, H, W)
 ```
 
 Made with kdsearch {card["versions"]["kdsearch"]}, torch {card["versions"]["torch"]}, timm {card["versions"]["timm"]}.

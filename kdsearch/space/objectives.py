@@ -20,9 +20,11 @@ model inside `MeasureContext` and imports what it needs itself.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 MODES = ("max", "min")
@@ -108,6 +110,30 @@ def _params(student: Any) -> float:
     return count_flops(student).params
 
 
+def _measured(name: str, ctx: MeasureContext) -> float:
+    """kdsearch.train.measure's figure `name`, imported by name when first measured (space/
+    imports no part above it: the datasets table names its loaders the same way)."""
+    return importlib.import_module("kdsearch.train.measure").measure_objective(ctx, name)
+
+
+# How the measured objectives are taken (kdsearch.train.measure reads these): the images per
+# forward for throughput and inference_memory, and (warm-up, timed) forwards on each device
+MEASURE_BATCH = 64
+MEASURE_REPEATS: dict[str, dict[str, tuple[int, int]]] = {
+    "cpu": {"latency": (3, 15), "throughput": (1, 5)},  # few: a trial measures on the CPU it trains on
+    "cuda": {"latency": (10, 50), "throughput": (3, 20)},
+}
+
+
+def _timing_how(what: str) -> str:
+    (cw, ct), (gw, gt) = MEASURE_REPEATS["cpu"][what], MEASURE_REPEATS["cuda"][what]
+    return (
+        f"on the trial's device, the median of {ct} timed forwards after {cw} warm-up on a CPU ({gt} after {gw} "
+        "on CUDA, synchronized); eval mode, float32, torch.inference_mode, random images; measured once per trial, "
+        "at its first epoch (training changes no architecture): kdsearch.train.measure"
+    )
+
+
 FLOPS_COUNTED = (
     "per image at inference, 2 FLOPs per multiply-add, convolutions, linear layers and both attention "
     "matmuls included, elementwise work not counted (as torch.utils.flop_counter.FlopCounterMode on the "
@@ -165,6 +191,38 @@ for _o in (
     ),
     Objective(
         "params", "min", "trainable parameters", "exact formula from the student's spec", fmt=",.0f", compute=_params
+    ),
+    Objective(
+        "latency_ms",
+        "min",
+        "milliseconds per forward of one image (batch 1)",
+        "batch 1, " + _timing_how("latency"),
+        shown_as="latency ms",
+        fmt=".3g",
+        measure=partial(_measured, "latency_ms"),
+    ),
+    Objective(
+        "throughput",
+        "max",
+        f"images per second at batch {MEASURE_BATCH}",
+        f"batch {MEASURE_BATCH} / the median time of its forward, " + _timing_how("throughput"),
+        shown_as="images/s",
+        fmt=".4g",
+        measure=partial(_measured, "throughput"),
+        worst=0.0,
+    ),
+    Objective(
+        "inference_memory",
+        "min",
+        f"bytes at the peak of one inference forward at batch {MEASURE_BATCH}, weights included",
+        f"batch {MEASURE_BATCH}: the weights' bytes plus the peak of the bytes allocated for the input and one forward "
+        "(CUDA: torch.cuda.max_memory_allocated after a reset, above what was allocated before; CPU: the running sum "
+        "of torch.profiler's allocation and free events, at its peak); on the trial's device, eval mode, float32, "
+        "measured once per trial at its first epoch: kdsearch.train.measure",
+        scale=2**20,
+        shown_as="inference MiB",
+        fmt=".3g",
+        measure=partial(_measured, "inference_memory"),
     ),
 ):
     register(_o)
