@@ -395,9 +395,15 @@ def export(
     r = load_run(run)
     row = select_trial(r.trials, r.objectives, trial_id=trial_id, max_gflops=max_gflops, min_acc=min_acc)
     folder = export_student(row, out, run=r.paths, objectives=r.objectives)
-    checked = read_card(folder)["onnx"]["checked"]
+    card = read_card(folder)
+    checked, test = card["onnx"]["checked"], card["test"]
+    held_out = (
+        f"test_acc {test['test_acc']:.4f} on {test['images']:,} held-out images"
+        if test["test_acc"] is not None
+        else "test_acc not measured: the data is not on this machine"
+    )
     wide_console().print(
-        f"exported trial {row['trial_id']} (val_acc {row['val_acc']:.4f}, {row['flops'] / 1e9:.4g} GFLOPs, {row['params']:,} params) to {folder}; "
+        f"exported trial {row['trial_id']} (val_acc {row['val_acc']:.4f}, {held_out}, {row['flops'] / 1e9:.4g} GFLOPs, {row['params']:,} params) to {folder}; "
         f"model.onnx matches PyTorch's logits on {checked['images']} {checked['of']} (max abs diff {checked['max_abs_diff']:.2g} <= {checked['tolerance']:g})"
     )
 

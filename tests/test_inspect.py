@@ -92,7 +92,8 @@ def test_export_loads_in_a_fresh_process(
     best = trials[trials.status == "completed"].sort_values("val_acc").iloc[-1]
     out = tmp_path / "student"
     assert run_cli(["export", str(run_dir), "--trial", best.trial_id, "--out", str(out)]) == 0
-    assert f"exported trial {best.trial_id}" in capsys.readouterr().out
+    said_at_export = capsys.readouterr().out
+    assert f"exported trial {best.trial_id}" in said_at_export
     assert {p.name for p in out.iterdir()} == {"student.yaml", "model.safetensors", "model.onnx", "README.md"}
     card = kdsearch.results.export.read_card(out)
     assert card["cost"]["flops"] == best.flops == kdsearch.count_flops(kdsearch.StudentSpec(**card["student"])).flops
@@ -136,6 +137,9 @@ torch.save({{'logits': logits, 'acc': (logits.argmax(-1) == y).sum().item() / le
     with torch.no_grad():
         test_acc = (trained(x_test).argmax(-1) == y_test).float().mean().item()
     assert evaluated["test_acc"] == pytest.approx(test_acc, abs=1e-6)
+    assert card["metrics"]["test_acc"] == pytest.approx(test_acc, abs=1e-6) and card["test"]["images"] == 360
+    assert f"test_acc {test_acc:.4f} on 360 held-out images" in " ".join(said_at_export.split())
+    assert "| test accuracy | " in (out / "README.md").read_text()
     assert run_cli(["eval", str(out)]) == 0
     said = capsys.readouterr().out
     assert f"val_acc {best.val_acc:.4f}" in said and f"test_acc {test_acc:.4f} on {len(test):,} held-out" in said

@@ -118,6 +118,7 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, o
     weights = trial_weights(row, run)
     model = student_from(spec, weights)
     images, where = check_images(spec)
+    test = test_accuracy(spec, model)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.onnx") as tmp:
         opset = write_onnx(model, tmp)
@@ -132,9 +133,11 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, o
         "metrics": {
             **{name: _float(row.get(name)) for name, _ in objectives},
             "val_acc": float(row["val_acc"]),
+            "test_acc": test["test_acc"],
             "best_val_acc": _float(row.get("best_val_acc")),
             "epochs": int(row["epochs"]),
         },
+        "test": test,
         "cost": {
             "flops": fc.flops,
             "macs": fc.macs,
@@ -157,6 +160,21 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, o
         tmp.write_bytes(weights)
     write_text_atomic(out / "README.md", model_card(card))
     return out
+
+
+def test_accuracy(spec: TrialSpec, model: Any) -> dict[str, Any]:
+    """The student's accuracy on its data's held-out test split (which the search never read),
+    with the split's size and origin; None with the reason when the data is not on this machine."""
+    from kdsearch.space.datasets import DATASETS
+    from kdsearch.train.data import load_test
+    from kdsearch.train.loop import evaluate_test
+
+    try:
+        test = load_test(spec.data)
+    except KdsearchError as e:
+        return {"test_acc": None, "images": 0, "split": DATASETS[spec.data.name].test_split, "not_measured": str(e)}
+    acc = evaluate_test(model, test)
+    return {"test_acc": acc, "images": len(test), "split": DATASETS[spec.data.name].test_split}
 
 
 def trial_weights(row: dict[str, Any], run: RunPaths) -> bytes:
@@ -266,7 +284,8 @@ A ViT student distilled by kdsearch from `{card["teacher"]["model"]}` on `{card[
 
 | | |
 |---|---|
-| val accuracy | {m["val_acc"]:.4f} after {m["epochs"]} epochs |
+| val accuracy | {m["val_acc"]:.4f} after {m["epochs"]} epochs (the split the search selected on) |
+| test accuracy | {_test_line(card)} |
 | FLOPs | {c["flops"]:,} ({c["gflops"]:.4g} GFLOPs), {c["macs"]:,} MACs |
 | params | {c["params"]:,} |
 | architecture | width {s["embed_dim"]}, depth {s["depth"]}, {s["num_heads"]} heads, MLP ratio {s["mlp_ratio"]:g}, patch {s["patch_size"]}, `{s["pos_embed"]}` positional encoding{token} |
@@ -290,6 +309,13 @@ logits = session.run(["logits"], {{"images": images}})[0]  # images: float32 num
 
 Made with kdsearch {card["versions"]["kdsearch"]}, torch {card["versions"]["torch"]}, timm {card["versions"]["timm"]}.
 """
+
+
+def _test_line(card: dict[str, Any]) -> str:
+    t = card.get("test") or {}
+    if t.get("test_acc") is None:
+        return f"not measured ({t.get('not_measured', 'exported before kdsearch measured it')})"
+    return f"{t['test_acc']:.4f} on {t['images']:,} held-out images ({t['split']}), never read by the search"
 
 
 def read_card(folder: str | os.PathLike) -> dict[str, Any]:
