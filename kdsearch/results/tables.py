@@ -1,4 +1,5 @@
-"""A run and its tables: trials.parquet (one row per trial) and epochs.parquet; `load_run`
+"""A run and its tables: trials.parquet (one row per trial), epochs.parquet and, once `kdsearch
+confirm` has retrained front members with several seeds, confirm.parquet; `load_run`
 reads a run back (from a folder or a URI), `front_records` says what a front member's row shows.
 
 A run lives in a `kdsearch.storage.Storage`: a local folder or a bucket prefix. Both tables
@@ -63,6 +64,20 @@ EPOCH_COLUMNS = (
     "lr",
     "time",
 )
+# Columns every confirm.parquet has first (one row per retraining of a trial with one seed);
+# then every objective of the run, then the original trial's config columns, sorted
+CONFIRM_COLUMNS = (
+    "trial_id",
+    "seed",
+    "confirm_id",
+    "status",
+    "val_acc",
+    "test_acc",
+    "epochs",
+    "wall_seconds",
+    "error",
+    "finished_at",
+)
 # The config columns that describe a student (its data fixes the others) and its recipe
 ARCH_COLUMNS = tuple(
     f"student.{f.name}" for f in fields(StudentSpec) if f.name not in ("img_size", "in_chans", "num_classes")
@@ -81,6 +96,7 @@ class RunPaths:
     META = "run.json"
     TRIALS = "trials.parquet"
     EPOCHS = "epochs.parquet"
+    CONFIRM = "confirm.parquet"
     STUDY = "study.db"
     TUNE = "tune"
 
