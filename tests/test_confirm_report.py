@@ -29,6 +29,7 @@ from kdsearch.results.confirm import (
 from kdsearch.results.tables import CONFIRM_COLUMNS, RunPaths, load_run, write_json, write_table
 from kdsearch.space.specs import StudentSpec
 from tests.helpers import run_cli
+from tests.test_inspect import CHROMIUM, render
 
 OBJECTIVES = [("val_acc", "max"), ("flops", "min")]
 
@@ -319,3 +320,14 @@ def test_the_report_shows_the_confirmed_section(tmp_path) -> None:
     assert run_cli(["report", plain.uri, "--out", str(out)]) == 0
     assert "Confirmed with" not in (out / "report.html").read_text() + (out / "report.md").read_text()
     assert not (out / "confirm_front.png").exists()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (.ci/run installs Debian's chromium package)")
+def test_the_confirmed_report_renders_in_headless_chromium(tmp_path) -> None:
+    """The confirm figure comes first and carries plotly's script: every figure after it draws."""
+    paths = make_run(tmp_path)
+    assert run_cli(["report", paths.uri, "--out", str(tmp_path / "report")]) == 0
+    dom, errors = render(tmp_path / "report" / "report.html")
+    assert errors == [] and "<title>ERROR" not in dom
+    assert dom.count('class="main-svg"') >= 2 * 5  # the confirmed front, the front, encodings, hypervolume x2
+    assert 'class="errorbars"' in dom

@@ -167,11 +167,11 @@ def member_stats(
         }
         for c in costs:
             seen = [float(r[c]) for r in done if r.get(c) is not None]
-            member[c] = sum(seen) / len(seen) if seen else first(c)
+            member[c] = (seen[0] if len(set(seen)) == 1 else sum(seen) / len(seen)) if seen else first(c)
         member.update({k.split(".", 1)[1]: first(k) for k in ARCH_COLUMNS if k != "student.pos_embed"})
         out.append(member)
     _, cost = accuracy_and_cost(objectives)
-    return sorted(out, key=lambda m: (_num(m.get(cost)), m["trial_id"]))
+    return sorted(out, key=lambda m: (m.get(cost) is None, m.get(cost) or 0.0, m["trial_id"]))
 
 
 def confirmed_front(members: Sequence[dict[str, Any]], objectives: Pairs = DEFAULT_OBJECTIVES) -> list[dict[str, Any]]:
