@@ -2,13 +2,14 @@
 Markdown report and `--plot`) and an interactive plotly figure (the HTML report, `--html`).
 
 A `Chart` is plain data: titled axes (each saying its unit, from the objectives table) and
-`Series` of points or steps. `front_chart`, `pe_fronts_chart` and `hypervolume_chart` build
-one from a run's rows; `save_png` and `to_plotly` draw any chart, so the two kinds of
+`Series` of points or steps, points optionally with vertical error bars. `front_chart`,
+`pe_fronts_chart`, `hypervolume_chart` and `confirmed_front_chart` build one from a run's rows; `save_png` and `to_plotly` draw any chart, so the two kinds of
 picture cannot drift apart.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class Series:
     opacity: float = 1.0
     hover: list[str] | None = None
     legend: bool = True
+    y_error: list[float | None] | None = None  # half-widths of symmetric error bars (None: no bar at that point)
 
 
 @dataclass
@@ -138,6 +140,61 @@ def hypervolume_chart(by_trial: Sequence[dict[str, Any]], over: str = "time", ob
     )
 
 
+def confirmed_front_chart(summary: dict[str, Any]) -> Chart:
+    """Confirmed members (kdsearch.results.confirm.summarize): mean test accuracy over the seeds
+    against the first cost, error bars the 95% interval of the mean (none for a member with
+    one seed), coloured by pos_embed, and the confirmed front as a step line."""
+    cost = summary["cost"]
+    xs, xl = _axis(cost)
+    chart = Chart(
+        f"confirmed with {summary['seeds']} seeds: mean test accuracy (95% interval) against {cost}",
+        xl,
+        "mean test accuracy over the seeds (fraction right)",
+    )
+
+    def hover(m: dict[str, Any]) -> str:
+        interval = (
+            "none (n = 1)" if m["test_acc_low"] is None else f"[{m['test_acc_low']:.4f}, {m['test_acc_high']:.4f}]"
+        )
+        return "<br>".join(
+            [
+                f"trial_id: {m['trial_id']}",
+                f"pos_embed: {m['pos_embed']}",
+                f"n: {m['n']}",
+                f"test acc: {m['test_acc_mean']:.4f}, 95% interval {interval}",
+                f"search val_acc: {m['search_val_acc']}",
+                f"{cost}: {m.get(cost)}",
+            ]
+        )
+
+    done = [m for m in summary["members"] if m["n"] >= 1 and m.get(cost) is not None]
+    for pe in dict.fromkeys(m["pos_embed"] for m in done):
+        rows = [m for m in done if m["pos_embed"] == pe]
+        chart.series.append(
+            Series(
+                str(pe),
+                [m[cost] / xs for m in rows],
+                [m["test_acc_mean"] for m in rows],
+                color=COLORS.get(pe),
+                hover=[hover(m) for m in rows],
+                y_error=[None if m["test_acc_low"] is None else m["test_acc_high"] - m["test_acc_mean"] for m in rows],
+            )
+        )
+    front = [m for m in summary["front"] if m.get(cost) is not None]
+    if front:
+        chart.series.append(
+            Series(
+                "confirmed front",
+                [m[cost] / xs for m in front],
+                [m["test_acc_mean"] for m in front],
+                kind="steps",
+                marker=None,
+                color="#000000",
+            )
+        )
+    return chart
+
+
 # --------------------------------------------------------------------------------------
 # Drawing
 # --------------------------------------------------------------------------------------
@@ -157,6 +214,9 @@ def save_png(chart: Chart, path: str | os.PathLike) -> Path:
         label = s.name if s.legend else None
         if s.kind == "points":
             ax.scatter(s.x, s.y, marker=_MPL_MARKERS[s.marker], color=s.color, alpha=s.opacity, s=36, label=label)
+            if s.y_error:
+                bars = [math.nan if e is None else e for e in s.y_error]
+                ax.errorbar(s.x, s.y, yerr=bars, fmt="none", ecolor=s.color, alpha=s.opacity, capsize=3, lw=1)
         else:
             ax.step(s.x, s.y, where="post", marker=_MPL_MARKERS.get(s.marker), color=s.color, lw=1.2, label=label)
     ax.set_xlabel(chart.x_label)
@@ -183,6 +243,8 @@ def to_plotly(chart: Chart, height: int = 520):
             common.update(hovertext=s.hover, hoverinfo="text")
         if s.kind == "points":
             marker = {"symbol": s.marker, "size": 9, "opacity": s.opacity, "color": s.color}
+            if s.y_error:
+                common["error_y"] = {"type": "data", "array": s.y_error, "visible": True, "thickness": 1.2, "width": 4}
             fig.add_trace(go.Scatter(mode="markers", marker=marker, **common))
         else:
             mode = "lines+markers" if s.marker else "lines"

@@ -1,8 +1,8 @@
 """What a finished (or running) run has to say: the front, its hypervolume over time, the front
 of each positional encoding, which parameters matter, and what failed or stopped.
 
-The analyses (`hypervolume`, `pe_fronts`, `importances`, `trouble`, `front_table`) are plain
-data; `write_html` renders one self-contained page (plotly, its script inlined once) and
+The analyses (`hypervolume`, `pe_fronts`, `importances`, `trouble`, `front_table`, and for a
+confirmed run kdsearch.results.confirm's summary) are plain data; `write_html` renders one self-contained page (plotly, its script inlined once) and
 `write_markdown` the same as Markdown with PNG pictures, both from kdsearch.results.plots' charts.
 """
 
@@ -18,10 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from kdsearch.atomic import atomic_path, write_text_atomic
+from kdsearch.results.confirm import display_tables, load_confirm, summarize
 from kdsearch.results.hypervolume import Hypervolume, hypervolume_of, run_reference
 from kdsearch.results.outcomes import STATUSES, Status, counts
 from kdsearch.results.pareto import front_rows
-from kdsearch.results.plots import front_chart, hypervolume_chart, pe_fronts_chart, save_png, to_plotly
+from kdsearch.results.plots import (
+    confirmed_front_chart,
+    front_chart,
+    hypervolume_chart,
+    pe_fronts_chart,
+    save_png,
+    to_plotly,
+)
 from kdsearch.results.tables import Run, RunPaths, front_records, require_finished
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import accuracy_and_cost
@@ -177,13 +185,55 @@ def importance_figure(imp: dict[str, float], title: str):
 
 
 def write_report(run: Run, out: str | os.PathLike) -> tuple[Path, Path]:
-    """report.html (self-contained) and report.md (with PNGs beside it) in `out`."""
+    """report.html (self-contained) and report.md (with PNGs beside it) in `out`; with a
+    "Confirmed with S seeds" section when the run has confirm.parquet."""
     require_finished(run)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     hv = hypervolume(run)
     imp = importances(run)
-    return write_html(run, hv, imp, out / "report.html"), write_markdown(run, hv, imp, out)
+    confirm = confirmed(run)
+    return write_html(run, hv, imp, out / "report.html", confirm), write_markdown(run, hv, imp, out, confirm)
+
+
+def confirmed(run: Run) -> dict[str, Any] | None:
+    """kdsearch.results.confirm's summary of the run's confirm.parquet, or None without one."""
+    rows = load_confirm(run)
+    return summarize(rows, run.trials, run.objectives) if rows else None
+
+
+CONFIRM_CHART = ("Confirmed front", "confirm_front.png")
+
+
+def _confirm_intro(confirm: dict[str, Any]) -> str:
+    members = len(confirm["members"])
+    failed = f", {confirm['failed']} failed and left out" if confirm["failed"] else ""
+    return (
+        f"{members} members retrained with {confirm['seeds']} seeds each ({confirm['retrainings']} retrainings{failed}), "
+        "each scored on the held-out test split. Quote a member's mean test accuracy with its 95% interval "
+        "(mean +- t(0.975; n - 1) x std / sqrt(n), Student t over its n completed seeds), not the search's val "
+        "accuracy: that is one seed, on the split the search selected by, the best of many trials, so optimistic. "
+        f"The confirmed front: the members no other dominates in {', '.join(m for m, _ in confirm['objectives'])}."
+    )
+
+
+def _confirm_html(confirm: dict[str, Any], figure: str) -> str:
+    tables = display_tables(confirm)
+    notes = (
+        "".join(f"<li>{html.escape(r['note'])}</li>" for r in confirm["noise"]) or "<li>one member on the front</li>"
+    )
+    return f"""<h2>Confirmed with {confirm["seeds"]} seeds</h2>
+<p>{html.escape(_confirm_intro(confirm))}</p>
+{_table_html(tables["members"])}
+<h3>{CONFIRM_CHART[0]}</h3>
+{figure}
+<h3>Neighbours on the confirmed front: within noise?</h3>
+<p>Rule: {html.escape(confirm["noise_rule"])}.</p>
+<ul>{notes}</ul>
+<h3>Which encoding wins at which cost, with intervals</h3>
+<p>At {html.escape(confirm["thresholds"])}; against the best encoding there, by the same rule.</p>
+{_table_html(tables["encodings"])}
+"""
 
 
 def _table_html(rows: Sequence[dict[str, Any]]) -> str:
@@ -222,7 +272,9 @@ def _summary(run: Run) -> str:
     return f"{len(run.trials)} trials: {ended}. Objectives: {objectives}."
 
 
-def write_html(run: Run, hv: Hypervolume, imp: dict[str, Any], path: Path) -> Path:
+def write_html(
+    run: Run, hv: Hypervolume, imp: dict[str, Any], path: Path, confirm: dict[str, Any] | None = None
+) -> Path:
     figures = [(title, to_plotly(chart)) for title, _, chart in _charts(run, hv)]
     for name, title in (
         ("accuracy", "Parameter importance for accuracy"),
@@ -230,10 +282,15 @@ def write_html(run: Run, hv: Hypervolume, imp: dict[str, Any], path: Path) -> Pa
     ):
         if name in imp and not all(math.isnan(v) for v in imp[name].values()):
             figures.append((title, importance_figure(imp[name], title)))
+    confirm_html = ""
+    if confirm:  # first on the page, so its figure carries plotly's script
+        fig = to_plotly(confirmed_front_chart(confirm))
+        confirm_html = _confirm_html(confirm, fig.to_html(full_html=False, include_plotlyjs="inline", div_id="confirm"))
     parts = []
     for i, (title, fig) in enumerate(figures):
         parts.append(f"<h2>{html.escape(title)}</h2>")
-        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False, div_id=f"fig{i}"))
+        script = "inline" if i == 0 and not confirm else False
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=script, div_id=f"fig{i}"))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>kdsearch report: {html.escape(run.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}} table{{border-collapse:collapse;font-size:13px}}
@@ -245,7 +302,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#
 <p>{html.escape(hv.describe())}</p>
 <h2>Front members</h2>
 {_table_html(front_table(run))}
-{"".join(parts)}
+{confirm_html}{"".join(parts)}
 <h2>Failed and early-stopped trials</h2>
 {_table_html(trouble(run))}
 <h2>Throughput</h2>
@@ -268,7 +325,9 @@ def _table_md(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(run: Run, hv: Hypervolume, imp: dict[str, Any], out: Path) -> Path:
+def write_markdown(
+    run: Run, hv: Hypervolume, imp: dict[str, Any], out: Path, confirm: dict[str, Any] | None = None
+) -> Path:
     md = [
         f"# kdsearch report: {run.name}\n",
         _summary(run) + "\n",
@@ -276,6 +335,25 @@ def write_markdown(run: Run, hv: Hypervolume, imp: dict[str, Any], out: Path) ->
         "## Front members\n",
         _table_md(front_table(run)),
     ]
+    if confirm:
+        tables = display_tables(confirm)
+        title, png = CONFIRM_CHART
+        save_png(confirmed_front_chart(confirm), out / png)
+        md += [
+            f"## Confirmed with {confirm['seeds']} seeds\n",
+            _confirm_intro(confirm) + "\n",
+            _table_md(tables["members"]),
+            f"### {title}\n",
+            f"![{title.lower()}]({png})\n",
+            "### Neighbours on the confirmed front: within noise?\n",
+            f"Rule: {confirm['noise_rule']}.\n",
+            "\n".join(f"- {r['note']}" for r in confirm["noise"]) + "\n"
+            if confirm["noise"]
+            else "- one member on the front\n",
+            "### Which encoding wins at which cost, with intervals\n",
+            f"At {confirm['thresholds']}; against the best encoding there, by the same rule.\n",
+            _table_md(tables["encodings"]),
+        ]
     for title, png, chart in _charts(run, hv):
         save_png(chart, out / png)
         md += [f"## {title}\n", f"![{title.lower()}]({png})\n"]

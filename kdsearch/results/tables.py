@@ -1,4 +1,5 @@
-"""A run and its tables: trials.parquet (one row per trial) and epochs.parquet; `load_run`
+"""A run and its tables: trials.parquet (one row per trial), epochs.parquet and, once `kdsearch
+confirm` has retrained front members with several seeds, confirm.parquet; `load_run`
 reads a run back (from a folder or a URI), `front_records` says what a front member's row shows.
 
 A run lives in a `kdsearch.storage.Storage`: a local folder or a bucket prefix. Both tables
@@ -63,8 +64,8 @@ EPOCH_COLUMNS = (
     "lr",
     "time",
 )
-# Columns confirm.parquet has first (one row per retraining of a trial with a seed); then the
-# run's other objectives and the trial's config columns, sorted
+# Columns every confirm.parquet has first (one row per retraining of a trial with one seed);
+# then every objective of the run, then the original trial's config columns, sorted
 CONFIRM_COLUMNS = (
     "trial_id",
     "seed",
@@ -95,8 +96,8 @@ class RunPaths:
     META = "run.json"
     TRIALS = "trials.parquet"
     EPOCHS = "epochs.parquet"
-    STUDY = "study.db"
     CONFIRM = "confirm.parquet"
+    STUDY = "study.db"
     TUNE = "tune"
 
     @classmethod
