@@ -4,6 +4,7 @@ own, measured on val and on the held-out test split; same seed, same numbers (CP
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from kdsearch.results.tables import RunPaths
 from kdsearch.search.confirm import run_confirm
 from kdsearch.train.data import TEST_READ_LOG, load_data
 from kdsearch.train.trial import run_trial
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +67,24 @@ def test_confirm_again_trains_only_what_is_missing(confirmed) -> None:
     again = run_confirm(result.paths.uri, seeds=2, top=2, say=messages.append)
     assert any("0 to train, 4 already in confirm.parquet" in m for m in messages), messages
     assert again == rows
+
+
+def test_confirm_command_prints_intervals_and_the_report_shows_them(
+    confirmed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result, rows, _, _ = confirmed
+    uri = result.paths.uri
+    assert run_cli(["confirm", uri, "--seeds", "2", "--top", "2", "--format", "json"]) == 0  # all done: trains nothing
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["members"]) == 2 and all(m["n"] == 2 for m in summary["members"])
+    for m in summary["members"]:
+        tests = [r["test_acc"] for r in rows if r["trial_id"] == m["trial_id"]]
+        assert m["test_acc_mean"] == pytest.approx(sum(tests) / 2)
+        assert m["test_acc_low"] <= m["test_acc_mean"] <= m["test_acc_high"]
+    assert run_cli(["confirm", uri, "--seeds", "2", "--top", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "Confirmed with 2 seeds" in table and "Welch" in table
+    assert run_cli(["report", uri, "--out", str(tmp_path / "report")]) == 0
+    assert "Confirmed with 2 seeds" in (tmp_path / "report" / "report.md").read_text()
+    assert run_cli(["confirm", uri, "--trial", "nope"]) == 2
+    assert "--trial: no trial nope in this run" in capsys.readouterr().err
