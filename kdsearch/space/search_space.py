@@ -80,6 +80,7 @@ class SearchSettings:
     seed: int = 0
     max_failures: int = 1
     max_concurrent: int | None = None
+    checkpoint_every: int = 1  # a trial checkpoints every this many epochs (0: never); a retry continues from it
 
 
 @dataclass(frozen=True)
