@@ -114,14 +114,19 @@ class KdsearchOptunaSearch(OptunaSearch):
         if ot_trial is None or trial_id in self._completed_trials or not result.get("epoch"):
             return
         self._label(ot_trial, trial_id, "running")
-        storage = self._ot_study._storage
-        storage.set_trial_intermediate_value(ot_trial._trial_id, int(result["epoch"]), float(result[self._progress]))
+        self._intermediate(ot_trial, result)
         if time.monotonic() - self._last_export > self.EXPORT_SECONDS:
             self._export_quietly()
+
+    def _intermediate(self, ot_trial: Any, result: dict) -> None:
+        storage = self._ot_study._storage
+        storage.set_trial_intermediate_value(ot_trial._trial_id, int(result["epoch"]), float(result[self._progress]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        if result and result.get("epoch") and not error:  # the last epoch: Tune does not pass a stopping result on
+            self._intermediate(self._ot_trials[trial_id], result)
         self._tell(self._ot_trials[trial_id], outcome(self._configs[trial_id], result, error), result, trial_id)
         self._completed_trials.add(trial_id)
         self._export_quietly()
