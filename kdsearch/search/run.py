@@ -10,7 +10,8 @@
 
 A run directory holds the space as run (space.yaml), run.json, trials.parquet, epochs.parquet,
 the Optuna study (study.db, SQLite: `optuna-dashboard sqlite:///study.db`), Ray Tune's
-experiment state (tune/), the teacher-logit cache (cache/) and each trial's weights (trials/ID/).
+experiment state with each trial's latest checkpoint (tune/), the teacher-logit cache (cache/)
+and each completed or early-stopped trial's weights (trials/ID/).
 """
 
 from __future__ import annotations
