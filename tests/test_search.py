@@ -67,11 +67,14 @@ def test_rows_agree_with_ray_and_optuna(local_search) -> None:
             assert ot.values == [row.val_acc, row.flops]
             assert ray_last["val_acc"] == row.val_acc and ray_last["epoch"] == row.epochs == row.epochs_total
             assert row.checkpoint == f"trials/{tid}/model.safetensors" and (run_dir(result) / row.checkpoint).is_file()
+            assert row.checkpoint_epoch == row.epochs_total
         elif row.status == "stopped_early":
             # never told to Optuna as finished with an early-epoch accuracy
             assert ot.state == optuna.trial.TrialState.PRUNED and ot.values is None
             assert 0 < row.epochs < row.epochs_total and ray_last["epoch"] == row.epochs
-            assert pd.isna(row.checkpoint)
+            # its weights at the epoch it stopped at, from its last checkpoint (one per epoch by default)
+            assert row.checkpoint == f"trials/{tid}/model.safetensors" and (run_dir(result) / row.checkpoint).is_file()
+            assert row.checkpoint_epoch == row.epochs
         assert len(epochs[epochs.trial_id == tid]) == row.epochs
 
 

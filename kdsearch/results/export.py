@@ -42,7 +42,8 @@ def select_trial(
     max_gflops: float | None = None,
     min_acc: float | None = None,
 ) -> dict[str, Any]:
-    """The trial to export: an explicit completed one, the most accurate front member under
+    """The trial to export: an explicit completed one (or an early-stopped one, from its last
+    checkpoint), the most accurate front member under
     `max_gflops`, or the cheapest front member reaching `min_acc`. KdsearchError otherwise."""
     if sum(x is not None for x in (trial_id, max_gflops, min_acc)) != 1:
         raise KdsearchError("export: give exactly one of --trial ID, --max-gflops X or --min-acc Y")
@@ -55,9 +56,10 @@ def select_trial(
             raise KdsearchError(
                 f"--trial {trial_id}: no such trial; known: {', '.join(r['trial_id'] for r in trials[:12])}"
             )
-        if match[0]["status"] != Status.COMPLETED or not match[0].get("checkpoint"):
+        if match[0]["status"] not in (Status.COMPLETED, Status.STOPPED_EARLY) or not match[0].get("checkpoint"):
             raise KdsearchError(
-                f"--trial {trial_id}: is {match[0]['status']} and has no final weights; only completed trials can be exported"
+                f"--trial {trial_id}: is {match[0]['status']} and has no saved weights; only completed trials "
+                "and early-stopped ones with a checkpoint can be exported"
             )
         return match[0]
     front = front_rows(trials, objectives)
@@ -116,6 +118,7 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, o
             f"export: trial {row['trial_id']}'s recorded FLOPs ({row['flops']}) differ from its spec's ({fc.flops})"
         )
     weights = trial_weights(row, run)
+    row = _at_checkpoint(row, run)
     model = student_from(spec, weights)
     images, where = check_images(spec)
     test = test_accuracy(spec, model)
@@ -269,6 +272,16 @@ def check_images(spec: TrialSpec) -> tuple[Any, str]:
         g = torch.Generator().manual_seed(0)
         images = torch.randn(ONNX_CHECK_IMAGES, s.in_chans, s.img_size, s.img_size, generator=g)
         return images, f"random images ({spec.data.name} is not here: {e})"
+
+
+def _at_checkpoint(row: dict[str, Any], run: RunPaths) -> dict[str, Any]:
+    """A stopped trial whose weights are from an earlier epoch than its last (a checkpoint every
+    k > 1 epochs): its metrics at that epoch, from epochs.parquet, so the card matches the weights."""
+    at = row.get("checkpoint_epoch")
+    if _missing(at) or int(at) == int(row["epochs"]):
+        return row
+    epoch = next((r for r in run.rows(RunPaths.EPOCHS) if r["trial_id"] == row["trial_id"] and r["epoch"] == at), {})
+    return {**row, **{k: v for k, v in epoch.items() if k in row and k != "trial_id"}, "epochs": int(at)}
 
 
 def _float(v: Any) -> float | None:

@@ -41,6 +41,7 @@ TRIAL_COLUMNS = (
     "epochs_total",
     "wall_seconds",
     "checkpoint",
+    "checkpoint_epoch",
     "error",
     "retries",
     "optuna_trial",

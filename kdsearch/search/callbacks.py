@@ -4,6 +4,7 @@ epochs.parquet up to date; the live view draws the run's status on a console."""
 from __future__ import annotations
 
 import logging
+import posixpath
 import time
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,11 @@ class ResultsRecorder(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if trial.config["kdsearch"]["infeasible"] or not result.get("epoch"):
             return
-        tid = trial.trial_id
-        if result["epoch"] == 1:  # a new attempt (first run or a retry): drop the old curve
-            self.epochs = {k: v for k, v in self.epochs.items() if k[0] != tid}
-            self.trials.pop(tid, None)
+        tid, epoch = trial.trial_id, result["epoch"]
+        # an attempt reports increasing epochs; a retry (from epoch 1, or from its last checkpoint's
+        # epoch + 1) replaces the epochs it trains again, and a trial that reports has not ended
+        self.epochs = {k: v for k, v in self.epochs.items() if k[0] != tid or k[1] < epoch}
+        self.trials.pop(tid, None)
         row = {c: result.get(c) for c in (*EPOCH_COLUMNS, *self._metrics)}
         row.update(trial_id=tid, time=time.time(), epochs_total=int(trial.config["kdsearch"]["spec"]["train.epochs"]))
         self.epochs[(tid, result["epoch"])] = row
@@ -85,7 +87,11 @@ class ResultsRecorder(tune.Callback):
         last = trial.last_result or {}
         tid = trial.trial_id
         curve = [r["val_acc"] for (t, _), r in self.epochs.items() if t == tid]
-        ckpt = RunPaths.checkpoint(tid)  # relative to the run: the worker uploaded it there
+        ckpt, ckpt_epoch = RunPaths.checkpoint(tid), None  # relative to the run
+        if status is Status.COMPLETED and self.paths.store.exists(ckpt):  # the worker uploaded its final weights
+            ckpt_epoch = spec.train.epochs
+        elif status is Status.STOPPED_EARLY:  # its latest checkpoint's weights, copied beside
+            ckpt_epoch = self._keep_checkpoint(trial)
         self.trials[tid] = {
             "trial_id": tid,
             "status": status.value,
@@ -95,7 +101,8 @@ class ResultsRecorder(tune.Callback):
             "epochs": int(last.get("epoch", 0) or 0) if status is not Status.FAILED else len(curve),
             "epochs_total": spec.train.epochs,
             "wall_seconds": float(last.get("time_total_s", 0.0) or 0.0),
-            "checkpoint": ckpt if status is Status.COMPLETED and self.paths.store.exists(ckpt) else None,
+            "checkpoint": ckpt if ckpt_epoch is not None else None,
+            "checkpoint_epoch": ckpt_epoch,
             "error": error,
             "retries": self.retries.get(tid, 0),
             "optuna_trial": meta.get("optuna_trial"),
@@ -106,6 +113,23 @@ class ResultsRecorder(tune.Callback):
             "gpu": last.get("gpu"),
             **spec.to_dict(),
         }
+
+    def _keep_checkpoint(self, trial: Any) -> int | None:
+        """Copy the weights and spec of a stopped trial's latest Tune checkpoint (tune/TRIAL/checkpoint_N,
+        which Tune deletes with its run) to trials/ID/, where export reads a trial's weights;
+        returns the checkpoint's epoch (None when the trial saved none)."""
+        saved = trial.latest_checkpoint_result
+        if saved is None or saved.checkpoint is None:
+            return None
+        ckpt, rel = saved.checkpoint, RunPaths.trial_dir(trial.trial_id)
+        try:
+            for name in ("trial_spec.json", "model.safetensors"):  # the weights last: their presence means complete
+                with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, name)) as f:
+                    self.paths.store.write_bytes(f"{rel}/{name}", f.read())
+        except OSError as e:
+            log.warning("trial %s: could not keep its checkpoint's weights (%s)", trial.trial_id, e)
+            return None
+        return int(saved.metrics["epoch"])
 
     def flush(self) -> None:
         self._last_flush = time.monotonic()

@@ -10,7 +10,8 @@
 
 A run directory holds the space as run (space.yaml), run.json, trials.parquet, epochs.parquet,
 the Optuna study (study.db, SQLite: `optuna-dashboard sqlite:///study.db`), Ray Tune's
-experiment state (tune/), the teacher-logit cache (cache/) and each trial's weights (trials/ID/).
+experiment state with each trial's latest checkpoint (tune/), the teacher-logit cache (cache/)
+and each completed or early-stopped trial's weights (trials/ID/).
 """
 
 from __future__ import annotations
@@ -67,10 +68,15 @@ def _trainable(
     objectives: Pairs,
     measured: tuple,
     world_size: int = 1,
+    checkpoint_every: int = 0,
 ) -> None:
     """One Ray Tune trial: an infeasible config reports at once (its exact costs, and the
     worst value of what it never measured); the rest run `run_trial` in a local temporary
     folder and upload the weights to the run's storage (no node needs the driver's disk).
+
+    Every `checkpoint_every` epochs the trial's report carries a checkpoint, which Tune
+    copies to the run's storage (tune/TRIAL/checkpoint_N, the latest kept); a retried or
+    resumed trial gets it back from `tune.get_checkpoint()` and continues after its epoch.
 
     `data`, `cached_logits`, the teacher's weights (`ShippedTeacher`, when some trial runs it
     live) and the run's measured objectives (their definitions) are the driver's, through the
@@ -96,10 +102,16 @@ def _trainable(
         return
     require_data_here(data.spec, where["node_id"])
     trial_id = tune.get_context().get_trial_id()
+
+    def report(metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
+        saved = tune.Checkpoint.from_directory(checkpoint) if checkpoint is not None else None
+        tune.report({**metrics, **where}, checkpoint=saved)
+
     with tempfile.TemporaryDirectory(prefix=f"kdsearch-{trial_id}-") as workdir:
+        resume = _restored_checkpoint(Path(workdir) / "restored")
         run_trial(
             spec,
-            lambda metrics: tune.report({**metrics, **where}),
+            report,
             workdir,
             data=data,
             teacher=teacher.build() if teacher is not None else None,
@@ -107,9 +119,20 @@ def _trainable(
             objectives=measured,
             loader_workers=max(0, threads - 1),  # the trial's other CPUs decode images (unused for in-memory digits)
             world_size=world_size,  # N >= 2 GPUs: one process each (kdsearch.train.parallel)
+            checkpoint_every=checkpoint_every,
+            resume_from=resume,
         )
         for name in ("trial_spec.json", "model.safetensors"):  # the weights last: their presence means complete
             run.store.upload(Path(workdir) / name, f"{RunPaths.trial_dir(trial_id)}/{name}")
+
+
+def _restored_checkpoint(local: Path) -> Path | None:
+    """The trial's latest checkpoint (a retry or a resumed run's unfinished trial), copied to
+    `local` from the run's storage; None for a fresh trial."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    return Path(checkpoint.to_directory(str(local)))
 
 
 def require_data_here(dspec: Any, node_id: str) -> None:
@@ -424,6 +447,7 @@ class _Search:
                 objectives=space.objectives,
                 measured=measured,
                 world_size=int(space.resources.gpus) if space.resources.gpus >= 2 else 1,
+                checkpoint_every=space.search.checkpoint_every,
             ),
             {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
         )
@@ -450,6 +474,8 @@ class _Search:
                 storage_path=store.path(),
                 storage_filesystem=store.fs,
                 failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
+                # a trial's latest checkpoint only: storage stays bounded (the recorder keeps a stopped trial's weights)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=callbacks,
                 verbose=0,
             ),

@@ -8,10 +8,9 @@ A trial's Tune config is `{"kdsearch": {"spec": flat TrialSpec, "infeasible": bo
 
 from __future__ import annotations
 
-import tempfile
+import logging
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -20,10 +19,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from kdsearch.results.outcomes import OPTUNA_STATE, Status, status_of
 from kdsearch.results.tables import RunPaths
+from kdsearch.search.study_mirror import StudyMirror
 from kdsearch.space.objectives import Pairs, values_for_sampler
 from kdsearch.space.search_space import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+log = logging.getLogger(__name__)
 
 
 def outcome(config: dict[str, Any], last_result: dict[str, Any] | None, errored: bool = False) -> Status:
@@ -34,8 +35,16 @@ def outcome(config: dict[str, Any], last_result: dict[str, Any] | None, errored:
 
 class KdsearchOptunaSearch(OptunaSearch):
     """Ray's OptunaSearch, with early-stopped trials entering the study as PRUNED (not as
-    finished with an early-epoch accuracy), failed ones as FAIL, and the study mirrored to a
-    SQLite file in the run directory for optuna-dashboard."""
+    finished with an early-epoch accuracy), failed ones as FAIL, and the study mirrored live to
+    a SQLite file in the run directory for optuna-dashboard: the objectives' names, each
+    trial's Ray trial id and status (running, then how it ended) as user attributes, and the
+    accuracy after every epoch as its intermediate values.
+
+    Optuna refuses `Trial.report` in a multi-objective study, so the epochs' values go to the
+    study's storage directly (`set_trial_intermediate_value`, what `report` itself calls), as
+    the first maximized objective (val_acc), the value the dashboard draws as a trial's curve."""
+
+    EXPORT_SECONDS = 5.0  # study.db is rewritten when a trial ends, and at most this often for epochs
 
     def __init__(self, *args: Any, run: RunPaths, total: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -43,6 +52,11 @@ class KdsearchOptunaSearch(OptunaSearch):
         self._total = total
         self._last_export = 0.0
         self._configs: dict[str, dict[str, Any]] = {}  # trial id -> config (saved with the searcher)
+        self._mirror = StudyMirror(run.store, RunPaths.STUDY)
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and what the dashboard labels axes by
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names(list(self._metric))
+        self._progress = next((m for m, mode in self.objectives if mode == "max"), self._metric[0])
 
     @property
     def total(self) -> int:
@@ -77,42 +91,62 @@ class KdsearchOptunaSearch(OptunaSearch):
                 return config
             row = lost.pop(match)
             ot_trial = self._ot_trials.pop(trial_id)
-            self._tell(ot_trial, Status(row["status"]), row)
+            self._tell(ot_trial, Status(row["status"]), row, match)
             self._ot_trials[match] = ot_trial
             self._completed_trials.add(match)
             if len(set(recorded) | set(self._ot_trials)) >= self._total:
                 return Searcher.FINISHED
 
-    def _tell(self, ot_trial: Any, status: Status, result: dict[str, Any] | None) -> None:
+    def _tell(self, ot_trial: Any, status: Status, result: dict[str, Any] | None, trial_id: str | None = None) -> None:
         """Tell Optuna how a trial ended (kdsearch.results.outcomes' mapping to its states)."""
+        self._label(ot_trial, trial_id, status.value)
         state = optuna.trial.TrialState[OPTUNA_STATE[status]]
         if state is optuna.trial.TrialState.COMPLETE:
             self._ot_study.tell(ot_trial, values_for_sampler(result or {}, self.objectives))
         else:
             self._ot_study.tell(ot_trial, state=state)
 
+    def _label(self, ot_trial: Any, trial_id: str | None, status: str) -> None:
+        """The user attributes optuna-dashboard shows: the Ray trial id and the kdsearch status."""
+        if trial_id is not None:
+            ot_trial.set_user_attr("ray_trial_id", trial_id)
+        ot_trial.set_user_attr("status", status)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """An epoch's result: its accuracy as the trial's intermediate value at that epoch (a
+        retry's epochs overwrite the failed attempt's)."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials or not result.get("epoch"):
+            return
+        self._label(ot_trial, trial_id, "running")
+        self._intermediate(ot_trial, result)
+        if time.monotonic() - self._last_export > self.EXPORT_SECONDS:
+            self._export_quietly()
+
+    def _intermediate(self, ot_trial: Any, result: dict) -> None:
+        storage = self._ot_study._storage
+        storage.set_trial_intermediate_value(ot_trial._trial_id, int(result["epoch"]), float(result[self._progress]))
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        self._tell(self._ot_trials[trial_id], outcome(self._configs[trial_id], result, error), result)
+        if result and result.get("epoch") and not error:  # the last epoch: Tune does not pass a stopping result on
+            self._intermediate(self._ot_trials[trial_id], result)
+        self._tell(self._ot_trials[trial_id], outcome(self._configs[trial_id], result, error), result, trial_id)
         self._completed_trials.add(trial_id)
-        if time.monotonic() - self._last_export > 10:
+        self._export_quietly()
+
+    def _export_quietly(self) -> None:
+        try:
             self.export_study()
+        except Exception as e:  # the dashboard's copy must never fail the search
+            log.warning("could not export the Optuna study: %s", e)
 
     def export_study(self) -> None:
-        """Copy the in-memory study to the run's study.db (a SQLite file made in a temporary
-        folder, then written to the run's storage whole)."""
+        """Bring the run's study.db up to date with the in-memory study (kdsearch.search.study_mirror)."""
         self._last_export = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="kdsearch-study-") as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            db = Path(tmp) / "study.db"
-            optuna.copy_study(
-                from_study_name=self._ot_study.study_name,
-                from_storage=self._ot_study._storage,
-                to_storage=f"sqlite:///{db}",
-                to_study_name="kdsearch",
-            )
-            self._run.store.write_bytes(RunPaths.STUDY, db.read_bytes())
+        self._mirror.sync(self._ot_study)
+        self._mirror.upload()
 
     @property
     def study(self) -> optuna.Study:

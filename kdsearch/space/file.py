@@ -138,6 +138,7 @@ PLAIN: dict[str, dict[str, Key]] = {
         "sampler": Key("str", "nsga2", _one_of(tuple(SAMPLERS)), "one of " + ", ".join(SAMPLERS)),
         "seed": Key("int", 0),
         "max_failures": Key("int", 1, _ge(0), "an integer >= 0"),
+        "checkpoint_every": Key("int", 1, _ge(0), "an integer >= 0 (epochs between a trial's checkpoints; 0: none)"),
         "max_concurrent": Key("int", None, _ge(1), "an integer >= 1, or null", optional=True),
     },
 }

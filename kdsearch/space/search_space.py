@@ -90,6 +90,7 @@ class SearchSettings:
     max_failures: int = 1
     max_concurrent: int | None = None
     enqueue: tuple[dict[str, Any], ...] = ()  # configs tried first (dotted dimension names -> values)
+    checkpoint_every: int = 1  # a trial checkpoints every this many epochs (0: never); a retry continues from it
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ A trial that asks for N >= 2 GPUs (`resources.gpus`) trains in N processes, one 
 (NCCL); on CPUs the same path runs with the gloo backend (how the tests check it). This
 process is rank 0: it prepares the data and the teacher's signal once (the cache is filled
 here, never N times), starts ranks 1..N-1 as fresh processes, trains its own share, and alone
-evaluates, reports and saves. The global batch is `train.batch_size` images, each process
+evaluates, reports, checkpoints and saves; a trial continued from a checkpoint loads it in
+every process (each holds the same optimizer state, as gradients are averaged). The global batch is `train.batch_size` images, each process
 taking every N-th image of it, so the trial follows the same curve as on one device.
 """
 
@@ -66,8 +67,9 @@ def _rank_main(rank: int, world: int, port: int, threads: int, job: dict[str, An
         if signal.teacher is not None and signal.source.value == "live":
             signal.teacher = signal.teacher.to(device)
         train_trial(
-            job["spec"], lambda m: None, None, job["data"], signal, device, job["loader_workers"], (), (rank, world)
-        )
+            job["spec"], lambda m, **_: None, None, job["data"], signal, device, job["loader_workers"], (),
+            (rank, world), 0, job["resume"],
+        )  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -86,6 +88,8 @@ def run_data_parallel(
     loader_workers: int,
     objectives: Any,
     log: Any,
+    checkpoint_every: int = 0,
+    resume_from: Any = None,
 ) -> dict[str, Any]:
     """`run_trial` in `world` processes; returns rank 0's last metrics (see the module doc)."""
     import torch.distributed as dist
@@ -102,7 +106,8 @@ def run_data_parallel(
         spec, source, data, torch.device("cpu"), teacher, cached_logits, Path(cache_dir or workdir / "cache"), log
     )
     shared = {k: getattr(signal, k) for k in ("source", "teacher", "cached", "replay", "features", "attn")}
-    job = {"spec": spec, "data": data, "signal": shared, "loader_workers": loader_workers}
+    resume = Path(resume_from) if resume_from is not None else None
+    job = {"spec": spec, "data": data, "signal": shared, "loader_workers": loader_workers, "resume": resume}
     port, threads = _free_port(), max(1, torch.get_num_threads() // world)
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA or Ray state
     others = [
@@ -116,7 +121,19 @@ def run_data_parallel(
     try:
         if signal.teacher is not None and source.value == "live":
             signal.teacher = signal.teacher.to(device)
-        result = train_trial(spec, report, workdir, data, signal, device, loader_workers, objectives, (0, world))
+        result = train_trial(
+            spec,
+            report,
+            workdir,
+            data,
+            signal,
+            device,
+            loader_workers,
+            objectives,
+            (0, world),
+            checkpoint_every,
+            resume,
+        )
     finally:
         dist.destroy_process_group()
         torch.set_num_threads(saved_threads)

@@ -4,6 +4,14 @@
 every epoch, so the same function runs under Ray Tune (the report is `ray.tune.report`), in a
 test (a list's `append`) or in a notebook. Where the teacher's signal comes from (none, the
 once-per-search logit cache, or the teacher live) is `kdsearch.space.specs.teacher_source`'s rule.
+
+Checkpoints (syne-tune's pattern): with `checkpoint_every=k`, every k-th epoch's report is
+`report(metrics, checkpoint=folder)`, a local folder holding everything needed to continue
+exactly (`save_training_state`); the caller copies it during the call (Ray Tune's
+`tune.report(..., checkpoint=tune.Checkpoint.from_directory(folder))` does). `resume_from=folder`
+starts from such a folder: the next epoch is its epoch + 1, and the weights, the loss's
+projectors, the optimizer, the LR schedule and torch's RNG are as they were, so the trial
+ends with the weights of an uninterrupted one (training batches are a function of (seed, epoch)).
 """
 
 from __future__ import annotations
@@ -36,9 +44,20 @@ from kdsearch.train.loop import (
     train_epoch,
 )
 
-__all__ = ["Report", "TrialDiverged", "run_trial", "save_student", "teacher_signal", "train_trial"]
+__all__ = [
+    "Report",
+    "TrialDiverged",
+    "load_training_state",
+    "run_trial",
+    "save_student",
+    "save_training_state",
+    "teacher_signal",
+    "train_trial",
+]
 
-Report = Callable[[dict[str, Any]], None]
+# report(metrics), or report(metrics, checkpoint=folder) on a checkpoint epoch
+Report = Callable[..., None]
+TRAINING_STATE = "training_state.pt"
 
 
 def run_trial(
@@ -56,6 +75,8 @@ def run_trial(
     objectives: Sequence[Objective] = (),
     log: Callable[[str], None] = lambda s: None,
     world_size: int = 1,
+    checkpoint_every: int = 0,
+    resume_from: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train `spec`'s student by distillation; report after each epoch; return the last metrics.
 
@@ -73,6 +94,9 @@ def run_trial(
     `world_size` > 1 trains data-parallel in that many processes (one GPU each, or CPUs with
     gloo): each takes its share of every global batch of `train.batch_size` images, and this
     process (rank 0) reports, evaluates and saves (kdsearch.train.parallel).
+
+    `checkpoint_every` > 0 hands a checkpoint folder with every k-th epoch's report;
+    `resume_from` continues from one (see the module doc).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -83,14 +107,17 @@ def run_trial(
         return run_data_parallel(
             world_size, spec, report, workdir, data=data, teacher=teacher, cached_logits=cached_logits,
             cache_dir=cache_dir, live_teacher=live_teacher, loader_workers=loader_workers, objectives=objectives,
-            log=log,
+            log=log, checkpoint_every=checkpoint_every, resume_from=resume_from,
         )  # fmt: skip
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = teacher_source(spec.recipe, live=live_teacher)
     signal = teacher_signal(
         spec, source, data, device, teacher, cached_logits, Path(cache_dir or workdir / "cache"), log
     )
-    return train_trial(spec, report, workdir, data, signal, device, loader_workers, objectives)
+    resume = Path(resume_from) if resume_from is not None else None
+    return train_trial(
+        spec, report, workdir, data, signal, device, loader_workers, objectives, (0, 1), checkpoint_every, resume
+    )
 
 
 def train_trial(
@@ -103,15 +130,19 @@ def train_trial(
     loader_workers: int = 0,
     objectives: Sequence[Objective] = (),
     shard: tuple[int, int] = (0, 1),
+    checkpoint_every: int = 0,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     """The training loop of one process: every epoch, then the weights saved to `workdir`.
     In a data-parallel trial (`shard` = (rank, world)) the model and the loss are wrapped in
-    DistributedDataParallel; only rank 0 evaluates, reports and saves (`workdir` None elsewhere)."""
+    DistributedDataParallel; only rank 0 evaluates, reports, checkpoints and saves (`workdir`
+    None elsewhere); every rank continues from `resume` (the optimizer's state is each rank's own)."""
     t_start = time.perf_counter()
     rank, world = shard
     torch.manual_seed(spec.train.seed)
     model = build_student(spec.student).to(device)
     loss_fn = DistillLoss(spec.recipe, student_dim=spec.student.embed_dim, teacher_dim=signal.num_features).to(device)
+    state = load_training_state(resume, spec, model, loss_fn, device) if resume is not None else None
     step_fn: nn.Module = DistillStep(model, loss_fn)
     if spec.train.compile:
         step_fn = torch.compile(step_fn)
@@ -122,10 +153,15 @@ def train_trial(
         step_fn = DistributedDataParallel(step_fn, device_ids=ids, find_unused_parameters=True)
     steps_per_epoch = max(1, data.num_train // spec.train.batch_size)
     optimizer, schedule = make_optimizer([model, loss_fn], spec.train, steps_per_epoch)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        _set_rng(state, device)
     computed = objective_table.computed(spec.student)
 
     metrics: dict[str, Any] = {}
-    for epoch in range(1, spec.train.epochs + 1):
+    first = int(state["epoch"]) + 1 if state is not None else 1
+    for epoch in range(first, spec.train.epochs + 1):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
@@ -150,7 +186,11 @@ def train_trial(
             "teacher_images": signal.images,
             "lr": schedule.get_last_lr()[0],
         }
-        report(dict(metrics))
+        if checkpoint_every and epoch % checkpoint_every == 0 and workdir is not None:
+            folder = save_training_state(workdir / "checkpoint", epoch, spec, model, loss_fn, optimizer, schedule)
+            report(dict(metrics), checkpoint=folder)
+        else:
+            report(dict(metrics))
 
     if workdir is None:
         return metrics
@@ -205,3 +245,53 @@ def save_student(model: nn.Module, spec: TrialSpec, workdir: Path) -> Path:
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
     write_text_atomic(workdir / "trial_spec.json", json.dumps(spec.to_dict(), indent=2))
     return path
+
+
+def save_training_state(
+    folder: Path,
+    epoch: int,
+    spec: TrialSpec,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+) -> Path:
+    """A checkpoint folder: the student's weights and spec as `save_student` writes them (so a
+    checkpoint is also a usable student) and training_state.pt (the epoch, the loss module's
+    weights, the optimizer's and the schedule's state, torch's RNG), tensors only: it loads
+    with `torch.load(weights_only=True)`. Rewrites `folder` in place, each file written then renamed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "epoch": epoch,
+        "loss_fn": {k: v.detach().cpu() for k, v in loss_fn.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    with atomic_path(folder / TRAINING_STATE) as tmp:
+        torch.save(state, tmp)
+    save_student(model, spec, folder)
+    return folder
+
+
+def load_training_state(
+    folder: Path, spec: TrialSpec, model: nn.Module, loss_fn: nn.Module, device: torch.device
+) -> dict[str, Any]:
+    """Load a checkpoint folder's weights into `model` and `loss_fn`; returns the rest of its
+    state (epoch, optimizer, schedule, RNG) for the loop. The checkpoint must be `spec`'s."""
+    from safetensors.torch import load_file
+
+    saved = json.loads((folder / "trial_spec.json").read_text())
+    if saved != json.loads(json.dumps(spec.to_dict())):
+        raise ValueError(f"{folder}: the checkpoint is of another trial spec")
+    model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
+    state = torch.load(folder / TRAINING_STATE, map_location=device, weights_only=True)
+    loss_fn.load_state_dict(state["loss_fn"])
+    return state
+
+
+def _set_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["rng"].cpu())
+    if device.type == "cuda" and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])

@@ -1,0 +1,95 @@
+"""The run's study.db: a SQLite copy of the searcher's in-memory Optuna study, kept up to date
+change by change, for optuna-dashboard.
+
+The searcher's study stays in memory (Ray pickles it with its trial map for `--resume`); this
+mirror only copies it. `optuna.copy_study` rebuilds the whole file every time (measured: 6 s
+for 100 trials, 37 s for 500 on a loaded 2-core machine), so the mirror keeps its own SQLite
+file in a local temporary folder, writes only what changed since the last sync (new trials;
+a running trial's new parameters, intermediate values, attributes and end), and uploads the
+file to the run's storage whole. Pickled, it is its location only: a restored searcher
+starts a fresh mirror, filled from the restored study at its first sync.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from kdsearch.storage import Storage
+
+
+class StudyMirror:
+    """Copies a study into `store/rel` (a SQLite file) incrementally; `sync` then `upload`."""
+
+    def __init__(self, store: Storage, rel: str, study_name: str = "kdsearch"):
+        self.store, self.rel, self.study_name = store, rel, study_name
+        self._reset()
+
+    def _reset(self) -> None:
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._storage: Any = None
+        self._study_id: int | None = None
+        self._attrs: dict[str, Any] = {}
+        self._ids: dict[int, int] = {}  # trial number -> the mirror's trial id
+        self._seen: dict[int, FrozenTrial] = {}  # trial number -> the trial as last mirrored
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"store": self.store, "rel": self.rel, "study_name": self.study_name}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    @property
+    def path(self) -> Path:
+        assert self._tmp is not None
+        return Path(self._tmp.name) / "study.db"
+
+    def sync(self, study: optuna.Study) -> None:
+        """Write what changed in `study` since the last sync to the local file."""
+        if self._storage is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="kdsearch-study-")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._storage = optuna.storages.RDBStorage(f"sqlite:///{self.path}")
+            self._study_id = self._storage.create_new_study(study.directions, self.study_name)
+        attrs = {**study._storage.get_study_system_attrs(study._study_id)}
+        for key, value in attrs.items():  # the metric names, set once
+            if self._attrs.get(key) != value:
+                self._storage.set_study_system_attr(self._study_id, key, value)
+        self._attrs = attrs
+        for trial in study.get_trials(deepcopy=False):
+            before = self._seen.get(trial.number)
+            if before is None:
+                self._ids[trial.number] = self._storage.create_new_trial(self._study_id, template_trial=trial)
+            elif before is not trial and not before.state.is_finished():
+                self._update(self._ids[trial.number], before, trial)
+            self._seen[trial.number] = trial  # optuna's in-memory storage replaces a trial it changes
+
+    def _update(self, tid: int, before: FrozenTrial, now: FrozenTrial) -> None:
+        s = self._storage
+        for name, value in now.params.items():
+            if name not in before.params:
+                dist = now.distributions[name]
+                s.set_trial_param(tid, name, dist.to_internal_repr(value), dist)
+        for step, value in now.intermediate_values.items():
+            if before.intermediate_values.get(step) != value:
+                s.set_trial_intermediate_value(tid, step, value)
+        for key, value in now.user_attrs.items():
+            if before.user_attrs.get(key) != value:
+                s.set_trial_user_attr(tid, key, value)
+        for key, value in now.system_attrs.items():
+            if before.system_attrs.get(key) != value:
+                s.set_trial_system_attr(tid, key, value)
+        if now.state != before.state:
+            s.set_trial_state_values(tid, now.state, now.values if now.state.is_finished() else None)
+
+    def upload(self) -> None:
+        """The local file, written to the run's storage whole (a reader never sees half of it)."""
+        if self._storage is not None:
+            self.store.write_bytes(self.rel, self.path.read_bytes())
