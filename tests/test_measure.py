@@ -75,6 +75,7 @@ def latency_run(digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFact
     space_file = write_space(tmp, digits_teacher_path, trials=3, epochs=1, max_concurrent=1)
     raw = yaml.safe_load(space_file.read_text())
     raw["objectives"] = {"val_acc": "max", "latency_ms": "min"}
+    raw["hypervolume"] = {"reference": {"latency_ms": 1000.0}}  # a measured objective has no default reference
     raw["student"].update(embed_dim=[32, 96], depth=[1, 3], num_heads=[2], patch_size=[4])
     del raw["budget"]
     space_file.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -94,7 +95,7 @@ def test_a_search_fronts_over_latency(latency_run: Path, capsys: pytest.CaptureF
     assert out["objectives"] == [["val_acc", "max"], ["latency_ms", "min"]]
     assert sorted(r["trial_id"] for r in out["front"]) == sorted(done.trial_id[mask])
     assert out["units"]["latency_ms"] == "milliseconds per forward of one image (batch 1)"
-    assert out["hypervolume"]["value"] > 0
+    assert out["hypervolume"]["value"] > 0 and out["hypervolume"]["reference"] == {"val_acc": 0.0, "latency_ms": 1000.0}
 
 
 def test_measure_writes_measured_parquet(latency_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kdsearch.results.pareto import non_dominated_mask
-from kdsearch.space.objectives import Objective
 
 INF = math.inf
 NAN = math.nan
@@ -251,11 +250,13 @@ def test_the_reference_comes_from_the_budget_the_space_or_the_file(tmp_path) -> 
 
 @pytest.fixture()
 def latency():
-    """A measured objective with no budget and no largest value: it has no reference unless stated."""
+    """A measured objective of the table, with no budget and no largest value: it has no
+    reference unless stated."""
     from kdsearch.space import objectives
 
-    yield objectives.register(Objective("latency_ms", "min", "ms", "measured", measure=lambda ctx: 1.0))
-    del objectives.OBJECTIVES["latency_ms"]
+    latency = objectives.OBJECTIVES["latency_ms"]
+    assert latency.source == "measured"
+    return latency
 
 
 def test_an_objective_without_a_reference_has_no_hypervolume_and_says_why(latency, tmp_path) -> None:

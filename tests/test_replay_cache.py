@@ -121,7 +121,7 @@ def test_a_search_with_augmentation_runs_the_teacher_once_per_view(digits_teache
     messages: list[str] = []
     result = run_search(space, storage=tmp_path / "runs", say=messages.append)
     views = [m for m in messages if "teacher views cached once" in m]
-    assert len(views) == 1 and f"{1437 * 3:,} (image, epoch) views" in views[0], messages
+    assert len(views) == 1 and f"{1149 * 3:,} (image, epoch) views" in views[0], messages
     epochs = pd.read_parquet(result.paths.store.local_path() / "epochs.parquet")
     assert len(epochs) and (epochs.teacher_images == 0).all()
     cache = list((tmp_path / "runs" / "cache").glob("teacher-replay-*/epoch-*.npz"))
