@@ -128,9 +128,9 @@ def test_a_retried_trial_continues_from_its_checkpoint(dies_once, digits_teacher
     assert len(pids) == 2
     assert [int(e) for pid, e in runs if pid == pids[0]] == [1, 2, 3]
     assert [int(e) for pid, e in runs if pid == pids[1]] == [3, 4]
-    # Tune keeps one checkpoint per trial in the run's storage
-    kept = list((run_dir(result) / "tune").glob("*/checkpoint_*"))
-    assert len(kept) == 1 and (kept[0] / TRAINING_STATE).is_file()
+    # Tune keeps a trial's latest two checkpoints in the run's storage (of its 4 epochs: 3 and 4)
+    kept = sorted((run_dir(result) / "tune").glob("*/checkpoint_*"))
+    assert len(kept) == 2 and all((k / TRAINING_STATE).is_file() for k in kept)
 
 
 def test_an_early_stopped_trial_keeps_its_last_weights(small_run, tmp_path: Path, capsys) -> None:

@@ -474,14 +474,19 @@ class _Search:
                 storage_path=store.path(),
                 storage_filesystem=store.fs,
                 failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
-                # a trial's latest checkpoint only: storage stays bounded (the recorder keeps a stopped trial's weights)
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                # a trial's latest two checkpoints: storage stays bounded (the recorder keeps a stopped
+                # trial's weights); Tune snapshots its experiment state every num_to_keep checkpoints
+                # of a trial, so 2 halves those snapshots against 1
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 callbacks=callbacks,
                 verbose=0,
             ),
         )
 
     def _fit(self, tuner: tune.Tuner, total: int) -> SearchResult:
+        # Tune warns whenever checkpoints force several experiment snapshots within 5 s: with short
+        # epochs they do, by design (above), and a search printed the warning ~200 times
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         with _quiet(*_TUNE_ADVICE):
             grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
         return self._result(total, grid)
