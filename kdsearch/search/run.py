@@ -135,6 +135,27 @@ class _DropTokenAuthNotice(logging.Filter):
         return not record.getMessage().startswith(_TOKEN_AUTH_ON)
 
 
+def _accepts_unauthenticated(address: str) -> bool:
+    """Whether the joined cluster lets in a caller without a token. A driver that has one is let
+    in either way, so the GCS is asked once without it (GetClusterId checks the token); through
+    Ray Client (ray://) only the driver's own mode tells: joined without a token, none is asked."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    if address.startswith("ray://"):
+        return not is_token_auth_enabled()
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(ray.get_runtime_context().gcs_address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=10
+            )
+        except grpc.RpcError:  # UNAUTHENTICATED; or a TLS cluster, which this plain channel cannot tell
+            return False
+    return True
+
+
 def _init_ray(address: str | None, say: Callable[[str], None] | None = None) -> None:
     """Join the Ray cluster at `address`, or start the embedded one with every listener on loopback.
 
@@ -158,9 +179,7 @@ def _init_ray(address: str | None, say: Callable[[str], None] | None = None) -> 
             raise KdsearchError(
                 f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0][:200]}"
             ) from None
-        from ray._private.authentication.authentication_utils import is_token_auth_enabled
-
-        if not is_token_auth_enabled():  # joined without a token, so the cluster asks none
+        if _accepts_unauthenticated(address):
             (say or _to_stderr)(
                 f"--address {address}: this Ray cluster accepts unauthenticated connections "
                 "(RAY_AUTH_MODE=disabled): anyone who reaches its ports can run code on it"
