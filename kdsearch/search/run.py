@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -142,7 +143,54 @@ def require_data_here(dspec: Any, node_id: str) -> None:
         raise KdsearchError(f"data.root: {dspec.root} does not exist on node {socket.gethostname()} ({node_id[:12]})")
 
 
-def _init_ray(address: str | None) -> None:
+# Ray's logger for token authentication: at every ray.init that starts a local Ray it warns that
+# token authentication is on (kdsearch leaves it on); only that message is dropped
+_TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_TOKEN_AUTH_ON = "Token authentication is enabled for this Ray cluster"
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_TOKEN_AUTH_ON)
+
+
+def _accepts_unauthenticated(address: str) -> bool:
+    """Whether the joined cluster lets in a caller without a token. A driver that has one is let
+    in either way, so the GCS is asked once without it (GetClusterId checks the token); through
+    Ray Client (ray://) only the driver's own mode tells: joined without a token, none is asked."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    if address.startswith("ray://"):
+        return not is_token_auth_enabled()
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(ray.get_runtime_context().gcs_address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=10
+            )
+        except grpc.RpcError:  # UNAUTHENTICATED; or a TLS cluster, which this plain channel cannot tell
+            return False
+    return True
+
+
+def _init_ray(address: str | None, say: Callable[[str], None] | None = None) -> None:
+    """Join the Ray cluster at `address`, or start the embedded one with every listener on loopback.
+
+    ray.init turns `_node_ip_address="127.0.0.1"` into the machine's network address
+    (ray/_private/worker.py: services.resolve_ip_for_localhost), and Ray's GCS, raylet, workers
+    and agents listen on all interfaces unless the node's address is loopback. Only
+    ray_constants.ENABLE_RAY_CLUSTER off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once at
+    `import ray`) makes services.get_node_ip_address answer loopback: it is turned off around this
+    ray.init only, after which Ray takes the node's address from the node it started. Token
+    authentication stays on (a token in ~/.ray/auth_token, made once); on a cluster that accepts
+    unauthenticated connections kdsearch says so in one line.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -154,13 +202,23 @@ def _init_ray(address: str | None) -> None:
             raise KdsearchError(
                 f"--address {address}: cannot join the Ray cluster: {str(e).splitlines()[0][:200]}"
             ) from None
-    else:
-        ray.init(
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
+        if _accepts_unauthenticated(address):
+            (say or _to_stderr)(
+                f"--address {address}: this Ray cluster accepts unauthenticated connections "
+                "(RAY_AUTH_MODE=disabled): anyone who reaches its ports can run code on it"
+            )
+        return
+    from ray._private import ray_constants
+
+    notice = _DropTokenAuthNotice()
+    logging.getLogger(_TOKEN_AUTH_LOGGER).addFilter(notice)
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
+        logging.getLogger(_TOKEN_AUTH_LOGGER).removeFilter(notice)
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -306,7 +364,7 @@ def run_search(
     total = trials or int(meta["trials"])
 
     owns_ray = not ray.is_initialized()
-    _init_ray(address)
+    _init_ray(address, say)
     try:
         search = _Search(space, paths, root.child("cache"), meta, console, say, reuse_actors)
         if not resume:
