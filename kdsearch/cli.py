@@ -615,7 +615,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="kdsearch")
     except KdsearchError as e:
-        print(f"kdsearch: error: {e}".replace("\n", " "), file=sys.stderr)
+        # one line even when the input echoed holds a line break (\r, \x85, \u2028 as well as \n)
+        print(" ".join(f"kdsearch: error: {e}".splitlines()), file=sys.stderr)
         sys.exit(e.exit_code)
 
 

@@ -152,6 +152,13 @@ PLAIN: dict[str, dict[str, Key]] = {
         "max_concurrent": Key("int", None, _ge(1), "an integer >= 1, or null", optional=True),
     },
 }
+
+
+def _value(spec: Key) -> Key:
+    """A searchable key's values are never null (an optional one, embed_dim or head_dim, may be absent)."""
+    return dataclasses.replace(spec, optional=False)
+
+
 TOP_LEVEL = ("name", "description", "objectives", *SEARCHABLE, *PLAIN, "hypervolume")
 
 
@@ -283,8 +290,8 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
             raise ctx.fail(section, f"must be a mapping of keys ({', '.join(keys)}), got {_type(body)}")
         _no_unknown(ctx, section, body, tuple(keys))
         for name_, spec in keys.items():
-            if name_ in body:
-                dims[f"{section}.{name_}"] = _parse_dimension(ctx, f"{section}.{name_}", body[name_], spec)
+            if name_ in body and not (spec.optional and body[name_] is None):  # null: an optional key left out
+                dims[f"{section}.{name_}"] = _parse_dimension(ctx, f"{section}.{name_}", body[name_], _value(spec))
             elif spec.default is not None:
                 dims[f"{section}.{name_}"] = Fixed(spec.default)
 
@@ -352,7 +359,7 @@ def _parse_enqueue(ctx: _Ctx, items: Any, dims: dict[str, Dimension]) -> tuple[d
                 hint = f" (did you mean {near[0]}?)" if near else ""
                 raise ctx.fail(f"{where}.{key}", f"is not a dimension of this space{hint}; known: {', '.join(dims)}")
             section, _, name = key.partition(".")
-            value = _check_scalar(ctx, f"{where}.{key}", value, SEARCHABLE[section][name])
+            value = _check_scalar(ctx, f"{where}.{key}", value, _value(SEARCHABLE[section][name]))
             dim = dims[key]
             if not _within(dim, value):
                 raise ctx.fail(f"{where}.{key}", f"{value!r} is not in the space: {dim.describe()}")
@@ -704,5 +711,5 @@ def parse_sets(space: SearchSpace, items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             raise ctx.fail(key, f"--set {item}: {text!r} is not a value") from None
         section, _, name = key.partition(".")
-        out[key] = _check_scalar(ctx, key, value, SEARCHABLE[section][name])
+        out[key] = _check_scalar(ctx, key, value, _value(SEARCHABLE[section][name]))
     return out
