@@ -44,6 +44,8 @@ class Storage:
         import pyarrow.fs as pafs
 
         text = str(location)
+        if "\0" in text:
+            raise KdsearchError(f"{text!r}: a path or URI cannot hold a NUL character")
         if not is_uri(text):
             root = str(Path(text).expanduser().resolve())
             return cls(root, root, pafs.LocalFileSystem())

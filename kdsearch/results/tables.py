@@ -126,7 +126,42 @@ class RunPaths:
         return read_rows(self.store, name)
 
     def meta(self) -> dict[str, Any]:
-        return json.loads(self.store.read_text(self.META)) if self.store.exists(self.META) else {}
+        """run.json ({} before it exists); one clear error when it is not what kdsearch writes."""
+        if not self.store.exists(self.META):
+            return {}
+        where = self.store.uri_of(self.META)
+        try:
+            meta = json.loads(self.store.read_text(self.META))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise KdsearchError(f"{where}: not valid JSON ({e}); kdsearch writes it when the run starts") from None
+        problem = _meta_problem(meta)
+        if problem:
+            raise KdsearchError(f"{where}: {problem}")
+        return meta
+
+
+def _meta_problem(meta: Any) -> str:
+    """What is wrong with the fields of run.json that the views read ("" when nothing)."""
+    if not isinstance(meta, dict):
+        return f"must be a JSON object, got {type(meta).__name__}"
+    objectives = meta.get("objectives", [])
+    if not isinstance(objectives, list) or not all(
+        isinstance(o, list) and len(o) == 2 and o[0] in objective_table.OBJECTIVES and o[1] in objective_table.MODES
+        for o in objectives
+    ):
+        return f"objectives must be a list of [metric, max|min] pairs, got {objectives!r}"
+    trials = meta.get("trials", 1)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        return f"trials must be an integer >= 1, got {trials!r}"
+    started = meta.get("started", 0)
+    if not isinstance(started, (int, float)) or isinstance(started, bool):
+        return f"started must be a time in seconds, got {started!r}"
+    reference = meta.get("hypervolume_reference") or {}
+    if not isinstance(reference, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in reference.values()
+    ):
+        return f"hypervolume_reference must map metrics to numbers, got {reference!r}"
+    return ""
 
 
 def write_table(rows: Iterable[dict[str, Any]], store: Storage, name: str, first_columns: tuple[str, ...]) -> None:
@@ -144,7 +179,10 @@ def read_rows(store: Storage, name: str) -> list[dict[str, Any]]:
     """Rows of a Parquet table as dicts ([] when the file does not exist yet)."""
     if not store.exists(name):
         return []
-    return pq.read_table(pa.BufferReader(store.read_bytes(name))).to_pylist()
+    try:
+        return pq.read_table(pa.BufferReader(store.read_bytes(name))).to_pylist()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise KdsearchError(f"{store.uri_of(name)}: not a readable Parquet table ({str(e).splitlines()[0]})") from None
 
 
 def write_json(store: Storage, name: str, obj: Any) -> None:
