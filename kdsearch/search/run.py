@@ -470,7 +470,7 @@ class _Search:
         n = int(current.rpartition("-")[2]) if current != RunPaths.TUNE else 1  # experiments so far
         experiment = f"{RunPaths.TUNE}-{n + 1}"
         # a sampler seeded afresh for each extension: the first one's draws would repeat the run's start
-        searcher = self._searcher(total, self.space.search.seed + n)
+        searcher = self._searcher(total, (self.space.search.seed + n) % 2**32)
         warm = add_earlier_trials(searcher.study, self.space, recorded, self.space.objectives, searcher.study.sampler)
         self.meta.update(trials=total, tune=experiment)
         write_json(self.paths.store, RunPaths.META, self.meta)
