@@ -25,7 +25,7 @@ from kdsearch.results.outcomes import Status
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import DEFAULT_OBJECTIVES, Pairs
 from kdsearch.space.specs import RecipeSpec, StudentSpec
-from kdsearch.storage import Storage
+from kdsearch.storage import Storage, first_line
 
 # Columns every trials.parquet has first; then any other objective, then the config columns
 # (student.*, recipe.*, train.*, data.*, teacher.*), sorted
@@ -121,12 +121,27 @@ class RunPaths:
     def checkpoint(trial_id: str) -> str:
         return f"trials/{trial_id}/model.safetensors"
 
+    @staticmethod
+    def hung(trial_id: str) -> str:
+        """Why a trial's worker was ended by its watchdog (kdsearch.search.run), for its row's error."""
+        return f"trials/{trial_id}/hung.txt"
+
     def rows(self, name: str) -> list[dict[str, Any]]:
         """The rows of one of the run's tables ([] before it exists)."""
         return read_rows(self.store, name)
 
     def meta(self) -> dict[str, Any]:
-        return json.loads(self.store.read_text(self.META)) if self.store.exists(self.META) else {}
+        if not self.store.exists(self.META):
+            return {}
+        try:
+            meta = json.loads(self.store.read_text(self.META))
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise KdsearchError(
+                f"{self.store.uri_of(self.META)}: is not readable JSON (truncated or corrupt: {first_line(e)})"
+            ) from None
+        if not isinstance(meta, dict):
+            raise KdsearchError(f"{self.store.uri_of(self.META)}: holds {type(meta).__name__}, not a run's settings")
+        return meta
 
 
 def write_table(rows: Iterable[dict[str, Any]], store: Storage, name: str, first_columns: tuple[str, ...]) -> None:
@@ -144,7 +159,12 @@ def read_rows(store: Storage, name: str) -> list[dict[str, Any]]:
     """Rows of a Parquet table as dicts ([] when the file does not exist yet)."""
     if not store.exists(name):
         return []
-    return pq.read_table(pa.BufferReader(store.read_bytes(name))).to_pylist()
+    try:
+        return pq.read_table(pa.BufferReader(store.read_bytes(name))).to_pylist()
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid: a torn or foreign file, never a traceback
+        raise KdsearchError(
+            f"{store.uri_of(name)}: is not a readable Parquet table (truncated or corrupt: {first_line(e)})"
+        ) from None
 
 
 def write_json(store: Storage, name: str, obj: Any) -> None:
