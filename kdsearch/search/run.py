@@ -458,6 +458,33 @@ def _one_line_sync_errors() -> Iterator[None]:
             lg.removeFilter(flt)
 
 
+def _torn_tune_state(store: Storage, experiment: str) -> str | None:
+    """The first of a Tune experiment's saved state files (its experiment_state JSON, the
+    searcher's and the tuner's pickles, at the experiment's top level) that is torn, or None.
+    JSON is parsed, a pickle only walked opcode by opcode (pickletools: nothing is unpickled)."""
+    import json
+    import pickletools
+
+    import pyarrow.fs as pafs
+
+    infos = store.fs.get_file_info(pafs.FileSelector(store.path(experiment), allow_not_found=True))
+    for info in sorted(infos, key=lambda i: i.base_name):
+        name = info.base_name
+        if info.type != pafs.FileType.File or not name.endswith((".json", ".pkl")) or name.startswith("."):
+            continue
+        rel = f"{experiment}/{name}"
+        data = store.read_bytes(rel)
+        try:
+            if name.endswith(".json"):
+                json.loads(data)
+            else:
+                for _ in pickletools.genops(data):
+                    pass
+        except ValueError:  # JSONDecodeError; a pickle without its STOP opcode
+            return rel
+    return None
+
+
 def _earlier_trials(location: str | os.PathLike, space: SearchSpace) -> list[dict[str, Any]]:
     """The trials of the run `--from` names; one clear line when it is not a run or has none."""
     from kdsearch.results.tables import open_run
@@ -512,6 +539,15 @@ class _Search:
                 raise KdsearchError(
                     f"--resume: {store.uri_of(experiment)} holds no Ray Tune state (the search died before its first checkpoint); start it again"
                 )
+            torn = _torn_tune_state(store, experiment)
+            if torn is not None:
+                # the storage failed while Tune copied its state (its copies are not written then renamed):
+                # what remains is the recorded trials, and a new experiment continues from them
+                self.say(
+                    f"--resume: Ray Tune's saved state {store.uri_of(torn)} is torn (the storage failed while it "
+                    f"was written); continuing with a new experiment started from the {len(recorded)} recorded trials"
+                )
+                return self._extend(max(total, int(self.meta["trials"])), recorded)
             tuner = tune.Tuner.restore(
                 tune_dir,
                 trainable=self._trainable(),
