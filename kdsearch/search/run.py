@@ -305,6 +305,8 @@ def _prepare_run(
         if from_run:
             raise KdsearchError("--from: only a new run starts from another; --resume continues this one")
         meta = paths.meta()
+        for table in (RunPaths.TRIALS, RunPaths.EPOCHS):  # a torn table: one line now, before Ray starts
+            paths.rows(table)
         if store.exists(RunPaths.SPACE) and store.read_text(RunPaths.SPACE) != text:
             raise KdsearchError(
                 f"--resume: {space_file} differs from the space the run started with ({store.uri_of(RunPaths.SPACE)})"
