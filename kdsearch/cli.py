@@ -168,7 +168,7 @@ def trial(
     from kdsearch.space.specs import TeacherSource, teacher_source
     from kdsearch.train.data import load_data
     from kdsearch.train.teacher import load_teacher
-    from kdsearch.train.trial import TrialDiverged, run_trial
+    from kdsearch.train.trial import TrialDiverged, TrialFault, run_trial
 
     space = load_space(space_file)
     spec = space.default_spec(parse_sets(space, set_))
@@ -203,6 +203,8 @@ def trial(
             )
         except TrialDiverged as e:
             raise KdsearchError(f"trial: {e}; lower train.lr or the recipe's weights") from None
+        except TrialFault as e:  # out of memory, past train.max_minutes
+            raise KdsearchError(f"trial: {e.line()}") from None
     if as_json:
         typer.echo(json.dumps(result))
         return

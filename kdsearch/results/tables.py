@@ -25,7 +25,7 @@ from kdsearch.results.outcomes import Status
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import DEFAULT_OBJECTIVES, Pairs
 from kdsearch.space.specs import RecipeSpec, StudentSpec
-from kdsearch.storage import Storage
+from kdsearch.storage import Storage, first_line
 
 # Columns every trials.parquet has first; then any other objective, then the config columns
 # (student.*, recipe.*, train.*, data.*, teacher.*), sorted
@@ -121,6 +121,11 @@ class RunPaths:
     def checkpoint(trial_id: str) -> str:
         return f"trials/{trial_id}/model.safetensors"
 
+    @staticmethod
+    def hung(trial_id: str) -> str:
+        """Why a trial's worker was ended by its watchdog (kdsearch.search.run), for its row's error."""
+        return f"trials/{trial_id}/hung.txt"
+
     def rows(self, name: str) -> list[dict[str, Any]]:
         """The rows of one of the run's tables ([] before it exists)."""
         return read_rows(self.store, name)
@@ -133,7 +138,7 @@ class RunPaths:
         try:
             meta = json.loads(self.store.read_text(self.META))
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise KdsearchError(f"{where}: not valid JSON ({e}); kdsearch writes it when the run starts") from None
+            raise KdsearchError(f"{where}: is not readable JSON (truncated or corrupt: {first_line(e)})") from None
         problem = _meta_problem(meta)
         if problem:
             raise KdsearchError(f"{where}: {problem}")
@@ -181,8 +186,10 @@ def read_rows(store: Storage, name: str) -> list[dict[str, Any]]:
         return []
     try:
         return pq.read_table(pa.BufferReader(store.read_bytes(name))).to_pylist()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise KdsearchError(f"{store.uri_of(name)}: not a readable Parquet table ({str(e).splitlines()[0]})") from None
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid: a torn or foreign file, never a traceback
+        raise KdsearchError(
+            f"{store.uri_of(name)}: is not a readable Parquet table (truncated or corrupt: {first_line(e)})"
+        ) from None
 
 
 def write_json(store: Storage, name: str, obj: Any) -> None:

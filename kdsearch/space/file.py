@@ -92,7 +92,13 @@ def _keys(spec_cls: type) -> dict[str, Key]:
     """The keys of a spec's searchable fields: the type from its annotation, the default and
     the values allowed from the field itself (`kdsearch.space.specs.searchable`)."""
     return {
-        f.name: Key(str(f.type), f.default, f.metadata["check"], f.metadata["allowed"])
+        f.name: Key(
+            str(f.type).removesuffix(" | None"),
+            f.default,
+            f.metadata["check"],
+            f.metadata["allowed"],
+            optional=str(f.type).endswith(" | None"),  # `X | None`: null is allowed
+        )
         for f in fields(spec_cls)
         if "allowed" in f.metadata
     }

@@ -192,6 +192,8 @@ class TrainSpec:
     warmup_epochs: int = searchable(1, **_int_at_least(0))
     seed: int = searchable(0, "an integer from 0 to 2**32 - 1", lambda v: 0 <= v < 2**32)
     compile: bool = searchable(False)  # torch.compile the training step (worth it on GPUs, for long trials)
+    # an attempt that trains longer fails with TrialTimedOut at the next batch boundary (None: no limit)
+    max_minutes: float | None = searchable(None, "a number of minutes > 0, or null", lambda v: v > 0)
 
 
 def out_of_range(spec: Any, section: str) -> list[str]:
