@@ -398,7 +398,7 @@ def run_search(
         _check_reachable(address)
     else:
         _check_local_gpus(space.resources.gpus)
-    earlier = _earlier_trials(from_run, space) if from_run is not None else None
+    earlier = _earlier_trials(from_run) if from_run is not None else None
     paths = RunPaths(root.child(name or space.name))
     meta = _prepare_run(space_file, space, paths, resume, trials, address, None if from_run is None else str(from_run))
     total = trials or int(meta["trials"])
@@ -487,7 +487,7 @@ def _torn_tune_state(store: Storage, experiment: str) -> str | None:
     return None
 
 
-def _earlier_trials(location: str | os.PathLike, space: SearchSpace) -> list[dict[str, Any]]:
+def _earlier_trials(location: str | os.PathLike) -> list[dict[str, Any]]:
     """The trials of the run `--from` names; one clear line when it is not a run or has none."""
     from kdsearch.results.tables import open_run
 
