@@ -13,8 +13,9 @@ from ray import tune
 
 from kdsearch.results.hypervolume import run_reference
 from kdsearch.results.outcomes import Status
+from kdsearch.results.parts import PartsWriter
 from kdsearch.results.status import render_status
-from kdsearch.results.tables import EPOCH_COLUMNS, TRIAL_COLUMNS, RunPaths, write_table
+from kdsearch.results.tables import EPOCH_COLUMNS, MERGE_RULES, TRIAL_COLUMNS, RunPaths
 from kdsearch.search.searcher import KdsearchOptunaSearch, outcome
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.search_space import SearchSpace
@@ -24,21 +25,43 @@ log = logging.getLogger(__name__)
 
 
 class ResultsRecorder(tune.Callback):
-    """Keeps trials.parquet and epochs.parquet up to date, keyed by trial id (idempotent)."""
+    """Keeps trials.parquet and epochs.parquet up to date, keyed by trial id (idempotent).
+
+    Rows are appended as parts (kdsearch.results.parts): a trial's row when it ends, the
+    epochs every `flush_seconds` and at each trial end; both tables are compacted into one
+    file each when the search ends. In memory it holds each trial's row, the last epoch of
+    each trial (what the live view shows) and the curves of the trials still running: never
+    every epoch of the run."""
 
     def __init__(self, paths: RunPaths, searcher: KdsearchOptunaSearch, flush_seconds: float = 2.0):
         self.paths = paths
         self.searcher = searcher
         self.flush_seconds = flush_seconds
         self.trials: dict[str, dict[str, Any]] = {}
-        self.epochs: dict[tuple[str, int], dict[str, Any]] = {}
+        self.last_epochs: dict[str, dict[str, Any]] = {}  # trial id -> its latest epoch's row
+        self._curves: dict[str, dict[int, float | None]] = {}  # running trials: epoch -> val_acc
         self.retries: dict[str, int] = {}
+        self._pending_trials: list[dict[str, Any]] = []
+        self._pending_epochs: list[dict[str, Any]] = []
+        self._writers: dict[str, PartsWriter] = {}
         self._last_flush = 0.0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_writers": {}}
 
     def setup(self, **info: Any) -> None:
         self.trials = {r["trial_id"]: r for r in self.paths.rows(RunPaths.TRIALS)}
-        self.epochs = {(r["trial_id"], r["epoch"]): r for r in self.paths.rows(RunPaths.EPOCHS)}
+        for r in self.paths.rows(RunPaths.EPOCHS):  # by trial, then epoch: read once, at the start
+            self.last_epochs[r["trial_id"]] = r
+            if r["trial_id"] not in self.trials:  # a trial resumed unfinished: its curve so far
+                self._curves.setdefault(r["trial_id"], {})[r["epoch"]] = r.get("val_acc")
         self.retries = {r["trial_id"]: r.get("retries") or 0 for r in self.trials.values()}
+
+    def _writer(self, name: str) -> PartsWriter:
+        if name not in self._writers:
+            first = TRIAL_COLUMNS if name == RunPaths.TRIALS else EPOCH_COLUMNS
+            self._writers[name] = PartsWriter(self.paths.store, name, first, MERGE_RULES[name])
+        return self._writers[name]
 
     @property
     def _metrics(self) -> list[str]:
@@ -51,12 +74,17 @@ class ResultsRecorder(tune.Callback):
             return
         tid, epoch = trial.trial_id, result["epoch"]
         # an attempt reports increasing epochs; a retry (from epoch 1, or from its last checkpoint's
-        # epoch + 1) replaces the epochs it trains again, and a trial that reports has not ended
-        self.epochs = {k: v for k, v in self.epochs.items() if k[0] != tid or k[1] < epoch}
+        # epoch + 1) replaces the epochs it trains again (the tables' rule: latest_epochs), and a
+        # trial that reports has not ended
+        curve = self._curves.setdefault(tid, {})
+        if curve and epoch <= max(curve):
+            self._curves[tid] = curve = {k: v for k, v in curve.items() if k < epoch}
         self.trials.pop(tid, None)
         row = {c: result.get(c) for c in (*EPOCH_COLUMNS, *self._metrics)}
         row.update(trial_id=tid, time=time.time(), epochs_total=int(trial.config["kdsearch"]["spec"]["train.epochs"]))
-        self.epochs[(tid, result["epoch"])] = row
+        curve[epoch] = row.get("val_acc")
+        self.last_epochs[tid] = row
+        self._pending_epochs.append(row)
         if time.monotonic() - self._last_flush > self.flush_seconds:
             self.flush()
 
@@ -75,6 +103,8 @@ class ResultsRecorder(tune.Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.flush()
+        for name in (RunPaths.TRIALS, RunPaths.EPOCHS):  # each table one file again
+            self._writer(name).compact()
         try:
             self.searcher.export_study()
         except Exception as e:  # the dashboard copy must never fail the search
@@ -86,13 +116,13 @@ class ResultsRecorder(tune.Callback):
         computed = objective_table.computed(spec.student)  # exact whatever happened
         last = trial.last_result or {}
         tid = trial.trial_id
-        curve = [r["val_acc"] for (t, _), r in self.epochs.items() if t == tid]
+        curve = [v for v in self._curves.pop(tid, {}).values() if v is not None]
         ckpt, ckpt_epoch = RunPaths.checkpoint(tid), None  # relative to the run
         if status is Status.COMPLETED and self.paths.store.exists(ckpt):  # the worker uploaded its final weights
             ckpt_epoch = spec.train.epochs
         elif status is Status.STOPPED_EARLY:  # its latest checkpoint's weights, copied beside
             ckpt_epoch = self._keep_checkpoint(trial)
-        self.trials[tid] = {
+        row = self.trials[tid] = {
             "trial_id": tid,
             "status": status.value,
             # what training measured, only where the trial trained (never an infeasible trial's placeholder)
@@ -113,6 +143,7 @@ class ResultsRecorder(tune.Callback):
             "gpu": last.get("gpu"),
             **spec.to_dict(),
         }
+        self._pending_trials.append(row)
 
     def _keep_checkpoint(self, trial: Any) -> int | None:
         """Copy the weights and spec of a stopped trial's latest Tune checkpoint (tune/TRIAL/checkpoint_N,
@@ -132,11 +163,12 @@ class ResultsRecorder(tune.Callback):
         return int(saved.metrics["epoch"])
 
     def flush(self) -> None:
+        """Append what arrived since the last flush: the epochs first, then the trials that ended."""
         self._last_flush = time.monotonic()
-        store = self.paths.store
-        write_table(sorted(self.trials.values(), key=lambda r: r["trial_id"]), store, RunPaths.TRIALS, TRIAL_COLUMNS)
-        epochs = sorted(self.epochs.values(), key=lambda r: (r["trial_id"], r["epoch"]))
-        write_table(epochs, store, RunPaths.EPOCHS, EPOCH_COLUMNS)
+        epochs, self._pending_epochs = self._pending_epochs, []
+        trials, self._pending_trials = self._pending_trials, []
+        self._writer(RunPaths.EPOCHS).append(epochs)
+        self._writer(RunPaths.TRIALS).append(trials)
 
 
 def _error_text(trial: Any) -> str:
@@ -185,7 +217,7 @@ class LiveView(tune.Callback):
         self._live.update(
             render_status(
                 list(self.recorder.trials.values()),
-                list(self.recorder.epochs.values()),
+                list(self.recorder.last_epochs.values()),
                 self.space.objectives,
                 self.total,
                 self.started,

@@ -37,6 +37,7 @@ class StudyMirror:
         self._attrs: dict[str, Any] = {}
         self._ids: dict[int, int] = {}  # trial number -> the mirror's trial id
         self._seen: dict[int, FrozenTrial] = {}  # trial number -> the trial as last mirrored
+        self._open: set[int] = set()  # numbers of mirrored trials not finished yet
 
     def __getstate__(self) -> dict[str, Any]:
         return {"store": self.store, "rel": self.rel, "study_name": self.study_name}
@@ -63,13 +64,21 @@ class StudyMirror:
             if self._attrs.get(key) != value:
                 self._storage.set_study_system_attr(self._study_id, key, value)
         self._attrs = attrs
-        for trial in study.get_trials(deepcopy=False):
-            before = self._seen.get(trial.number)
+        # only the new trials and the unfinished ones can have changed (a finished trial is
+        # final): a sync costs what changed, not the study's size
+        trials = study.get_trials(deepcopy=False)  # in number order; references, not copies
+        for number in [*sorted(self._open), *range(len(self._seen), len(trials))]:
+            trial = trials[number]
+            before = self._seen.get(number)
             if before is None:
-                self._ids[trial.number] = self._storage.create_new_trial(self._study_id, template_trial=trial)
-            elif before is not trial and not before.state.is_finished():
-                self._update(self._ids[trial.number], before, trial)
-            self._seen[trial.number] = trial  # optuna's in-memory storage replaces a trial it changes
+                self._ids[number] = self._storage.create_new_trial(self._study_id, template_trial=trial)
+            elif before is not trial:
+                self._update(self._ids[number], before, trial)
+            self._seen[number] = trial  # optuna's in-memory storage replaces a trial it changes
+            if trial.state.is_finished():
+                self._open.discard(number)
+            else:
+                self._open.add(number)
 
     def _update(self, tid: int, before: FrozenTrial, now: FrozenTrial) -> None:
         s = self._storage
