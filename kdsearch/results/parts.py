@@ -31,6 +31,7 @@ then the rule above; `kdsearch.results.tables.read_rows` is the one entry point 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,13 +75,14 @@ def _read(store: Storage, rel: str) -> Rows:
 
 def read_table_rows(store: Storage, name: str, merge: Merge | None) -> Rows:
     """The table's rows as the layout above defines them ([] before anything was written)."""
-    for _ in range(10):
+    for attempt in range(100):
         parts = list_parts(store, name) if merge is not None else []
         try:
             rows = _read(store, name) if store.exists(name) else []
             for _, _, rel in parts:
                 rows.extend(_read(store, rel))
         except FileNotFoundError:  # a part merged away while we read: its rows are in a newer file
+            time.sleep(0.001 * attempt)  # a writer appends every few seconds at most: the next read wins
             continue
         return merge(rows) if parts else rows
     raise RuntimeError(f"{store.uri_of(name)}: its parts kept changing while being read")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import socket
 import sys
@@ -70,6 +71,7 @@ def _trainable(
     measured: tuple,
     world_size: int = 1,
     checkpoint_every: int = 0,
+    trial: Callable[..., None] | None = None,
 ) -> None:
     """One Ray Tune trial: an infeasible config reports at once (its exact costs, and the
     worst value of what it never measured); the rest run `run_trial` in a local temporary
@@ -83,6 +85,8 @@ def _trainable(
     live) and the run's measured objectives (their definitions) are the driver's, through the
     object store (tune.with_parameters): a measured objective a user registered in the driver
     needs no registration in the worker.
+
+    `trial`, when given, is called as `trial(spec, report)` instead of training (see `noop_trial`).
     """
     import torch
 
@@ -100,6 +104,9 @@ def _trainable(
         computed = objective_table.computed(spec.student)
         never_trained = dict(zip([name for name, _ in objectives], values_for_sampler(computed, objectives)))
         tune.report({"epoch": 0, **computed, **never_trained, **where})
+        return
+    if trial is not None:
+        trial(spec, lambda metrics: tune.report({**metrics, **where}))
         return
     require_data_here(data.spec, where["node_id"])
     trial_id = tune.get_context().get_trial_id()
@@ -125,6 +132,17 @@ def _trainable(
         )
         for name in ("trial_spec.json", "model.safetensors"):  # the weights last: their presence means complete
             run.store.upload(Path(workdir) / name, f"{RunPaths.trial_dir(trial_id)}/{name}")
+
+
+def noop_trial(spec: TrialSpec, report: Callable[[dict[str, Any]], None]) -> None:
+    """A trial that trains nothing: it reports each of its epochs at once, with the student's
+    exact costs and an accuracy made up from them. `run_search(..., trial=noop_trial)` runs the
+    whole search loop (searcher, scheduler, recorder, study mirror) around it, so what is
+    measured is the driver alone (benchmarks/driver_scale.py)."""
+    computed = objective_table.computed(spec.student)
+    acc = 1.0 - 1.0 / (1.0 + math.log1p(float(computed["flops"])))
+    for epoch in range(1, spec.train.epochs + 1):
+        report({"epoch": epoch, "val_acc": acc * epoch / spec.train.epochs, "train_loss": 1.0 / epoch, **computed})
 
 
 def _restored_checkpoint(local: Path) -> Path | None:
@@ -337,6 +355,7 @@ def run_search(
     console: Any = None,
     say: Callable[[str], None] = print,
     reuse_actors: bool = True,
+    trial: Callable[..., None] | None = None,
 ) -> SearchResult:
     """Run (or resume, or extend) a search; returns the trials table and the front.
 
@@ -349,6 +368,8 @@ def run_search(
     `console` (a rich Console) gets a live view of the search; `say` its one-line messages.
     `reuse_actors=False` is Ray's default, kept as a baseline for benchmarks: every trial
     then pays a fresh worker's imports and data loading.
+    `trial` (benchmarks only) replaces training in the workers: `noop_trial` reports epochs
+    at once, so a benchmark measures the driver's own cost per trial; no data or teacher loads.
     """
     space_file = Path(space_file)
     space = load_space(space_file)
@@ -366,7 +387,7 @@ def run_search(
     owns_ray = not ray.is_initialized()
     _init_ray(address, say)
     try:
-        search = _Search(space, paths, root.child("cache"), meta, console, say, reuse_actors)
+        search = _Search(space, paths, root.child("cache"), meta, console, say, reuse_actors, trial)
         if not resume:
             return search.start(total, earlier)
         return search.resume(total)
@@ -417,10 +438,11 @@ class _Search:
         console: Any,
         say: Callable[[str], None],
         reuse_actors: bool,
+        trial: Callable[..., None] | None = None,
     ):
         self.space, self.paths, self.meta, self.console, self.say = space, paths, meta, console, say
-        self.reuse_actors = reuse_actors
-        self.data, self.cached, self.teacher = _load_once(space, cache, say)
+        self.reuse_actors, self.trial = reuse_actors, trial
+        self.data, self.cached, self.teacher = _load_once(space, cache, say) if trial is None else (None, None, None)
 
     def start(self, total: int, earlier: list[dict[str, Any]] | None) -> SearchResult:
         searcher = self._searcher(total, self.space.search.seed)
@@ -506,6 +528,7 @@ class _Search:
                 measured=measured,
                 world_size=int(space.resources.gpus) if space.resources.gpus >= 2 else 1,
                 checkpoint_every=space.search.checkpoint_every,
+                trial=self.trial,
             ),
             {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
         )
