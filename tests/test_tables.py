@@ -11,7 +11,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-import pytest
 
 from kdsearch.results.parts import PartsWriter, list_parts, parts_dir
 from kdsearch.results.tables import (
