@@ -1,7 +1,7 @@
 """The search driver's cost per trial as a run grows: kdsearch's search loop against plain Ray
 Tune + OptunaSearch, both around trials that train nothing (issue 12).
 
-    .venv/bin/python benchmarks/driver_scale.py [--trials 1000] [--epochs 3] [--sampler nsga2] [--json]
+    .venv/bin/python benchmarks/driver_scale.py [--trials 300] [--epochs 3] [--sampler nsga2] [--json]
 
 Each trial reports `--epochs` epochs at once (`kdsearch.search.run.noop_trial`: the student's
 exact costs, a made-up accuracy), so all that is measured is the driver: Ray Tune's loop, the
@@ -11,8 +11,12 @@ documented hook), plain Tune through `tune.Tuner` with Ray's OptunaSearch over t
 define-by-run space and the same sampler, the same concurrency and actor reuse, in the same
 Ray instance, one after the other. Figures:
 
-- ms per trial over the first and the last 10% of trials (by finish time), and their ratio
-  (flat: about 1);
+- ms per trial over the first and the last 10% of trials (by finish time: when Tune calls the
+  callbacks' on_trial_complete), and their ratio (flat: about 1);
+- "hooks": ms per trial the driver spent in the searcher's methods (suggest, on_trial_result,
+  on_trial_complete: Optuna's ask and tell for both) and, for kdsearch, in its recorder and
+  scheduler, over the same spans: kdsearch's own cost, less sensitive to a busy machine than
+  the spans themselves (Tune's loop is the same for both);
 - the searcher's `suggest` (median and 99th percentile, ms), timed in this process;
 - the driver's peak RSS (psutil, sampled every 0.2 s; the workers are not counted);
 - the time to read the final tables (kdsearch: `RunPaths.rows` of trials and epochs).
@@ -73,44 +77,70 @@ class Rss:
 
 
 class Timed:
-    """Times a method of a class (the searchers' suggest) in this process."""
+    """Times methods of classes (a searcher's, a callback's) in this process: when each call
+    started and how long it took. Measuring only: each method runs as it is."""
 
-    def __init__(self, cls: type, name: str):
-        self.cls, self.name, self.seconds = cls, name, []
-        self.original = getattr(cls, name)
+    def __init__(self, *methods: tuple[type, str]):
+        self.methods = [(cls, name, getattr(cls, name)) for cls, name in methods]
+        self.calls: dict[str, list[tuple[float, float]]] = {f"{c.__name__}.{n}": [] for c, n in methods}
 
     def __enter__(self) -> Timed:
-        original, seconds = self.original, self.seconds
+        for cls, name, original in self.methods:
+            setattr(cls, name, self._timed(original, self.calls[f"{cls.__name__}.{name}"]))
+        return self
 
+    @staticmethod
+    def _timed(original: Any, calls: list[tuple[float, float]]) -> Any:
         def timed(obj: Any, *a: Any, **k: Any) -> Any:
-            t0 = time.perf_counter()
+            start, t0 = time.time(), time.perf_counter()
             try:
                 return original(obj, *a, **k)
             finally:
-                seconds.append(time.perf_counter() - t0)
+                calls.append((start, time.perf_counter() - t0))
 
-        setattr(self.cls, self.name, timed)
-        return self
+        return timed
 
     def __exit__(self, *exc: Any) -> None:
-        setattr(self.cls, self.name, self.original)
+        for cls, name, original in self.methods:
+            setattr(cls, name, original)
+
+    def seconds(self, name: str) -> list[float]:
+        return [d for _, d in self.calls[name]]
+
+    def starts(self, name: str) -> list[float]:
+        return [t for t, _ in self.calls[name]]
+
+    def within(self, lo: float, hi: float) -> float:
+        """Seconds spent in every timed method by calls that started in [lo, hi]."""
+        return sum(d for calls in self.calls.values() for t, d in calls if lo <= t <= hi)
 
 
-def rates(finished: list[float]) -> dict[str, float]:
-    """ms per trial over the first and the last 10% of trials by finish time."""
+def rates(finished: list[float], hooks: Timed) -> dict[str, float]:
+    """ms per trial over the first and the last 10% of trials by finish time, and the ms per
+    trial the driver spent in the searcher's and callbacks' methods (`hooks`) in those spans."""
     t = sorted(finished)
     k = max(2, len(t) // 10)
-    first, last = (t[k - 1] - t[0]) / (k - 1), (t[-1] - t[-k]) / (k - 1)
-    return {"first 10% ms/trial": 1e3 * first, "last 10% ms/trial": 1e3 * last, "last / first": last / first}
+    first, last, every = (t[k - 1] - t[0]) / (k - 1), (t[-1] - t[-k]) / (k - 1), (t[-1] - t[0]) / (len(t) - 1)
+    hook_first, hook_last = hooks.within(t[0], t[k - 1]) / (k - 1), hooks.within(t[-k], t[-1]) / (k - 1)
+    return {
+        "ms/trial, all": 1e3 * every,
+        "first 10% ms/trial": 1e3 * first,
+        "last 10% ms/trial": 1e3 * last,
+        "last / first": last / first,
+        "hooks first 10% ms/trial": 1e3 * hook_first,
+        "hooks last 10% ms/trial": 1e3 * hook_last,
+    }
 
 
-def summary(name: str, wall: float, finished: list[float], suggest: list[float], rss: Rss, read_s: float) -> dict:
+def summary(
+    name: str, wall: float, finished: list[float], suggest: list[float], hooks: Timed, rss: Rss, read_s: float
+) -> dict:
     s = sorted(suggest) or [0.0]
     return {
         "driver": name,
         "trials": len(finished),
         "wall s": wall,
-        **rates(finished),
+        **rates(finished, hooks),
         "suggest median ms": 1e3 * statistics.median(s),
         "suggest p99 ms": 1e3 * s[min(len(s) - 1, int(0.99 * len(s)))],
         "peak RSS MiB": rss.peak_mib,
@@ -120,10 +150,15 @@ def summary(name: str, wall: float, finished: list[float], suggest: list[float],
 
 def run_kdsearch(space: Path, storage: Path) -> dict:
     from kdsearch.results.tables import RunPaths
+    from kdsearch.search.callbacks import ResultsRecorder
     from kdsearch.search.run import noop_trial, run_search
+    from kdsearch.search.scheduler import ParetoHalving
     from kdsearch.search.searcher import KdsearchOptunaSearch
 
-    with Rss() as rss, Timed(KdsearchOptunaSearch, "suggest") as suggest:
+    methods = [(KdsearchOptunaSearch, m) for m in ("suggest", "on_trial_result", "on_trial_complete")]
+    methods += [(ResultsRecorder, m) for m in ("on_trial_result", "on_trial_complete", "on_trial_error")]
+    methods += [(ParetoHalving, "on_trial_result")]
+    with Rss() as rss, Timed(*methods) as hooks:
         t0 = time.perf_counter()
         result = run_search(space, storage=storage, name="kdsearch", say=lambda s: None, trial=noop_trial)
         wall = time.perf_counter() - t0
@@ -131,8 +166,10 @@ def run_kdsearch(space: Path, storage: Path) -> dict:
     trials = result.paths.rows(RunPaths.TRIALS)
     epochs = result.paths.rows(RunPaths.EPOCHS)
     read_s = time.perf_counter() - t0
-    out = summary("kdsearch", wall, [r["finished_at"] for r in trials], suggest.seconds, rss, read_s)
-    out["epoch rows"] = len(epochs)
+    finished = hooks.starts("ResultsRecorder.on_trial_complete")
+    out = summary("kdsearch", wall, finished, hooks.seconds("KdsearchOptunaSearch.suggest"), hooks, rss, read_s)
+    out["trial rows"], out["epoch rows"] = len(trials), len(epochs)
+    out["hooks by method"] = {k: (len(v), 1e3 * sum(d for _, d in v)) for k, v in hooks.calls.items()}
     return out
 
 
@@ -183,7 +220,10 @@ def run_plain_tune(space_path: Path, storage: Path) -> dict:
         ),
         run_config=tune.RunConfig(name="plain", storage_path=str(storage), callbacks=[finished], verbose=0),
     )
-    with Rss() as rss, Timed(OptunaSearch, "suggest") as suggest:
+    with (
+        Rss() as rss,
+        Timed(*[(OptunaSearch, m) for m in ("suggest", "on_trial_result", "on_trial_complete")]) as hooks,
+    ):
         t0 = time.perf_counter()
         grid = tuner.fit()
         wall = time.perf_counter() - t0
@@ -191,12 +231,12 @@ def run_plain_tune(space_path: Path, storage: Path) -> dict:
     frame = grid.get_dataframe()  # what plain Tune offers to read back: every trial's last result
     read_s = time.perf_counter() - t0
     assert isinstance(frame, pd.DataFrame)
-    return summary("plain Tune", wall, finished.times, suggest.seconds, rss, read_s)
+    return summary("plain Tune", wall, finished.times, hooks.seconds("OptunaSearch.suggest"), hooks, rss, read_s)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=1000)
+    ap.add_argument("--trials", type=int, default=300)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--sampler", default="nsga2")
     ap.add_argument("--json", action="store_true")
@@ -214,14 +254,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(rows))
         return rows
     print(f"{args.trials:,} no-op trials of {args.epochs} epochs, sampler {args.sampler}, {os.cpu_count()} CPUs")
-    keys = [k for k in rows[1] if k != "driver"]
+    keys = [k for k in rows[1] if k not in ("driver", "hooks by method")]
     print(f"{'':22}" + "".join(f"{r['driver']:>14}" for r in rows))
     for k in keys:
         print(f"{k:22}" + "".join(_fmt(r.get(k)) for r in rows))
     plain, kd = rows
-    for span in ("first", "last"):
-        ratio = kd[f"{span} 10% ms/trial"] / plain[f"{span} 10% ms/trial"]
-        print(f"kdsearch / plain Tune, {span} 10%: {ratio:.2f} (goal <= 1.10)")
+    print(
+        "kdsearch's methods (calls, ms in all): "
+        + ", ".join(f"{k} {n} {ms:,.0f}" for k, (n, ms) in kd["hooks by method"].items())
+    )
+    for span in ("all", "first", "last"):
+        key = "ms/trial, all" if span == "all" else f"{span} 10% ms/trial"
+        print(f"kdsearch / plain Tune, ms/trial ({key}): {kd[key] / plain[key]:.2f} (goal <= 1.10)")
     return rows
 
 

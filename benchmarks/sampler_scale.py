@@ -1,7 +1,7 @@
 """How long Optuna takes to ask for a config and be told its result, with 1,000 and 10,000
 completed trials in the study, for the samplers kdsearch makes (kdsearch.space.samplers).
 
-    .venv/bin/python benchmarks/sampler_scale.py [--sizes 1000 10000] [--asks 20]
+    .venv/bin/python benchmarks/sampler_scale.py [--sizes 1000 10000] [--asks 20] [--samplers nsga2 tpe ...]
 
 The study is kdsearch's own: search_spaces/digits_quick.yaml's define-by-run space with its
 FLOPs budget as a constraint, two objectives (val_acc max, flops min); the completed trials
@@ -41,32 +41,56 @@ def one(space, define, study, rng) -> float:
     return time.perf_counter() - t0
 
 
-def measure(sampler: str, size: int, asks: int) -> dict:
+# TPE with one setting changed from kdsearch's (to see what its cost depends on)
+VARIANTS = {
+    "tpe-ei8": {"n_ei_candidates": 8},
+    "tpe-no-liar": {"constant_liar": False},
+    "tpe-univariate": {"multivariate": False},
+}
+
+
+def sampler_of(name: str, settings) -> optuna.samplers.BaseSampler:
+    if name in VARIANTS:
+        base = make_sampler(dataclasses.replace(settings, sampler="tpe"))
+        kwargs = {"seed": settings.seed, "multivariate": base._multivariate, "constant_liar": base._constant_liar}
+        kwargs["n_ei_candidates"] = base._n_ei_candidates
+        return optuna.samplers.TPESampler(**{**kwargs, **VARIANTS[name]})
+    return make_sampler(dataclasses.replace(settings, sampler=name))
+
+
+def history(size: int) -> list:
+    """`size` completed trials of kdsearch's space, told to a random sampler (fast)."""
     space = load_space(ROOT / "search_spaces/digits_quick.yaml")
-    settings = dataclasses.replace(space.search, sampler=sampler, trials=size + asks)
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(settings))
-    define, rng = DefineByRun(space), np.random.default_rng(0)
     filler = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
-    t0 = time.perf_counter()
-    for _ in range(size):  # the history, told to a random sampler and copied over (fast)
+    define, rng = DefineByRun(space), np.random.default_rng(0)
+    for _ in range(size):
         one(space, define, filler, rng)
-    study.add_trials(filler.get_trials(deepcopy=False))
-    fill = time.perf_counter() - t0
+    return filler.get_trials(deepcopy=False)
+
+
+def measure(sampler: str, trials: list, asks: int) -> dict:
+    space = load_space(ROOT / "search_spaces/digits_quick.yaml")
+    settings = dataclasses.replace(space.search, trials=len(trials) + asks)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler_of(sampler, settings))
+    study.add_trials(trials)
+    define, rng = DefineByRun(space), np.random.default_rng(0)
+    one(space, define, study, rng)  # the first ask also reads the copied history into the sampler's caches
     times = [one(space, define, study, rng) for _ in range(asks)]
-    return {"sampler": sampler, "completed": size, "median ms": 1e3 * statistics.median(times),
-            "max ms": 1e3 * max(times), "fill s": fill}  # fmt: skip
+    return {"sampler": sampler, "completed": len(trials), "median ms": 1e3 * statistics.median(times),
+            "max ms": 1e3 * max(times)}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--asks", type=int, default=20)
-    ap.add_argument("--samplers", nargs="+", default=["nsga2", "tpe"])
+    ap.add_argument("--samplers", nargs="+", default=["nsga2", "tpe", *VARIANTS])
     args = ap.parse_args()
     print(f"{'sampler':8} {'completed':>9} {'ask+tell median ms':>19} {'max ms':>8}")
-    for sampler in args.samplers:
-        for size in args.sizes:
-            r = measure(sampler, size, args.asks)
+    for size in args.sizes:
+        trials = history(size)
+        for sampler in args.samplers:
+            r = measure(sampler, trials, args.asks)
             print(f"{r['sampler']:8} {r['completed']:>9,} {r['median ms']:>19.1f} {r['max ms']:>8.1f}", flush=True)
 
 

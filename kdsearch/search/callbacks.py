@@ -90,11 +90,11 @@ class ResultsRecorder(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._row(trial, outcome(trial.config, trial.last_result))
-        self.flush()
+        self.flush(epochs=False)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._row(trial, Status.FAILED, error=_error_text(trial))
-        self.flush()
+        self.flush(epochs=False)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A failed attempt that Tune retries (up to the space's max_failures)."""
@@ -162,12 +162,17 @@ class ResultsRecorder(tune.Callback):
             return None
         return int(saved.metrics["epoch"])
 
-    def flush(self) -> None:
-        """Append what arrived since the last flush: the epochs first, then the trials that ended."""
-        self._last_flush = time.monotonic()
-        epochs, self._pending_epochs = self._pending_epochs, []
+    def flush(self, epochs: bool = True) -> None:
+        """Append what arrived since the last flush: the epochs, then the trials that ended.
+
+        A trial's row is written when it ends (resume reconciles from it: see the searcher's
+        `suggest`); the epochs every `flush_seconds` (`epochs=False` leaves them for then),
+        so a driver killed loses at most that much of the curves, as before parts."""
+        if epochs:
+            self._last_flush = time.monotonic()
+            pending, self._pending_epochs = self._pending_epochs, []
+            self._writer(RunPaths.EPOCHS).append(pending)
         trials, self._pending_trials = self._pending_trials, []
-        self._writer(RunPaths.EPOCHS).append(epochs)
         self._writer(RunPaths.TRIALS).append(trials)
 
 
