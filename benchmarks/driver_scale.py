@@ -14,8 +14,8 @@ Ray instance, one after the other. Figures:
 - ms per trial over the first and the last 10% of trials (by finish time: when Tune calls the
   callbacks' on_trial_complete), and their ratio (flat: about 1);
 - "hooks": ms per trial the driver spent in the searcher's methods (suggest, on_trial_result,
-  on_trial_complete: Optuna's ask and tell for both) and, for kdsearch, in its recorder and
-  scheduler, over the same spans: kdsearch's own cost, less sensitive to a busy machine than
+  on_trial_complete: Optuna's ask and tell for both), in Ray Tune's experiment snapshots
+  (TuneController.save_to_dir) and, for kdsearch, in its recorder and scheduler, over the same spans: kdsearch's own cost, less sensitive to a busy machine than
   the spans themselves (Tune's loop is the same for both);
 - the searcher's `suggest` (median and 99th percentile, ms), timed in this process;
 - the driver's peak RSS (psutil, sampled every 0.2 s; the workers are not counted);
@@ -149,6 +149,8 @@ def summary(
 
 
 def run_kdsearch(space: Path, storage: Path) -> dict:
+    from ray.tune.execution.tune_controller import TuneController
+
     from kdsearch.results.tables import RunPaths
     from kdsearch.search.callbacks import ResultsRecorder
     from kdsearch.search.run import noop_trial, run_search
@@ -158,6 +160,7 @@ def run_kdsearch(space: Path, storage: Path) -> dict:
     methods = [(KdsearchOptunaSearch, m) for m in ("suggest", "on_trial_result", "on_trial_complete")]
     methods += [(ResultsRecorder, m) for m in ("on_trial_result", "on_trial_complete", "on_trial_error")]
     methods += [(ParetoHalving, "on_trial_result")]
+    methods += [(TuneController, "save_to_dir")]  # Ray Tune's experiment snapshot (same in both)
     with Rss() as rss, Timed(*methods) as hooks:
         t0 = time.perf_counter()
         result = run_search(space, storage=storage, name="kdsearch", say=lambda s: None, trial=noop_trial)
@@ -231,7 +234,9 @@ def run_plain_tune(space_path: Path, storage: Path) -> dict:
     frame = grid.get_dataframe()  # what plain Tune offers to read back: every trial's last result
     read_s = time.perf_counter() - t0
     assert isinstance(frame, pd.DataFrame)
-    return summary("plain Tune", wall, finished.times, hooks.seconds("OptunaSearch.suggest"), hooks, rss, read_s)
+    out = summary("plain Tune", wall, finished.times, hooks.seconds("OptunaSearch.suggest"), hooks, rss, read_s)
+    out["hooks by method"] = {k: (len(v), 1e3 * sum(d for _, d in v)) for k, v in hooks.calls.items()}
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
