@@ -198,6 +198,7 @@ class LiveView(tune.Callback):
         self.console = console
         self._live = None
         self._last = 0.0
+        self._every = 1.0  # seconds between two drawings
         self.reference: dict[str, float] = {}
         self._why_no_reference = ""
 
@@ -215,9 +216,9 @@ class LiveView(tune.Callback):
             self._live.start()
 
     def on_step_end(self, iteration: int, trials: list, force: bool = False, **info: Any) -> None:
-        if self._live is None or (not force and time.monotonic() - self._last < 1.0):
+        if self._live is None or (not force and time.monotonic() - self._last < self._every):
             return
-        self._last = time.monotonic()
+        start = self._last = time.monotonic()
         running = sum(1 for t in trials if t.status == "RUNNING")
         self._live.update(
             render_status(
@@ -231,6 +232,9 @@ class LiveView(tune.Callback):
                 why_no_reference=self._why_no_reference,
             )
         )
+        # once a second, or less often when drawing takes longer (58 ms at 10,000 trials on 2
+        # busy cores): at most a twentieth of the driver's time
+        self._every = max(1.0, 20 * (time.monotonic() - start))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self._live is not None:
