@@ -109,6 +109,7 @@ class PartsWriter:
         self._parts = {rel: (seq, level, _num_rows(store, rel)) for seq, level, rel in list_parts(store, name)}
         self._next = max((seq for seq, _, _ in self._parts.values()), default=-1) + 1
         self._base_rows = _num_rows(store, name) if store.exists(name) else 0
+        self._cached: dict[str, Rows] = {}  # the rows of the small parts this writer wrote (levels 0 and 1)
 
     @property
     def parts(self) -> int:
@@ -121,6 +122,7 @@ class PartsWriter:
         rel = part_name(self.name, self._next, 0)
         self.store.write_bytes(rel, to_parquet(rows, self.first_columns))
         self._parts[rel] = (self._next, 0, len(rows))
+        self._cached[rel] = list(rows)
         self._next += 1
         if sum(n for _, _, n in self._parts.values()) >= self._base_rows:
             self.compact()
@@ -136,11 +138,13 @@ class PartsWriter:
     def _merge_parts(self, rels: list[str], seq: int, level: int) -> None:
         rows: Rows = []
         for rel in rels:
-            rows.extend(_read(self.store, rel))
+            rows.extend(self._rows(rel))
         merged = self.merge(rows)
         out = part_name(self.name, seq, level)
         self.store.write_bytes(out, to_parquet(merged, self.first_columns))  # first the merged part...
         self._parts[out] = (seq, level, len(merged))
+        if level <= 1:
+            self._cached[out] = merged
         for rel in rels:  # ...then what it replaces
             self._delete(rel)
 
@@ -151,7 +155,7 @@ class PartsWriter:
         rels = [rel for rel, _ in sorted(self._parts.items(), key=lambda kv: kv[1][:2])]
         rows = _read(self.store, self.name) if self.store.exists(self.name) else []
         for rel in rels:
-            rows.extend(_read(self.store, rel))
+            rows.extend(self._rows(rel))
         merged = self.merge(rows)
         self.store.write_bytes(self.name, to_parquet(merged, self.first_columns))
         self._base_rows = len(merged)
@@ -163,8 +167,12 @@ class PartsWriter:
             except OSError:
                 pass
 
+    def _rows(self, rel: str) -> Rows:
+        return self._cached[rel] if rel in self._cached else _read(self.store, rel)
+
     def _delete(self, rel: str) -> None:
         self._parts.pop(rel, None)
+        self._cached.pop(rel, None)
         try:
             self.store.fs.delete_file(self.store.path(rel))
         except FileNotFoundError:

@@ -58,6 +58,7 @@ class StudyMirror:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._storage = optuna.storages.RDBStorage(f"sqlite:///{self.path}")
+            _no_fsync(self._storage.engine)
             self._study_id = self._storage.create_new_study(study.directions, self.study_name)
         attrs = {**study._storage.get_study_system_attrs(study._study_id)}
         for key, value in attrs.items():  # the metric names, set once
@@ -102,3 +103,19 @@ class StudyMirror:
         """The local file, written to the run's storage whole (a reader never sees half of it)."""
         if self._storage is not None:
             self.store.write_bytes(self.rel, self.path.read_bytes())
+
+
+def _no_fsync(engine: Any) -> None:
+    """The local file is a scratch copy (the run's study.db is the upload of it, whole): SQLite
+    need not fsync each of Optuna's many small commits (measured: a sync of one new trial 14-42
+    ms with them, on 2 busy cores)."""
+    from sqlalchemy import event
+
+    def pragmas(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA synchronous=OFF")
+        cursor.execute("PRAGMA journal_mode=MEMORY")
+        cursor.close()
+
+    event.listen(engine, "connect", pragmas)
+    engine.dispose()  # the connections made while creating the tables open again, with the pragmas
