@@ -28,8 +28,8 @@ class ResultsRecorder(tune.Callback):
     """Keeps trials.parquet and epochs.parquet up to date, keyed by trial id (idempotent).
 
     Rows are appended as parts (kdsearch.results.parts): a trial's row when it ends, the
-    epochs every `flush_seconds` and at each trial end; both tables are compacted into one
-    file each when the search ends. In memory it holds each trial's row, the last epoch of
+    epochs every `flush_seconds`; both tables are compacted into one file each when the
+    search ends. In memory it holds each trial's row, the last epoch of
     each trial (what the live view shows) and the curves of the trials still running: never
     every epoch of the run."""
 
