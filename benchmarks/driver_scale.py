@@ -15,7 +15,8 @@ Ray instance, one after the other. Figures:
   callbacks' on_trial_complete), and their ratio (flat: about 1);
 - "hooks": ms per trial the driver spent in the searcher's methods (suggest, on_trial_result,
   on_trial_complete: Optuna's ask and tell for both), in Ray Tune's experiment snapshots
-  (TuneController.save_to_dir) and, for kdsearch, in its recorder and scheduler, over the same spans: kdsearch's own cost, less sensitive to a busy machine than
+  (TuneController.save_to_dir) and, for kdsearch, in its recorder and scheduler, over the
+  same spans: kdsearch's own cost, less sensitive to a busy machine than
   the spans themselves (Tune's loop is the same for both);
 - the searcher's `suggest` (median and 99th percentile, ms), timed in this process;
 - the driver's peak RSS (psutil, sampled every 0.2 s; the workers are not counted);
@@ -179,6 +180,7 @@ def run_kdsearch(space: Path, storage: Path) -> dict:
 def run_plain_tune(space_path: Path, storage: Path) -> dict:
     import pandas as pd
     from ray import tune
+    from ray.tune.execution.tune_controller import TuneController
     from ray.tune.search.optuna import OptunaSearch
 
     from kdsearch.search.run import noop_trial
@@ -225,7 +227,10 @@ def run_plain_tune(space_path: Path, storage: Path) -> dict:
     )
     with (
         Rss() as rss,
-        Timed(*[(OptunaSearch, m) for m in ("suggest", "on_trial_result", "on_trial_complete")]) as hooks,
+        Timed(
+            *[(OptunaSearch, m) for m in ("suggest", "on_trial_result", "on_trial_complete")],
+            (TuneController, "save_to_dir"),
+        ) as hooks,
     ):
         t0 = time.perf_counter()
         grid = tuner.fit()
@@ -264,10 +269,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for k in keys:
         print(f"{k:22}" + "".join(_fmt(r.get(k)) for r in rows))
     plain, kd = rows
-    print(
-        "kdsearch's methods (calls, ms in all): "
-        + ", ".join(f"{k} {n} {ms:,.0f}" for k, (n, ms) in kd["hooks by method"].items())
-    )
+    for row in rows:
+        calls = ", ".join(f"{k} {n} {ms:,.0f}" for k, (n, ms) in row["hooks by method"].items())
+        print(f"{row['driver']}, timed methods (calls, ms in all): {calls}")
     for span in ("all", "first", "last"):
         key = "ms/trial, all" if span == "all" else f"{span} 10% ms/trial"
         print(f"kdsearch / plain Tune, ms/trial ({key}): {kd[key] / plain[key]:.2f} (goal <= 1.10)")
