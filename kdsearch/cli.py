@@ -62,7 +62,9 @@ def _main(
 def space_show(
     space_file: Path = typer.Argument(..., help="A search-space YAML file."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
-    samples: int = typer.Option(2000, help="Random configs drawn to measure the share inside the budgets."),
+    samples: int = typer.Option(
+        2000, min=1, max=1_000_000, metavar="N", help="Random configs drawn to measure the share inside the budgets."
+    ),
 ) -> None:
     """Print a space: its dimensions, how many students it holds, their FLOPs and params range."""
     from kdsearch.space.file import load_space
@@ -153,7 +155,9 @@ def teacher_train(
 @app.command("trial")
 def trial(
     space_file: Path = typer.Argument(..., help="A search-space YAML file."),
-    set_: list[str] = typer.Option([], "--set", help="Fix a dimension: --set student.depth=4 (repeatable)."),
+    set_: list[str] = typer.Option(
+        [], "--set", metavar="KEY=VALUE", help="Fix a dimension: --set student.depth=4 (repeatable)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the final metrics as one JSON object on stdout."),
     workdir: Path = typer.Option(None, help="Where the weights go [default: runs/SPACE_NAME/trials/TIMESTAMP]."),
 ) -> None:
@@ -164,7 +168,7 @@ def trial(
     from kdsearch.space.specs import TeacherSource, teacher_source
     from kdsearch.train.data import load_data
     from kdsearch.train.teacher import load_teacher
-    from kdsearch.train.trial import TrialDiverged, run_trial
+    from kdsearch.train.trial import TrialDiverged, TrialFault, run_trial
 
     space = load_space(space_file)
     spec = space.default_spec(parse_sets(space, set_))
@@ -199,6 +203,8 @@ def trial(
             )
         except TrialDiverged as e:
             raise KdsearchError(f"trial: {e}; lower train.lr or the recipe's weights") from None
+        except TrialFault as e:  # out of memory, past train.max_minutes
+            raise KdsearchError(f"trial: {e.line()}") from None
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -215,6 +221,7 @@ def search(
         None,
         "--trials",
         min=1,
+        metavar="N",
         help="Trials the run is to have [default: the space's search.trials]; with --resume, more than it has extends it.",
     ),
     address: str = typer.Option(
@@ -283,6 +290,10 @@ def status(
 
     paths = open_run(run)
     meta = paths.meta()
+    if not {"objectives", "trials", "started"} <= set(meta):
+        raise KdsearchError(
+            f"{paths.store.uri_of(RunPaths.META)}: missing or incomplete; status reads the run's total and start"
+        )
     trials, epochs = paths.rows(RunPaths.TRIALS), paths.rows(RunPaths.EPOCHS)
     objectives = [tuple(o) for o in meta["objectives"]]
     reference, why = run_reference(paths, meta, objectives)
@@ -374,16 +385,27 @@ def export(
     out: Path = typer.Option(
         ..., "--out", help="Folder to write student.yaml, model.safetensors, model.onnx and README.md to."
     ),
-    trial_id: str = typer.Option(None, "--trial", help="Export this completed trial."),
+    trial_id: str = typer.Option(
+        None,
+        "--trial",
+        metavar="TRIAL_ID",
+        help="Export this trial (completed, or stopped early: its last checkpoint).",
+    ),
     max_gflops: float = typer.Option(
-        None, "--max-gflops", help="The most accurate front member under this many GFLOPs."
+        None, "--max-gflops", min=0, metavar="GFLOPS", help="The most accurate front member under this many GFLOPs."
     ),
     min_acc: float = typer.Option(
-        None, "--min-acc", help="The cheapest front member with at least this val accuracy (0-1)."
+        None,
+        "--min-acc",
+        min=0,
+        max=1,
+        metavar="ACC",
+        help="The cheapest front member with at least this val accuracy.",
     ),
     force: bool = typer.Option(False, "--force", help="Replace what --out already holds."),
 ) -> None:
-    """Export a student: config, weights, an ONNX graph checked against them, and a model card."""
+    """Export a student: config, weights, an ONNX graph checked against them, and a model card.
+    Give exactly one of --trial, --max-gflops or --min-acc."""
     from kdsearch.results.export import export_student, read_card, select_trial
     from kdsearch.results.tables import load_run
 
@@ -421,11 +443,13 @@ class Runtime(str, Enum):
 @app.command("confirm")
 def confirm(
     run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
-    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds per member (its own seed + 1 .. + S)."),
+    seeds: int = typer.Option(3, "--seeds", min=1, metavar="S", help="Seeds per member (its own seed + 1 .. + S)."),
     top: int = typer.Option(
-        None, "--top", min=1, help="The front's K most accurate members [default: the whole front]."
+        None, "--top", min=1, metavar="K", help="The front's K most accurate members [default: the whole front]."
     ),
-    trial_ids: list[str] = typer.Option(None, "--trial", help="Confirm this completed trial (repeatable) instead."),
+    trial_ids: list[str] = typer.Option(
+        None, "--trial", metavar="TRIAL_ID", help="Confirm this completed trial (repeatable) instead."
+    ),
     address: str = typer.Option(
         None, "--address", help="Join a Ray cluster: 'auto' or ray://HOST:PORT [default: a local Ray]."
     ),
@@ -472,7 +496,10 @@ def measure(
     run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
     device: Device = typer.Option(Device.cpu, "--device", help="cpu or cuda."),
     trial_ids: list[str] = typer.Option(
-        [], "--trial", help="Measure this completed trial (repeatable); without it, every front member."
+        [],
+        "--trial",
+        metavar="TRIAL_ID",
+        help="Measure this completed trial (repeatable); without it, every front member.",
     ),
     runtime: Runtime = typer.Option(
         Runtime.torch, "--runtime", help="torch, or onnx: the exported graph run by onnxruntime on the CPU."
@@ -590,7 +617,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="kdsearch")
     except KdsearchError as e:
-        print(f"kdsearch: error: {e}".replace("\n", " "), file=sys.stderr)
+        # one line even when the input echoed holds a line break (\r, \x85, \u2028 as well as \n)
+        print(" ".join(f"kdsearch: error: {e}".splitlines()), file=sys.stderr)
         sys.exit(e.exit_code)
 
 

@@ -25,6 +25,11 @@ def is_uri(location: str | os.PathLike) -> bool:
     return "://" in str(location)
 
 
+class StorageError(KdsearchError):
+    """The storage failed under a run (a full disk, a read-only folder, an endpoint that does not
+    answer): one line saying what, where and why. A search stops on it (kdsearch.search.run)."""
+
+
 @dataclass(frozen=True)
 class Storage:
     """A pyarrow filesystem and a root path in it; paths below are relative, with '/'.
@@ -44,6 +49,8 @@ class Storage:
         import pyarrow.fs as pafs
 
         text = str(location)
+        if "\0" in text:
+            raise KdsearchError(f"{text!r}: a path or URI cannot hold a NUL character")
         if not is_uri(text):
             root = str(Path(text).expanduser().resolve())
             return cls(root, root, pafs.LocalFileSystem())
@@ -51,7 +58,7 @@ class Storage:
         try:
             fs, root = pafs.FileSystem.from_uri(text)
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: all mean the same to the user
-            raise KdsearchError(f"{text}: cannot open this storage ({_first_line(e)})") from None
+            raise KdsearchError(f"{text}: cannot open this storage ({first_line(e)})") from None
         return cls(base.rstrip("/"), root.rstrip("/"), fs, query)
 
     def __reduce__(self) -> tuple:
@@ -111,7 +118,7 @@ class Storage:
         except FileNotFoundError:
             raise
         except OSError as e:
-            raise KdsearchError(f"{self.uri_of(rel)}: cannot read ({_first_line(e)})") from None
+            raise StorageError(f"{self.uri_of(rel)}: cannot read ({first_line(e)})") from None
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
@@ -145,7 +152,7 @@ class Storage:
                     self.fs.delete_file(tmp)  # a partial copy, never left behind
                 raise
         except OSError as e:
-            raise KdsearchError(f"{self.uri_of(rel)}: cannot write ({_first_line(e)})") from None
+            raise StorageError(f"{self.uri_of(rel)}: cannot write ({first_line(e)})") from None
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
@@ -164,7 +171,7 @@ class Storage:
                 f.write(b"ok")
             self.fs.delete_file(self.path(probe))
         except Exception as e:  # noqa: BLE001 - every failure here means the same to the user
-            raise KdsearchError(f"--storage {self.uri}: cannot write there ({_first_line(e)})") from None
+            raise KdsearchError(f"--storage {self.uri}: cannot write there ({first_line(e)})") from None
 
     # ---- internals ------------------------------------------------------------------
 
@@ -172,9 +179,9 @@ class Storage:
         try:
             return self.fs.get_file_info(self.path(rel))
         except OSError as e:
-            raise KdsearchError(f"{self.uri_of(rel)}: cannot reach the storage ({_first_line(e)})") from None
+            raise StorageError(f"{self.uri_of(rel)}: cannot reach the storage ({first_line(e)})") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:200]

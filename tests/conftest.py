@@ -12,15 +12,16 @@ import torch
 @pytest.fixture(scope="session")
 def digits_teacher_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in CNN, trained briefly (3 epochs, about 95% val) and saved once per session."""
-    from kdsearch.space.specs import BUILTIN_TEACHER, DataSpec
+    from kdsearch.space.specs import DataSpec
     from kdsearch.train.data import load_data
     from kdsearch.train.digits_teacher import train_digits_teacher
-    from kdsearch.train.teacher import save_teacher
+    from kdsearch.train.teacher import builtin_teacher_meta, save_teacher
 
     torch.set_num_threads(2)
     path = tmp_path_factory.mktemp("teacher") / "digits_cnn.safetensors"
-    model, acc = train_digits_teacher(load_data(DataSpec()), epochs=3)
-    save_teacher(model, path, {"model": BUILTIN_TEACHER, "val_acc": acc})
+    data = load_data(DataSpec())
+    model, acc = train_digits_teacher(data, epochs=3)
+    save_teacher(model, path, builtin_teacher_meta(data, acc))
     return path
 
 

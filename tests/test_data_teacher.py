@@ -147,3 +147,25 @@ def test_one_loader_per_trial_makes_each_epochs_seeded_views(
         assert all(torch.equal(seen[int(i)], v) for i, v in zip(some, replayed))
     assert any(not torch.equal(first[int(i)], second[int(i)]) for i in some)
     assert pickle.loads(pickle.dumps(data))._loaders == {}  # loaders stay in their process
+
+
+def test_a_built_in_teacher_trained_on_other_images_is_not_used(
+    digits_space, digits_teacher_path: Path, tmp_path: Path
+) -> None:
+    """A teacher that learned from other training images (one trained before the test split was
+    held out saw some of today's test images) would leak them into every student."""
+    import dataclasses
+    import shutil
+
+    import yaml
+
+    from kdsearch.train.teacher import load_teacher
+
+    assert load_teacher(digits_space) is not None  # the session's teacher: trained on this very split
+    path = tmp_path / "digits_cnn.safetensors"
+    shutil.copy(digits_teacher_path, path)
+    meta = yaml.safe_load(digits_teacher_path.with_suffix(".yaml").read_text())
+    path.with_suffix(".yaml").write_text(yaml.safe_dump({**meta, "train_fingerprint": "an older split"}))
+    space = dataclasses.replace(digits_space, teacher=dataclasses.replace(digits_space.teacher, checkpoint=str(path)))
+    with pytest.raises(KdsearchError, match="was trained on other training images than this space's; train it with"):
+        load_teacher(space)

@@ -30,9 +30,10 @@ from kdsearch.errors import KdsearchError
 from kdsearch.results.outcomes import Status
 from kdsearch.results.pareto import front_rows
 from kdsearch.results.tables import RunPaths
+from kdsearch.space.datasets import DATASETS
 from kdsearch.space.flops import count_flops
 from kdsearch.space.objectives import FLOPS_COUNTED, Pairs
-from kdsearch.space.specs import DataSpec, RecipeSpec, StudentSpec, TeacherSpec, TrainSpec, TrialSpec
+from kdsearch.space.specs import DataSpec, RecipeSpec, StudentSpec, TeacherSpec, TrainSpec, TrialSpec, out_of_range
 
 
 def select_trial(
@@ -168,7 +169,6 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, o
 def test_accuracy(spec: TrialSpec, model: Any) -> dict[str, Any]:
     """The student's accuracy on its data's held-out test split (which the search never read),
     with the split's size and origin; None with the reason when the data is not on this machine."""
-    from kdsearch.space.datasets import DATASETS
     from kdsearch.train.data import load_test
     from kdsearch.train.loop import evaluate_test
 
@@ -335,7 +335,14 @@ def read_card(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / "student.yaml"
     if not path.is_file():
         raise KdsearchError(f"{folder}: no student.yaml; not an exported kdsearch student")
-    return yaml.safe_load(path.read_text())
+    try:
+        card = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, ValueError) as e:
+        raise KdsearchError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); kdsearch export writes it") from None
+    sections = ("student", "recipe", "train", "data", "teacher", "metrics")
+    if not isinstance(card, dict) or not all(isinstance(card.get(s), dict) for s in sections):
+        raise KdsearchError(f"{path}: not a kdsearch student card (it holds the mappings {', '.join(sections)})")
+    return card
 
 
 def load_student(folder: str | os.PathLike):
@@ -351,11 +358,20 @@ def load_student(folder: str | os.PathLike):
 
 
 def card_spec(card: dict[str, Any]) -> TrialSpec:
-    """The TrialSpec recorded in an exported student's card."""
-    return TrialSpec(
-        student=StudentSpec(**card["student"]),
-        recipe=RecipeSpec(**card["recipe"]),
-        train=TrainSpec(**card["train"]),
-        data=DataSpec(**card["data"]),
-        teacher=TeacherSpec(**card["teacher"]),
-    )
+    """The TrialSpec recorded in an exported student's card (read by `read_card`)."""
+    try:
+        spec = TrialSpec(
+            student=StudentSpec(**card["student"]),
+            recipe=RecipeSpec(**card["recipe"]),
+            train=TrainSpec(**card["train"]),
+            data=DataSpec(**card["data"]),
+            teacher=TeacherSpec(**card["teacher"]),
+        )
+        problems = [str(p) for p in spec.student.problems()] + out_of_range(spec.student, "student")
+    except TypeError as e:  # an unknown key, or a value of the wrong type
+        raise KdsearchError(f"student.yaml: not a kdsearch student card ({e})") from None
+    if spec.data.name not in DATASETS:
+        problems.append(f"data.name {spec.data.name!r} is not one of {', '.join(DATASETS)}")
+    if problems:
+        raise KdsearchError(f"student.yaml: the recorded student cannot be built: {problems[0]}")
+    return spec

@@ -28,6 +28,10 @@ class Status(str, Enum):
         return self in (Status.COMPLETED, Status.STOPPED_EARLY)
 
 
+FAILURE = "failure"
+"""The key of a trial's last result that says it failed on its own (diverged, out of memory, past
+train.max_minutes) and why, in one line: the trial ended without raising, so it is not retried."""
+
 STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
 
 OPTUNA_STATE: dict[Status, str] = {
@@ -43,7 +47,7 @@ def status_of(
     infeasible: bool, epochs_total: int, last_result: Mapping[str, Any] | None, errored: bool = False
 ) -> Status:
     """The outcome of a trial that has ended, from its config's two facts and its last result."""
-    if errored:
+    if errored or (last_result or {}).get(FAILURE):
         return Status.FAILED
     if infeasible:
         return Status.INFEASIBLE

@@ -20,13 +20,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import pyarrow as pa
+
 from kdsearch.errors import KdsearchError
 from kdsearch.results.outcomes import Status
 from kdsearch.results.parts import Rows, read_table_rows, to_parquet
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import DEFAULT_OBJECTIVES, Pairs
 from kdsearch.space.specs import RecipeSpec, StudentSpec
-from kdsearch.storage import Storage
+from kdsearch.storage import Storage, first_line
 
 # Columns every trials.parquet has first; then any other objective, then the config columns
 # (student.*, recipe.*, train.*, data.*, teacher.*), sorted
@@ -122,12 +124,52 @@ class RunPaths:
     def checkpoint(trial_id: str) -> str:
         return f"trials/{trial_id}/model.safetensors"
 
+    @staticmethod
+    def hung(trial_id: str) -> str:
+        """Why a trial's worker was ended by its watchdog (kdsearch.search.run), for its row's error."""
+        return f"trials/{trial_id}/hung.txt"
+
     def rows(self, name: str) -> list[dict[str, Any]]:
         """The rows of one of the run's tables ([] before it exists)."""
         return read_rows(self.store, name)
 
     def meta(self) -> dict[str, Any]:
-        return json.loads(self.store.read_text(self.META)) if self.store.exists(self.META) else {}
+        """run.json ({} before it exists); one clear error when it is not what kdsearch writes."""
+        if not self.store.exists(self.META):
+            return {}
+        where = self.store.uri_of(self.META)
+        try:
+            meta = json.loads(self.store.read_text(self.META))
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise KdsearchError(f"{where}: is not readable JSON (truncated or corrupt: {first_line(e)})") from None
+        problem = _meta_problem(meta)
+        if problem:
+            raise KdsearchError(f"{where}: {problem}")
+        return meta
+
+
+def _meta_problem(meta: Any) -> str:
+    """What is wrong with the fields of run.json that the views read ("" when nothing)."""
+    if not isinstance(meta, dict):
+        return f"must be a JSON object, got {type(meta).__name__}"
+    objectives = meta.get("objectives", [])
+    if not isinstance(objectives, list) or not all(
+        isinstance(o, list) and len(o) == 2 and o[0] in objective_table.OBJECTIVES and o[1] in objective_table.MODES
+        for o in objectives
+    ):
+        return f"objectives must be a list of [metric, max|min] pairs, got {objectives!r}"
+    trials = meta.get("trials", 1)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        return f"trials must be an integer >= 1, got {trials!r}"
+    started = meta.get("started", 0)
+    if not isinstance(started, (int, float)) or isinstance(started, bool):
+        return f"started must be a time in seconds, got {started!r}"
+    reference = meta.get("hypervolume_reference") or {}
+    if not isinstance(reference, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in reference.values()
+    ):
+        return f"hypervolume_reference must map metrics to numbers, got {reference!r}"
+    return ""
 
 
 def write_table(rows: Iterable[dict[str, Any]], store: Storage, name: str, first_columns: tuple[str, ...]) -> None:
@@ -159,8 +201,14 @@ MERGE_RULES = {"trials.parquet": latest_trials, "epochs.parquet": latest_epochs}
 
 def read_rows(store: Storage, name: str) -> list[dict[str, Any]]:
     """Rows of a table as dicts ([] when it does not exist yet): the compacted file and, for a
-    table written as parts, the parts after it, folded by the table's rule."""
-    return read_table_rows(store, name, MERGE_RULES.get(name))
+    table written as parts, the parts after it, folded by the table's rule; one clear error when
+    one of them is not a readable Parquet file."""
+    try:
+        return read_table_rows(store, name, MERGE_RULES.get(name))
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid: a torn or foreign file, never a traceback
+        raise KdsearchError(
+            f"{store.uri_of(name)}: is not a readable Parquet table (truncated or corrupt: {first_line(e)})"
+        ) from None
 
 
 def write_json(store: Storage, name: str, obj: Any) -> None:

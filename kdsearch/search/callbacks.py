@@ -12,7 +12,7 @@ from typing import Any
 from ray import tune
 
 from kdsearch.results.hypervolume import run_reference
-from kdsearch.results.outcomes import Status
+from kdsearch.results.outcomes import FAILURE, Status
 from kdsearch.results.parts import PartsWriter
 from kdsearch.results.status import render_status
 from kdsearch.results.tables import EPOCH_COLUMNS, MERGE_RULES, TRIAL_COLUMNS, RunPaths
@@ -89,11 +89,14 @@ class ResultsRecorder(tune.Callback):
             self.flush()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._row(trial, outcome(trial.config, trial.last_result))
+        # a trial's own fault (diverged, out of memory, past train.max_minutes) ends it with the reason in its last result
+        self._row(trial, outcome(trial.config, trial.last_result), error=(trial.last_result or {}).get(FAILURE))
         self.flush(epochs=False)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._row(trial, Status.FAILED, error=_error_text(trial))
+        hung = RunPaths.hung(trial.trial_id)  # its watchdog ended the worker: say why, not that a worker died
+        error = self.paths.store.read_text(hung) if self.paths.store.exists(hung) else _error_text(trial)
+        self._row(trial, Status.FAILED, error=error)
         self.flush(epochs=False)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

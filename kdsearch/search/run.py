@@ -35,6 +35,7 @@ from ray import tune
 
 from kdsearch import __version__
 from kdsearch.errors import KdsearchError
+from kdsearch.results.outcomes import FAILURE
 from kdsearch.results.pareto import front_rows
 from kdsearch.results.tables import RunPaths, write_json
 from kdsearch.search.callbacks import LiveView, ResultsRecorder
@@ -48,7 +49,7 @@ from kdsearch.space.objectives import Pairs, accuracy_and_cost, values_for_sampl
 from kdsearch.space.samplers import TPE_SLOW_AFTER, make_sampler
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import TeacherSource, TrialSpec
-from kdsearch.storage import Storage
+from kdsearch.storage import Storage, StorageError
 
 
 @dataclass
@@ -90,6 +91,7 @@ def _trainable(
     """
     import torch
 
+    from kdsearch.train.faults import HANG_GRACE_MINUTES, TrialFault, Watchdog
     from kdsearch.train.trial import run_trial
 
     torch.set_num_threads(threads)
@@ -99,10 +101,10 @@ def _trainable(
         "node_id": ray.get_runtime_context().get_node_id(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "",
     }
+    computed = objective_table.computed(spec.student)
+    never_trained = dict(zip([name for name, _ in objectives], values_for_sampler(computed, objectives)))
     if meta["infeasible"]:
         # over the budget: never trains; Optuna already holds its constraint values
-        computed = objective_table.computed(spec.student)
-        never_trained = dict(zip([name for name, _ in objectives], values_for_sampler(computed, objectives)))
         tune.report({"epoch": 0, **computed, **never_trained, **where})
         return
     if trial is not None:
@@ -115,21 +117,36 @@ def _trainable(
         saved = tune.Checkpoint.from_directory(checkpoint) if checkpoint is not None else None
         tune.report({**metrics, **where}, checkpoint=saved)
 
-    with tempfile.TemporaryDirectory(prefix=f"kdsearch-{trial_id}-") as workdir:
+    limit = spec.train.max_minutes
+    guard = (
+        Watchdog((limit + HANG_GRACE_MINUTES) * 60, lambda why: _end_hung_worker(run, trial_id, why), _hung(limit))
+        if limit is not None
+        else contextlib.nullcontext()
+    )
+    with tempfile.TemporaryDirectory(prefix=f"kdsearch-{trial_id}-") as workdir, guard:
         resume = _restored_checkpoint(Path(workdir) / "restored")
-        run_trial(
-            spec,
-            report,
-            workdir,
-            data=data,
-            teacher=teacher.build() if teacher is not None else None,
-            cached_logits=cached_logits,
-            objectives=measured,
-            loader_workers=max(0, threads - 1),  # the trial's other CPUs decode images (unused for in-memory digits)
-            world_size=world_size,  # N >= 2 GPUs: one process each (kdsearch.train.parallel)
-            checkpoint_every=checkpoint_every,
-            resume_from=resume,
-        )
+        try:
+            run_trial(
+                spec,
+                report,
+                workdir,
+                data=data,
+                teacher=teacher.build() if teacher is not None else None,
+                cached_logits=cached_logits,
+                objectives=measured,
+                loader_workers=max(
+                    0, threads - 1
+                ),  # the trial's other CPUs decode images (unused for in-memory digits)
+                world_size=world_size,  # N >= 2 GPUs: one process each (kdsearch.train.parallel)
+                checkpoint_every=checkpoint_every,
+                resume_from=resume,
+            )
+        except TrialFault as e:
+            # its own fault (diverged, out of memory, past train.max_minutes): the same config would fail
+            # again, so the trial ends here with the reason in its last result (kdsearch.results.outcomes:
+            # failed) instead of raising, which Tune would retry max_failures times
+            tune.report({"epoch": 0, **computed, **never_trained, **where, FAILURE: e.line()})
+            return
         for name in ("trial_spec.json", "model.safetensors"):  # the weights last: their presence means complete
             run.store.upload(Path(workdir) / name, f"{RunPaths.trial_dir(trial_id)}/{name}")
 
@@ -143,6 +160,27 @@ def noop_trial(spec: TrialSpec, report: Callable[[dict[str, Any]], None]) -> Non
     acc = 1.0 - 1.0 / (1.0 + math.log1p(float(computed["flops"])))
     for epoch in range(1, spec.train.epochs + 1):
         report({"epoch": epoch, "val_acc": acc * epoch / spec.train.epochs, "train_loss": 1.0 / epoch, **computed})
+
+
+def _hung(max_minutes: float) -> str:
+    from kdsearch.train.faults import HANG_GRACE_MINUTES
+
+    return (
+        f"TrialTimedOut: still running {max_minutes + HANG_GRACE_MINUTES:g} min after its start, past "
+        f"train.max_minutes={max_minutes:g} plus {HANG_GRACE_MINUTES:g} min of grace, with no batch boundary "
+        "reached (stuck in a call); its worker was ended"
+    )
+
+
+def _end_hung_worker(run: RunPaths, trial_id: str, reason: str) -> None:
+    """The watchdog's last resort for a trial stuck where no batch boundary comes (a C call, a
+    dead collective): leave the reason where the recorder finds it (RunPaths.hung) and end this
+    worker process. Tune sees a lost worker and retries the trial up to max_failures times (it
+    cannot be told that a lost worker is not to be retried); the trial's row then holds the reason."""
+    with contextlib.suppress(Exception):
+        run.store.write_text(RunPaths.hung(trial_id), reason)
+    print(f"kdsearch: trial {trial_id}: {reason}", file=sys.stderr, flush=True)
+    os._exit(70)
 
 
 def _restored_checkpoint(local: Path) -> Path | None:
@@ -285,6 +323,8 @@ def _prepare_run(
         if from_run:
             raise KdsearchError("--from: only a new run starts from another; --resume continues this one")
         meta = paths.meta()
+        for table in (RunPaths.TRIALS, RunPaths.EPOCHS):  # a torn table: one line now, before Ray starts
+            paths.rows(table)
         if store.exists(RunPaths.SPACE) and store.read_text(RunPaths.SPACE) != text:
             raise KdsearchError(
                 f"--resume: {space_file} differs from the space the run started with ({store.uri_of(RunPaths.SPACE)})"
@@ -415,6 +455,59 @@ def _quiet(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
+# Ray Tune's experiment-state saving: when the storage fails it logs the error with its traceback
+# and goes on (ray/tune/execution/experiment_state.py, tune.py's final snapshot); the search stops
+# at the recorder's next write with kdsearch's own line, so Tune's is cut to its first line
+_TUNE_SYNC_LOGGERS = ("ray.tune.execution.experiment_state", "ray.tune.tune")
+
+
+class _NoTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage().rstrip(': ')}: {str(record.exc_info[1]).strip().splitlines()[0][:200]}"
+            record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+        return True
+
+
+@contextlib.contextmanager
+def _one_line_sync_errors() -> Iterator[None]:
+    loggers, flt = [logging.getLogger(n) for n in _TUNE_SYNC_LOGGERS], _NoTraceback()
+    for lg in loggers:
+        lg.addFilter(flt)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(flt)
+
+
+def _torn_tune_state(store: Storage, experiment: str) -> str | None:
+    """The first of a Tune experiment's saved state files (its experiment_state JSON, the
+    searcher's and the tuner's pickles, at the experiment's top level) that is torn, or None.
+    JSON is parsed, a pickle only walked opcode by opcode (pickletools: nothing is unpickled)."""
+    import json
+    import pickletools
+
+    import pyarrow.fs as pafs
+
+    infos = store.fs.get_file_info(pafs.FileSelector(store.path(experiment), allow_not_found=True))
+    for info in sorted(infos, key=lambda i: i.base_name):
+        name = info.base_name
+        if info.type != pafs.FileType.File or not name.endswith((".json", ".pkl")) or name.startswith("."):
+            continue
+        rel = f"{experiment}/{name}"
+        data = store.read_bytes(rel)
+        try:
+            if name.endswith(".json"):
+                json.loads(data)
+            else:
+                for _ in pickletools.genops(data):
+                    pass
+        except ValueError:  # JSONDecodeError; a pickle without its STOP opcode
+            return rel
+    return None
+
+
 def _earlier_trials(location: str | os.PathLike, space: SearchSpace) -> list[dict[str, Any]]:
     """The trials of the run `--from` names; one clear line when it is not a run or has none."""
     from kdsearch.results.tables import open_run
@@ -442,6 +535,7 @@ class _Search:
     ):
         self.space, self.paths, self.meta, self.console, self.say = space, paths, meta, console, say
         self.reuse_actors, self.trial = reuse_actors, trial
+        self._view: LiveView | None = None  # the running experiment's live view, if any
         self.data, self.cached, self.teacher = _load_once(space, cache, say) if trial is None else (None, None, None)
 
     def start(self, total: int, earlier: list[dict[str, Any]] | None) -> SearchResult:
@@ -474,6 +568,15 @@ class _Search:
                 raise KdsearchError(
                     f"--resume: {store.uri_of(experiment)} holds no Ray Tune state (the search died before its first checkpoint); start it again"
                 )
+            torn = _torn_tune_state(store, experiment)
+            if torn is not None:
+                # the storage failed while Tune copied its state (its copies are not written then renamed):
+                # what remains is the recorded trials, and a new experiment continues from them
+                self.say(
+                    f"--resume: Ray Tune's saved state {store.uri_of(torn)} is torn (the storage failed while it "
+                    f"was written); continuing with a new experiment started from the {len(recorded)} recorded trials"
+                )
+                return self._extend(max(total, int(self.meta["trials"])), recorded)
             tuner = tune.Tuner.restore(
                 tune_dir,
                 trainable=self._trainable(),
@@ -497,7 +600,7 @@ class _Search:
         n = int(current.rpartition("-")[2]) if current != RunPaths.TUNE else 1  # experiments so far
         experiment = f"{RunPaths.TUNE}-{n + 1}"
         # a sampler seeded afresh for each extension: the first one's draws would repeat the run's start
-        searcher = self._searcher(total, self.space.search.seed + n)
+        searcher = self._searcher(total, (self.space.search.seed + n) % 2**32)
         warm = add_earlier_trials(searcher.study, self.space, recorded, self.space.objectives, searcher.study.sampler)
         self.meta.update(trials=total, tune=experiment)
         write_json(self.paths.store, RunPaths.META, self.meta)
@@ -544,8 +647,10 @@ class _Search:
         costs = tuple(name for name, mode in space.objectives if mode == "min")
         recorder = ResultsRecorder(self.paths, searcher)
         callbacks: list[tune.Callback] = [recorder]
+        self._view = None
         if self.console is not None:
-            callbacks.append(LiveView(recorder, space, searcher.total, float(self.meta["started"]), self.console))
+            self._view = LiveView(recorder, space, searcher.total, float(self.meta["started"]), self.console)
+            callbacks.append(self._view)
         return tune.Tuner(
             self._trainable(),
             tune_config=tune.TuneConfig(
@@ -573,9 +678,26 @@ class _Search:
         # Tune warns whenever checkpoints force several experiment snapshots within 5 s: with short
         # epochs they do, by design (above), and a search printed the warning ~200 times
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-        with _quiet(*_TUNE_ADVICE):
-            grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
+        try:
+            with _quiet(*_TUNE_ADVICE), _one_line_sync_errors():
+                grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
+        except StorageError as e:  # raised by the recorder's flush or the searcher's read, out of Tune's loop
+            if self._view is not None:
+                self._view.on_experiment_end([])  # the console back to normal before the line
+            raise StorageError(self._storage_failed(e)) from None
         return self._result(total, grid)
+
+    def _storage_failed(self, error: StorageError) -> str:
+        """The one line a storage failure stops the search with: what failed and where, that the
+        tables are the last whole ones (each written whole, then renamed), and how to continue."""
+        root = self.paths.store.parent.uri
+        command = (
+            f"kdsearch search {self.meta.get('space_file', 'SPACE')} --storage {root} --name {self.paths.name} --resume"
+        )
+        return (
+            f"{error}; the search stopped: {self.paths.uri}'s tables hold the last whole state; "
+            f"once the storage is back, continue with: {command}"
+        )
 
     def _result(self, total: int, grid: Any) -> SearchResult:
         rows = self.paths.rows(RunPaths.TRIALS)

@@ -78,11 +78,27 @@ def _one_of(values: tuple[str, ...]) -> Callable[[Any], bool]:
     return lambda v: v in values
 
 
+def _a_path(v: str) -> bool:
+    return "\0" not in v
+
+
+SEED_MAX = 2**32 - 1  # Optuna's samplers and NumPy take seeds 0 .. 2**32 - 1
+INT_BOUND = 2**63  # every integer fits an int64 (the run's Parquet columns, torch, numpy)
+MAX_RANGE_VALUES = 10_000  # a range with a step (every int range has one) holds at most this many values
+MAX_STUDENT_CHECKS = 100_000  # (width, num_heads, pos_embed) combinations `_check_student` tries
+
+
 def _keys(spec_cls: type) -> dict[str, Key]:
     """The keys of a spec's searchable fields: the type from its annotation, the default and
     the values allowed from the field itself (`kdsearch.space.specs.searchable`)."""
     return {
-        f.name: Key(str(f.type), f.default, f.metadata["check"], f.metadata["allowed"])
+        f.name: Key(
+            str(f.type).removesuffix(" | None"),
+            f.default,
+            f.metadata["check"],
+            f.metadata["allowed"],
+            optional=str(f.type).endswith(" | None"),  # `X | None`: null is allowed
+        )
         for f in fields(spec_cls)
         if "allowed" in f.metadata
     }
@@ -104,7 +120,7 @@ PLAIN: dict[str, dict[str, Key]] = {
     "data": {
         "name": Key("str", "digits", _one_of(tuple(DATASETS)), "one of " + ", ".join(DATASETS)),
         "img_size": Key("int", None, _ge(1), "an integer >= 1", optional=True),
-        "root": Key("str", None, optional=True),
+        "root": Key("str", None, _a_path, "a folder's path", optional=True),
         "num_classes": Key("int", None, _ge(2), "an integer >= 2", optional=True),
         "val_fraction": Key("float", 0.2, lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
         "augment": Key("bool", False),
@@ -114,7 +130,7 @@ PLAIN: dict[str, dict[str, Key]] = {
         "model": Key(
             "str", "kdsearch/digits_cnn", lambda v: bool(v.strip()), "a timm model name or kdsearch/digits_cnn"
         ),
-        "checkpoint": Key("str", None, optional=True),
+        "checkpoint": Key("str", None, _a_path, "a file's path", optional=True),
         "pretrained": Key("bool", False),
         "cache_topk": Key("int", 10, _ge(1), "an integer >= 1 (logits kept per image above 100 classes)"),
     },
@@ -136,12 +152,19 @@ PLAIN: dict[str, dict[str, Key]] = {
         "trials": Key("int", 16, _ge(1), "an integer >= 1"),
         "population_size": Key("int", None, _ge(2), "an integer >= 2 (NSGA-II), or null", optional=True),
         "sampler": Key("str", "nsga2", _one_of(tuple(SAMPLERS)), "one of " + ", ".join(SAMPLERS)),
-        "seed": Key("int", 0),
+        "seed": Key("int", 0, lambda v: 0 <= v <= SEED_MAX, f"an integer from 0 to {SEED_MAX} (2**32 - 1)"),
         "max_failures": Key("int", 1, _ge(0), "an integer >= 0"),
         "checkpoint_every": Key("int", 1, _ge(0), "an integer >= 0 (epochs between a trial's checkpoints; 0: none)"),
         "max_concurrent": Key("int", None, _ge(1), "an integer >= 1, or null", optional=True),
     },
 }
+
+
+def _value(spec: Key) -> Key:
+    """A searchable key's values are never null (an optional one, embed_dim or head_dim, may be absent)."""
+    return dataclasses.replace(spec, optional=False)
+
+
 TOP_LEVEL = ("name", "description", "objectives", *SEARCHABLE, *PLAIN, "hypervolume")
 
 
@@ -151,7 +174,23 @@ TOP_LEVEL = ("name", "description", "objectives", *SEARCHABLE, *PLAIN, "hypervol
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML reads `1e-3` as a string (YAML 1.1); accept YAML 1.2 floats like every user expects."""
+    """PyYAML reads `1e-3` as a string (YAML 1.1); accept YAML 1.2 floats like every user expects.
+
+    Nesting stops at MAX_DEPTH levels: PyYAML's scanner is quadratic in the depth of flow
+    collections and its composer recursive (`[` x 5000 took 7 s, then a RecursionError)."""
+
+    MAX_DEPTH = 50
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > self.MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {self.MAX_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _Loader.add_implicit_resolver(
@@ -196,11 +235,25 @@ def parse_space_text(text: str, source: str = "<space>", base_dir: Path | None =
     ctx = _Ctx(source)
     try:
         raw = yaml.load(text, Loader=_Loader)
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        tag = re.search(r"tag '([^']*)'", e.problem or "")
+        if tag:  # !!python/object/apply:... and friends: never constructed, always refused
+            name = tag[1].replace("tag:yaml.org,2002:", "!!")
+            raise ctx.fail(
+                "", f"{where}the tag {name} is not allowed; a space file holds plain YAML (no tags that make objects)"
+            ) from None
+        raise ctx.fail("", f"not valid YAML: {where}{e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ctx.fail("", f"not valid YAML: {where}{problem}") from None
+    except ValueError as e:  # PyYAML's constructors: a date like 2001-13-45, an int of over 4,300 digits
+        raise ctx.fail("", f"not valid YAML: a value cannot be read: {str(e).split(';')[0]}") from None
+    except RecursionError:
+        raise ctx.fail("", "not valid YAML: nested too deeply for the parser") from None
     return parse_space(raw, source=source, base_dir=base_dir)
 
 
@@ -243,8 +296,8 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
             raise ctx.fail(section, f"must be a mapping of keys ({', '.join(keys)}), got {_type(body)}")
         _no_unknown(ctx, section, body, tuple(keys))
         for name_, spec in keys.items():
-            if name_ in body:
-                dims[f"{section}.{name_}"] = _parse_dimension(ctx, f"{section}.{name_}", body[name_], spec)
+            if name_ in body and not (spec.optional and body[name_] is None):  # null: an optional key left out
+                dims[f"{section}.{name_}"] = _parse_dimension(ctx, f"{section}.{name_}", body[name_], _value(spec))
             elif spec.default is not None:
                 dims[f"{section}.{name_}"] = Fixed(spec.default)
 
@@ -312,7 +365,7 @@ def _parse_enqueue(ctx: _Ctx, items: Any, dims: dict[str, Dimension]) -> tuple[d
                 hint = f" (did you mean {near[0]}?)" if near else ""
                 raise ctx.fail(f"{where}.{key}", f"is not a dimension of this space{hint}; known: {', '.join(dims)}")
             section, _, name = key.partition(".")
-            value = _check_scalar(ctx, f"{where}.{key}", value, SEARCHABLE[section][name])
+            value = _check_scalar(ctx, f"{where}.{key}", value, _value(SEARCHABLE[section][name]))
             dim = dims[key]
             if not _within(dim, value):
                 raise ctx.fail(f"{where}.{key}", f"{value!r} is not in the space: {dim.describe()}")
@@ -481,6 +534,13 @@ def _parse_range(ctx: _Ctx, key: str, value: dict, spec: Key) -> Dimension:
         step = _check_scalar(ctx, f"{key}.step", step, Key(spec.kind, check=_gt(0), allowed="a number > 0"))
         if log:
             raise ctx.fail(key, "step and log cannot be used together (Optuna does not support it)")
+    if step is not None or spec.kind == "int":  # a grid, listed whole by Dimension.values()
+        count = (high - low) / (step or 1) + 1
+        if not count <= MAX_RANGE_VALUES:
+            raise ctx.fail(
+                key, f"the range holds {count:,.0f} values, more than {MAX_RANGE_VALUES:,}; use a larger step"
+            )
+    if step is not None:
         if (
             spec.kind == "float"
             and not math.isclose(((high - low) / step) % 1, 0, abs_tol=1e-9)
@@ -514,14 +574,18 @@ def _check_scalar(ctx: _Ctx, key: str, value: Any, spec: Key) -> Any:
     elif kind == "int":
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if ok:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, float):
+            ok = math.isfinite(value)
+        elif ok and -INT_BOUND <= value < INT_BOUND:
             value = float(value)
     else:
         ok = isinstance(value, str)
     if not ok:
         want = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "text"}[kind]
         raise ctx.fail(key, f"must be {want}, got {value!r} ({_type(value)})")
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT_BOUND <= value < INT_BOUND:
+        raise ctx.fail(key, f"must be {spec.allowed or 'a ' + kind} and below 2**63 (64 bits), got {_digits(value)}")
     if spec.check is not None and not spec.check(value):
         raise ctx.fail(key, f"must be {spec.allowed}, got {value!r}")
     return value
@@ -534,6 +598,11 @@ def _no_unknown(ctx: _Ctx, where: str, body: dict, allowed: tuple[str, ...]) -> 
             hint = f" (did you mean {near[0]}?)" if near else ""
             key = f"{where}.{k}" if where else str(k)
             raise ctx.fail(key, f"unknown key{hint}; allowed: {', '.join(allowed)}")
+
+
+def _digits(value: int) -> str:
+    """A huge integer, said without printing all of it."""
+    return f"an integer of {value.bit_length():,} bits" if abs(value) >= 10**30 else str(value)
 
 
 def _type(v: Any) -> str:
@@ -567,8 +636,15 @@ def _check_student(ctx: _Ctx, dims: dict[str, Dimension], data: DataSpec) -> Non
         )
     width_key = "student.embed_dim" if has_embed else "student.head_dim"
     heads = dims["student.num_heads"].values()
-    widths = [(w if has_embed else w * h, h) for w in dims[width_key].values() for h in heads]  # (embed_dim, num_heads)
     patches, ratios, pes = (dims[f"student.{k}"].values() for k in ("patch_size", "mlp_ratio", "pos_embed"))
+    checks = len(dims[width_key].values()) * len(heads) * len(pes)
+    if checks > MAX_STUDENT_CHECKS:
+        raise ctx.fail(
+            "student",
+            f"holds {checks:,} (width, num_heads, pos_embed) combinations; at most {MAX_STUDENT_CHECKS:,} "
+            "are checked, so use steps or fewer choices",
+        )
+    widths = [(w if has_embed else w * h, h) for w in dims[width_key].values() for h in heads]  # (embed_dim, num_heads)
     base = StudentSpec(img_size=data.img_size, patch_size=patches[0], mlp_ratio=max(ratios))
     narrowest = min(widths)
     candidates = itertools.chain(
@@ -580,13 +656,13 @@ def _check_student(ctx: _Ctx, dims: dict[str, Dimension], data: DataSpec) -> Non
         (dataclasses.replace(base, embed_dim=narrowest[0], num_heads=narrowest[1], mlp_ratio=r) for r in ratios),
     )
     hints = {
-        "embed_dim": "; every embed_dim must be divisible by every num_heads choice (or search head_dim instead of embed_dim)",
-        "patch_size": " (data.img_size)",
+        "divisible by num_heads": "; every embed_dim must be divisible by every num_heads choice (or search head_dim instead of embed_dim)",
+        "divide the image size": " (data.img_size)",
     }
     for student in candidates:
         for problem in student.problems():
             key = width_key if problem.field == "embed_dim" else f"student.{problem.field}"
-            raise ctx.fail(key, problem.detail + hints.get(problem.field, ""))
+            raise ctx.fail(key, problem.detail + "".join(h for k, h in hints.items() if k in problem.detail))
 
 
 def _check_budget_meetable(ctx: _Ctx, space: SearchSpace) -> None:
@@ -641,5 +717,5 @@ def parse_sets(space: SearchSpace, items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             raise ctx.fail(key, f"--set {item}: {text!r} is not a value") from None
         section, _, name = key.partition(".")
-        out[key] = _check_scalar(ctx, key, value, SEARCHABLE[section][name])
+        out[key] = _check_scalar(ctx, key, value, _value(SEARCHABLE[section][name]))
     return out

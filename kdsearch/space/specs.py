@@ -97,6 +97,11 @@ class StudentSpec:
         for name in ("img_size", "in_chans", "num_classes", "patch_size", "embed_dim", "depth", "num_heads"):
             if getattr(self, name) < 1:
                 out.append(Problem(name, f"must be >= 1, got {getattr(self, name)}"))
+        # widths stay within int64 (the run's columns), so every count of FLOPs and params fits a float
+        if self.embed_dim >= 2**63:
+            out.append(Problem("embed_dim", f"{self.embed_dim:.3g} is 2**63 or more"))
+        elif self.embed_dim * self.mlp_ratio >= 2**63:
+            out.append(Problem("mlp_ratio", f"{self.mlp_ratio:g} x embed_dim {self.embed_dim} is 2**63 or more"))
         if out:
             return out
         if self.img_size % self.patch_size:
@@ -185,8 +190,10 @@ class TrainSpec:
     lr: float = searchable(1e-3, **_POSITIVE)
     weight_decay: float = searchable(0.05, **_NON_NEGATIVE)
     warmup_epochs: int = searchable(1, **_int_at_least(0))
-    seed: int = searchable(0)
+    seed: int = searchable(0, "an integer from 0 to 2**32 - 1", lambda v: 0 <= v < 2**32)
     compile: bool = searchable(False)  # torch.compile the training step (worth it on GPUs, for long trials)
+    # an attempt that trains longer fails with TrialTimedOut at the next batch boundary (None: no limit)
+    max_minutes: float | None = searchable(None, "a number of minutes > 0, or null", lambda v: v > 0)
 
 
 def out_of_range(spec: Any, section: str) -> list[str]:

@@ -20,9 +20,10 @@ from torch.utils.data import Dataset
 
 from kdsearch.space.specs import TeacherSource, TrainSpec
 from kdsearch.train.data import Batch, Data, read_test_batches
+from kdsearch.train.faults import TrialFault
 
 
-class TrialDiverged(RuntimeError):
+class TrialDiverged(TrialFault):
     """The loss became NaN or infinite; carries the epoch (1-based) and the step it happened at."""
 
     def __init__(self, epoch: int, step: int, loss: float):
@@ -94,10 +95,12 @@ def train_epoch(
     device: torch.device,
     loader_workers: int = 0,
     shard: tuple[int, int] = (0, 1),
+    check: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over the training split; returns each loss part's mean over the images seen,
     "images", and "data_wait": the seconds spent waiting for batches (loading, augmenting,
-    copying to the device). Raises TrialDiverged on a non-finite loss.
+    copying to the device). Raises TrialDiverged on a non-finite loss. `check` runs after
+    every step (the batch boundary where `train.max_minutes` stops a trial).
 
     With `shard` = (rank, world) > 1 process, each takes every world-th image of each global
     batch (`train.batch_size` images) and the returned means are over all of them."""
@@ -127,6 +130,8 @@ def train_epoch(
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + value * len(x)
         seen += len(x)
+        if check is not None:
+            check()
     if world > 1:
         sums, seen = _summed(sums, seen, device)
     return {**{k: v / max(seen, 1) for k, v in sums.items()}, "images": seen, "data_wait": waited}

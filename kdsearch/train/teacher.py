@@ -100,20 +100,20 @@ def _load_builtin(
     path = Path(tspec.checkpoint) if tspec.checkpoint else None
     if path is None:
         raise KdsearchError("teacher.checkpoint: the built-in teacher needs a checkpoint path to load from or save to")
-    if not path.exists():
+    stale = path.exists() and _trained_on(path) != (data or load_data(dspec)).fingerprint
+    if not path.exists() or stale:
+        why = "was trained on other training images than this space's" if stale else "is missing"
         if not train_if_missing:
             raise KdsearchError(
-                f"teacher.checkpoint: {path} does not exist; train it with `kdsearch teacher train SPACE`"
+                f"teacher.checkpoint: {path} {why}; train it with `kdsearch teacher train SPACE --force`"
             )
-        log(f"teacher checkpoint {path} is missing: training the built-in {BUILTIN_TEACHER} on {dspec.name} (once)")
+        log(f"teacher checkpoint {path} {why}: training the built-in {BUILTIN_TEACHER} on {dspec.name} (once)")
         from kdsearch.train.digits_teacher import train_digits_teacher
 
         data = data or load_data(dspec)
         t0 = time.perf_counter()
         model, acc = train_digits_teacher(data, log=log)
-        save_teacher(
-            model, path, {"model": BUILTIN_TEACHER, "data": dspec.name, "img_size": dspec.img_size, "val_acc": acc}
-        )
+        save_teacher(model, path, builtin_teacher_meta(data, acc))
         log(f"teacher trained in {time.perf_counter() - t0:.1f} s: val_acc {acc:.4f}, saved to {path}")
         return model
     model = _architecture(tspec, dspec)
@@ -188,6 +188,32 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
     except RuntimeError as e:
         first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e).splitlines()[0]
         raise KdsearchError(f"teacher.checkpoint: {path} does not fit the teacher model: {first[:200]}") from None
+
+
+def builtin_teacher_meta(data: Data, val_acc: float) -> dict[str, Any]:
+    """What the built-in teacher's YAML says: what it is and the training split it learned from
+    (its fingerprint): a teacher trained on other images (say, before the test split was held
+    out) would carry what it saw of the test images into every student."""
+    d = data.spec
+    return {
+        "model": BUILTIN_TEACHER,
+        "data": d.name,
+        "img_size": d.img_size,
+        "val_acc": val_acc,
+        "train_fingerprint": data.fingerprint,
+    }
+
+
+def _trained_on(path: Path) -> str | None:
+    """The training split's fingerprint in a built-in teacher's YAML (None when it has none)."""
+    import yaml
+
+    meta_path = path.with_suffix(".yaml")
+    try:
+        meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    return meta.get("train_fingerprint") if isinstance(meta, dict) else None
 
 
 def save_teacher(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from kdsearch.space.objectives import MeasureContext, Objective
 from kdsearch.space.specs import TeacherSource, TrialSpec, teacher_source
 from kdsearch.train.data import Data, load_data
 from kdsearch.train.distill import DistillLoss
+from kdsearch.train.faults import OUT_OF_MEMORY, TimeLimit, TrialFault, TrialOutOfMemory, TrialTimedOut
 from kdsearch.train.loop import (
     DistillStep,
     TeacherSignal,
@@ -47,6 +48,9 @@ from kdsearch.train.loop import (
 __all__ = [
     "Report",
     "TrialDiverged",
+    "TrialFault",
+    "TrialOutOfMemory",
+    "TrialTimedOut",
     "load_training_state",
     "run_trial",
     "save_student",
@@ -136,8 +140,14 @@ def train_trial(
     """The training loop of one process: every epoch, then the weights saved to `workdir`.
     In a data-parallel trial (`shard` = (rank, world)) the model and the loss are wrapped in
     DistributedDataParallel; only rank 0 evaluates, reports, checkpoints and saves (`workdir`
-    None elsewhere); every rank continues from `resume` (the optimizer's state is each rank's own)."""
+    None elsewhere); every rank continues from `resume` (the optimizer's state is each rank's own).
+
+    The trial's own faults raise a TrialFault (kdsearch.train.faults): TrialDiverged,
+    TrialOutOfMemory (torch's or Python's out-of-memory error during an epoch) and TrialTimedOut
+    (`train.max_minutes` passed, checked at every batch boundary; in a data-parallel trial the
+    ranks would not agree on the moment, so there only the worker's watchdog applies)."""
     t_start = time.perf_counter()
+    limit = TimeLimit(spec.train.max_minutes)
     rank, world = shard
     torch.manual_seed(spec.train.seed)
     model = build_student(spec.student).to(device)
@@ -165,20 +175,26 @@ def train_trial(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        losses = train_epoch(
-            step_fn, signal, data, optimizer, schedule, spec.train, epoch - 1, device, loader_workers, shard
-        )
-        train_seconds = time.perf_counter() - t0
-        if rank != 0:
-            continue
-        throughput = efficiency(computed["flops"], losses["images"], train_seconds, losses["data_wait"], device)
-        val_acc = evaluate(model, data, device, workers=loader_workers)
-        ctx = MeasureContext(model, spec, data, device, epoch)
+        check = (lambda done=epoch - 1: limit.check(done)) if world == 1 else None
+        try:
+            losses = train_epoch(
+                step_fn, signal, data, optimizer, schedule, spec.train, epoch - 1, device, loader_workers, shard, check
+            )
+            train_seconds = time.perf_counter() - t0
+            if rank != 0:
+                continue
+            throughput = efficiency(computed["flops"], losses["images"], train_seconds, losses["data_wait"], device)
+            val_acc = evaluate(model, data, device, workers=loader_workers)
+            measured = objective_table.measured(objectives, MeasureContext(model, spec, data, device, epoch))
+        except OUT_OF_MEMORY as e:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # a reused worker runs the next trial in what this one held
+            raise TrialOutOfMemory.of(e, epoch) from None
         metrics = {
             "epoch": epoch,
             "val_acc": val_acc,
             **computed,
-            **objective_table.measured(objectives, ctx),
+            **measured,
             "train_loss": losses.get("total", math.nan),
             **{f"loss_{k}": v for k, v in losses.items() if k not in ("total", "images", "data_wait")},
             "epoch_seconds": time.perf_counter() - t0,

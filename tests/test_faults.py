@@ -1,0 +1,230 @@
+"""Faults a search survives or stops on cleanly: a trial that diverges, runs out of memory or
+passes train.max_minutes (failed with its reason, not retried, the search goes on); storage that
+fills up mid-run (the search stops with one line, the tables are the last whole ones, --resume
+continues); tables that are torn (one line on every command that reads them)."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from kdsearch.space import objectives
+from kdsearch.space.objectives import Objective
+from kdsearch.storage import StorageError
+from kdsearch.train.faults import TimeLimit, TrialOutOfMemory, TrialTimedOut, Watchdog
+from tests.helpers import run_cli, run_dir, write_space
+from tests.test_search_faults import epochs_seen, wait_for
+
+STUDENT = {
+    "student.embed_dim": 32,
+    "student.depth": 1,
+    "student.num_heads": 2,
+    "student.patch_size": 4,
+    "student.pos_embed": "learned",
+    "student.distill_token": False,
+}
+OOM_ALPHA, SLOW_ALPHA = 0.25, 0.75  # the configs the hook below makes run out of memory, or stall
+
+
+# --------------------------------------------------------------------------- the pieces
+
+
+def test_out_of_memory_is_one_line() -> None:
+    error = torch.cuda.OutOfMemoryError(  # constructible without a GPU: the text torch's allocator raises
+        "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.15 GiB\n"
+        "If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    )
+    fault = TrialOutOfMemory.of(error, 3)
+    assert fault.line() == (
+        "TrialOutOfMemory: out of memory (CUDA out of memory. Tried to allocate 20.00 GiB. "
+        "GPU 0 has a total capacity of 79.15 GiB) at epoch 3"
+    )
+    assert TrialOutOfMemory.of(MemoryError(), 1).line() == "TrialOutOfMemory: out of memory (host memory) at epoch 1"
+
+
+def test_time_limit_and_watchdog() -> None:
+    now = [0.0]
+    limit = TimeLimit(0.5, clock=lambda: now[0])
+    now[0] = 29.0
+    limit.check(1)  # 0.48 min: within
+    now[0] = 31.0
+    with pytest.raises(TrialTimedOut, match=r"trained 0\.52 min, exceeded train\.max_minutes=0\.5 after epoch 2"):
+        limit.check(2)
+    TimeLimit(None, clock=lambda: now[0]).check(9)  # no limit
+
+    hung: list[str] = []
+    with Watchdog(0.3, hung.append, "stuck"):
+        time.sleep(1.0)  # a C call: no batch boundary comes
+    assert hung == ["stuck"]
+    with Watchdog(5.0, hung.append, "never"):
+        pass
+    time.sleep(0.1)
+    assert hung == ["stuck"]
+
+
+# --------------------------------------------------------------------------- a trial's own faults, in a search
+
+
+@pytest.fixture()
+def fault_hook():
+    """A measured objective that is a test's hook into real trials (the worker runs it after
+    every epoch): the OOM config raises torch's out-of-memory error at epoch 1, the slow one
+    stalls 2 s there, so its max_minutes (0.02 = 1.2 s) has passed at epoch 2's first batch."""
+
+    def measure(ctx: objectives.MeasureContext) -> float:
+        import time
+
+        import torch
+
+        if ctx.spec.recipe.alpha == 0.25 and ctx.epoch == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nadvice")
+        if ctx.spec.recipe.alpha == 0.75 and ctx.epoch == 1:
+            time.sleep(2.0)
+        return 1.0
+
+    yield objectives.register(Objective("fault_hook", "min", "", "a test's hook", measure=measure))
+    del objectives.OBJECTIVES["fault_hook"]
+
+
+def test_diverged_oom_and_timed_out_trials_fail_and_the_search_goes_on(
+    fault_hook, digits_teacher_path: Path, tmp_path: Path
+) -> None:
+    from kdsearch.search.run import run_search
+
+    space_file = write_space(tmp_path, digits_teacher_path, trials=4, epochs=2, max_concurrent=2)
+    raw = yaml.safe_load(space_file.read_text())
+    raw["train"].update(lr=[2.0e-3, 1.0e6], warmup_epochs=0, max_minutes=[0.02, 10.0])
+    raw["objectives"] = {"val_acc": "max", "flops": "min", "fault_hook": "min"}
+    raw["hypervolume"] = {"reference": {"fault_hook": 2.0}}
+    ok = {**STUDENT, "train.lr": 2.0e-3, "train.max_minutes": 10.0}
+    raw["search"]["enqueue"] = [
+        {**ok, "train.lr": 1.0e6, "recipe.alpha": 0.5},  # diverges in epoch 1
+        {**ok, "recipe.alpha": OOM_ALPHA},
+        {**ok, "train.max_minutes": 0.02, "recipe.alpha": SLOW_ALPHA},
+        {**ok, "recipe.alpha": 0.5},  # the healthy one
+    ]
+    space_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    result = run_search(space_file, storage=tmp_path / "runs", say=lambda s: None)
+    trials = pd.read_parquet(run_dir(result) / "trials.parquet").set_index("optuna_trial").sort_index()
+    assert len(trials) == 4 and not result.interrupted
+    assert list(trials.status) == ["failed", "failed", "failed", "completed"], trials[["status", "error"]]
+    errors = list(trials.error)
+    assert re.fullmatch(r"TrialDiverged: training diverged: loss nan at epoch 1, step \d+", errors[0]), errors[0]
+    assert errors[1] == "TrialOutOfMemory: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB) at epoch 1"
+    assert re.fullmatch(
+        r"TrialTimedOut: trained \d+\.\d\d min, exceeded train\.max_minutes=0\.02 after epoch [01]", errors[2]
+    ), errors[2]
+    assert pd.isna(trials.error.iloc[3]) and trials.val_acc.iloc[3] > 0  # trained and measured
+    assert (trials.retries == 0).all()  # a trial's own fault is not retried: it would fail the same way
+    assert trials.val_acc.iloc[:3].isna().all()  # nothing measured is recorded for a failed trial
+
+
+# --------------------------------------------------------------------------- torn tables
+
+
+@pytest.fixture()
+def torn_run(small_run, tmp_path: Path) -> Path:
+    first, _ = small_run
+    run = tmp_path / "digits_search"
+    shutil.copytree(run_dir(first), run)
+    return run
+
+
+@pytest.mark.parametrize("name", ["trials.parquet", "epochs.parquet", "run.json"])
+def test_a_torn_table_is_one_line_everywhere(torn_run: Path, name: str, capsys) -> None:
+    path = torn_run / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a write cut in the middle
+    kind = "readable JSON" if name == "run.json" else "a readable Parquet table"
+    for command in (["status", str(torn_run)], ["pareto", str(torn_run)], ["report", str(torn_run)]):
+        capsys.readouterr()
+        assert run_cli(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"kdsearch: error: {path}: is not {kind} (truncated or corrupt: "), (command, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_resume_of_a_torn_run_is_one_line(small_run, torn_run: Path, capsys) -> None:
+    _, space = small_run
+    path = torn_run / "trials.parquet"
+    path.write_bytes(path.read_bytes()[:100])
+    command = ["search", str(space), "--storage", str(torn_run.parent), "--name", torn_run.name, "--resume"]
+    assert run_cli(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"kdsearch: error: {path}: is not a readable Parquet table (truncated or corrupt: "), err
+    assert len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, megabytes: int):
+    """A tmpfs of its own at `where` (root in this sandbox may mount; elsewhere the test skips)."""
+    where.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(where)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(where: Path) -> Path:
+    """Take every free byte of the filesystem at `where`; the file's path (delete it to free them)."""
+    filler = where / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+    return filler
+
+
+def test_a_full_disk_stops_the_search_whole_and_resume_continues(
+    digits_teacher_path: Path, tmp_path: Path, capfd
+) -> None:
+    from kdsearch.search.run import run_search
+
+    space = write_space(tmp_path, digits_teacher_path, trials=4, epochs=2, max_concurrent=1)
+    with small_filesystem(tmp_path / "disk", 64) as disk:
+        runs = disk / "runs"
+        trials_file = runs / "digits_search" / "trials.parquet"
+        filled: list[Path] = []
+
+        def fill_after_one() -> None:
+            wait_for(lambda: epochs_seen(trials_file) >= 1, 240, "a trial")
+            filled.append(fill(disk))
+
+        filler = threading.Thread(target=fill_after_one, daemon=True)
+        filler.start()
+        with pytest.raises(StorageError) as info:
+            run_search(space, storage=runs, say=lambda s: None)
+        filler.join(timeout=5)
+        line = str(info.value)
+        assert "\n" not in line and "No space left on device" in line, line
+        assert f"the search stopped: {runs / 'digits_search'}'s tables hold the last whole state" in line
+        assert line.endswith(f"--storage {runs} --name digits_search --resume"), line
+        assert "Traceback" not in capfd.readouterr().err
+        before = pd.read_parquet(trials_file)  # whole: it reads back
+        assert 1 <= len(before) < 4
+        assert not list(trials_file.parent.glob(".*.tmp")), "a partial write was left behind"
+
+        filled[0].unlink()  # the disk has room again
+        result = run_search(space, storage=runs, resume=True, say=lambda s: None)
+        after = pd.read_parquet(trials_file)
+        assert len(after) == 4 and after.trial_id.is_unique and not result.interrupted
+        kept = after.set_index("trial_id").loc[before.trial_id]
+        assert (kept.status.values == before.status.values).all()
