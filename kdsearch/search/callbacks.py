@@ -20,6 +20,7 @@ from kdsearch.search.searcher import KdsearchOptunaSearch, outcome
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import TrialSpec
+from kdsearch.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class ResultsRecorder(tune.Callback):
         self._pending_epochs: list[dict[str, Any]] = []
         self._writers: dict[str, PartsWriter] = {}
         self._last_flush = 0.0
+        self.storage_failure: StorageError | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_writers": {}}
@@ -174,9 +176,18 @@ class ResultsRecorder(tune.Callback):
         if epochs:
             self._last_flush = time.monotonic()
             pending, self._pending_epochs = self._pending_epochs, []
-            self._writer(RunPaths.EPOCHS).append(pending)
+            self._append(RunPaths.EPOCHS, pending)
         trials, self._pending_trials = self._pending_trials, []
-        self._writer(RunPaths.TRIALS).append(trials)
+        self._append(RunPaths.TRIALS, trials)
+
+    def _append(self, name: str, rows: list[dict[str, Any]]) -> None:
+        try:
+            self._writer(name).append(rows)
+        except StorageError as e:
+            # kept for the search's one line: raised in Tune's trial-error handler, it leaves
+            # fit() as a TuneError
+            self.storage_failure = e
+            raise
 
 
 def _error_text(trial: Any) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.error import TuneError
 
 from kdsearch import __version__
 from kdsearch.errors import KdsearchError
@@ -645,7 +646,7 @@ class _Search:
         space, store = self.space, self.paths.store
         acc, _ = accuracy_and_cost(space.objectives)
         costs = tuple(name for name, mode in space.objectives if mode == "min")
-        recorder = ResultsRecorder(self.paths, searcher)
+        recorder = self._recorder = ResultsRecorder(self.paths, searcher)
         callbacks: list[tune.Callback] = [recorder]
         self._view = None
         if self.console is not None:
@@ -681,10 +682,15 @@ class _Search:
         try:
             with _quiet(*_TUNE_ADVICE), _one_line_sync_errors():
                 grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
-        except StorageError as e:  # raised by the recorder's flush or the searcher's read, out of Tune's loop
+        except (StorageError, TuneError) as e:  # the recorder's flush or the searcher's read, out of Tune's loop
+            # in Tune's trial-error handler a StorageError leaves fit() wrapped in a TuneError: the
+            # recorder keeps the storage failure it raised, which is what the user is told
+            failure = e if isinstance(e, StorageError) else self._recorder.storage_failure
+            if failure is None:
+                raise
             if self._view is not None:
                 self._view.on_experiment_end([])  # the console back to normal before the line
-            raise StorageError(self._storage_failed(e)) from None
+            raise StorageError(self._storage_failed(failure)) from None
         return self._result(total, grid)
 
     def _storage_failed(self, error: StorageError) -> str:
