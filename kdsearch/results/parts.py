@@ -58,14 +58,10 @@ def part_name(name: str, seq: int, level: int) -> str:
 
 def list_parts(store: Storage, name: str) -> list[tuple[int, int, str]]:
     """(seq, level, relative path) of each part, in the order they apply."""
-    import pyarrow.fs as pafs
-
-    selector = pafs.FileSelector(store.path(parts_dir(name)), allow_not_found=True)
     found = []
-    for info in store.fs.get_file_info(selector):
-        m = _PART.match(info.base_name)
-        if m and info.type == pafs.FileType.File:
-            found.append((int(m.group(1)), int(m.group(2)), f"{parts_dir(name)}/{info.base_name}"))
+    for file in store.files(parts_dir(name)):
+        if m := _PART.match(file):
+            found.append((int(m.group(1)), int(m.group(2)), f"{parts_dir(name)}/{file}"))
     return sorted(found)
 
 

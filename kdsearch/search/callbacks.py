@@ -3,9 +3,11 @@ epochs.parquet up to date; the live view draws the run's status on a console."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import posixpath
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,22 @@ from kdsearch.space.specs import TrialSpec
 from kdsearch.storage import StorageError
 
 log = logging.getLogger(__name__)
+
+
+def _keeps_storage_failure(hook: Callable) -> Callable:
+    """A StorageError raised in one of the recorder's hooks is kept on the recorder: Tune's
+    controller wraps what its result and error handlers raise in a TuneError (text only), and
+    the search stops with the storage's own line (see the search's `_fit`)."""
+
+    @functools.wraps(hook)
+    def kept(self: ResultsRecorder, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return hook(self, *args, **kwargs)
+        except StorageError as e:
+            self.storage_failure = e
+            raise
+
+    return kept
 
 
 class ResultsRecorder(tune.Callback):
@@ -71,6 +89,7 @@ class ResultsRecorder(tune.Callback):
         names = [name for name, _ in self.searcher.objectives]
         return names + [o for o in objective_table.names("computed") if o not in names]
 
+    @_keeps_storage_failure
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if trial.config["kdsearch"]["infeasible"] or not result.get("epoch"):
             return
@@ -90,11 +109,13 @@ class ResultsRecorder(tune.Callback):
         if time.monotonic() - self._last_flush > self.flush_seconds:
             self.flush()
 
+    @_keeps_storage_failure
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         # a trial's own fault (diverged, out of memory, past train.max_minutes) ends it with the reason in its last result
         self._row(trial, outcome(trial.config, trial.last_result), error=(trial.last_result or {}).get(FAILURE))
         self.flush(epochs=False)
 
+    @_keeps_storage_failure
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         hung = RunPaths.hung(trial.trial_id)  # its watchdog ended the worker: say why, not that a worker died
         error = self.paths.store.read_text(hung) if self.paths.store.exists(hung) else _error_text(trial)
@@ -106,7 +127,10 @@ class ResultsRecorder(tune.Callback):
         self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
         log.warning("trial %s failed (%s); retrying", trial.trial_id, _error_text(trial))
 
+    @_keeps_storage_failure
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.storage_failure is not None:  # the search stops on it: the tables stay the last whole ones
+            return
         self.flush()
         for name in (RunPaths.TRIALS, RunPaths.EPOCHS):  # each table one file again
             self._writer(name).compact()
@@ -176,18 +200,9 @@ class ResultsRecorder(tune.Callback):
         if epochs:
             self._last_flush = time.monotonic()
             pending, self._pending_epochs = self._pending_epochs, []
-            self._append(RunPaths.EPOCHS, pending)
+            self._writer(RunPaths.EPOCHS).append(pending)
         trials, self._pending_trials = self._pending_trials, []
-        self._append(RunPaths.TRIALS, trials)
-
-    def _append(self, name: str, rows: list[dict[str, Any]]) -> None:
-        try:
-            self._writer(name).append(rows)
-        except StorageError as e:
-            # kept for the search's one line: raised in Tune's trial-error handler, it leaves
-            # fit() as a TuneError
-            self.storage_failure = e
-            raise
+        self._writer(RunPaths.TRIALS).append(trials)
 
 
 def _error_text(trial: Any) -> str:

@@ -489,12 +489,8 @@ def _torn_tune_state(store: Storage, experiment: str) -> str | None:
     import json
     import pickletools
 
-    import pyarrow.fs as pafs
-
-    infos = store.fs.get_file_info(pafs.FileSelector(store.path(experiment), allow_not_found=True))
-    for info in sorted(infos, key=lambda i: i.base_name):
-        name = info.base_name
-        if info.type != pafs.FileType.File or not name.endswith((".json", ".pkl")) or name.startswith("."):
+    for name in store.files(experiment):
+        if not name.endswith((".json", ".pkl")) or name.startswith("."):
             continue
         rel = f"{experiment}/{name}"
         data = store.read_bytes(rel)
