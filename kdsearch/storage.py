@@ -111,6 +111,16 @@ class Storage:
 
         return self._info(rel).type == pafs.FileType.Directory
 
+    def files(self, rel: str = "") -> list[str]:
+        """The names of the files directly in folder `rel` (none when it does not exist)."""
+        import pyarrow.fs as pafs
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
+        except OSError as e:
+            raise StorageError(f"{self.uri_of(rel)}: cannot reach the storage ({first_line(e)})") from None
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
     def read_bytes(self, rel: str) -> bytes:
         try:
             with self.fs.open_input_stream(self.path(rel)) as f:

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +20,8 @@ import pytest
 import yaml
 
 from tests.helpers import run_cli, write_space
-from tests.s3 import environment, list_keys, make_bucket, s3_server
+from tests.s3 import TcpProxy, environment, list_keys, make_bucket, s3_server
+from tests.test_search_faults import wait_for
 
 BUCKET = "kdsearch-test"
 RUNS = f"s3://{BUCKET}/runs"
@@ -174,3 +176,53 @@ def test_a_data_root_missing_on_a_node_names_the_node_and_the_path(tmp_path: Pat
         KdsearchError, match=f"data.root: {missing} does not exist on node {socket.gethostname()} \\(abc"
     ):
         require_data_here(DataSpec(name="imagefolder", root=str(missing)), "abc123")
+
+
+def test_an_unreachable_storage_stops_the_search_whole_and_resume_continues(
+    s3, digits_teacher_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The bucket's endpoint goes away mid-run (a proxy in front of the server stops; the server
+    keeps its objects): one line, the tables in the bucket whole, and --resume once it is back."""
+    from kdsearch.results.tables import RunPaths, open_run
+    from kdsearch.search.run import run_search
+    from kdsearch.storage import StorageError
+
+    proxy = TcpProxy(int(s3["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    proxy.start()
+    runs = f"s3://{BUCKET}/unreachable"
+    run_uri = f"{runs}/digits_search"
+    space = write_space(tmp_path, digits_teacher_path, trials=3, epochs=2, max_concurrent=1)
+
+    def trials_recorded() -> int:
+        try:
+            return len(open_run(run_uri).rows(RunPaths.TRIALS))
+        except Exception:  # not there yet
+            return 0
+
+    def stop_after_one() -> None:
+        wait_for(lambda: trials_recorded() >= 1, 240, "a trial")
+        proxy.stop()
+
+    try:
+        with environment({"AWS_ENDPOINT_URL": proxy.endpoint}):  # the search, and its Ray, reach the bucket through it
+            stopper = threading.Thread(target=stop_after_one, daemon=True)
+            stopper.start()
+            with pytest.raises(StorageError) as info:
+                run_search(space, storage=runs, say=lambda s: None)
+            stopper.join(timeout=5)
+            line = str(info.value)
+            assert "\n" not in line, line
+            assert f"the search stopped: {run_uri}'s tables hold the last whole state" in line, line
+            assert line.endswith(f"--storage {runs} --name digits_search --resume"), line
+            assert "Traceback" not in capfd.readouterr().err
+
+            proxy.start()  # the endpoint is back
+            before = pd.DataFrame(open_run(run_uri).rows(RunPaths.TRIALS))
+            assert 1 <= len(before) < 3
+            result = run_search(space, storage=runs, resume=True, say=lambda s: None)
+            after = pd.DataFrame(open_run(run_uri).rows(RunPaths.TRIALS))
+    finally:
+        proxy.stop()
+    assert len(after) == 3 and after.trial_id.is_unique and not result.interrupted
+    kept = after.set_index("trial_id").loc[before.trial_id]
+    assert (kept.status.values == before.status.values).all()

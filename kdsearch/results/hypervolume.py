@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kdsearch.results.outcomes import Status
-from kdsearch.results.pareto import hypervolume_history, normalized_hypervolume
+from kdsearch.results.pareto import hypervolume_history, non_dominated_mask, normalized_hypervolume
 from kdsearch.results.tables import RunPaths
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import Pairs
@@ -130,7 +130,8 @@ def hypervolume_of(
     )
     points = np.array([[float(r[n]) for n, _ in objectives] for r in done]).reshape(-1, len(objectives))
     bounds = (list(ref.values()), list(ideal.values()))
-    value = normalized_hypervolume(points, maximize, *bounds)
+    # the front's volume is the trials' volume: the dominated ones add nothing (and WFG's cost grows with the points)
+    value = normalized_hypervolume(points[non_dominated_mask(points, maximize)], maximize, *bounds)
     by_trial = []
     if history and done:
         by_trial = [

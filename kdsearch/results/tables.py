@@ -2,11 +2,14 @@
 confirm` has retrained front members with several seeds, confirm.parquet; `load_run`
 reads a run back (from a folder or a URI), `front_records` says what a front member's row shows.
 
-A run lives in a `kdsearch.storage.Storage`: a local folder or a bucket prefix. Both tables
-are rewritten whole (locally to a temporary file then renamed, in a bucket by one PUT), so a
-reader (or a crash) never sees a torn file. Rows are keyed by trial id, so writing the same trial twice (a
-resumed search re-running a trial whose end was not saved) replaces it: the tables are
-idempotent per trial.
+A run lives in a `kdsearch.storage.Storage`: a local folder or a bucket prefix. The search
+appends to trials.parquet and epochs.parquet as parts (kdsearch.results.parts: the layout, the
+rule and its compaction), so its cost per trial stays flat; every file is written whole
+(locally to a temporary file then renamed, in a bucket by one PUT), so a reader (or a crash)
+never sees a torn one. Rows are keyed by trial id (epochs: by trial id and epoch), and a
+later row replaces an earlier one of the same key (a resumed search re-running a trial whose
+end was not saved, a retried trial's epochs): the tables are idempotent per trial.
+`read_rows` (and `RunPaths.rows`) is the one way to read a table: it applies that rule.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from kdsearch.errors import KdsearchError
 from kdsearch.results.outcomes import Status
+from kdsearch.results.parts import Rows, read_table_rows, to_parquet
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import DEFAULT_OBJECTIVES, Pairs
 from kdsearch.space.specs import RecipeSpec, StudentSpec
@@ -171,21 +174,37 @@ def _meta_problem(meta: Any) -> str:
 
 def write_table(rows: Iterable[dict[str, Any]], store: Storage, name: str, first_columns: tuple[str, ...]) -> None:
     """Write rows as Parquet, whole or not at all. Columns: `first_columns`, then the rest sorted."""
-    rows = list(rows)
-    names = list(first_columns) + sorted({k for r in rows for k in r} - set(first_columns))
-    columns = {n: [r.get(n) for r in rows] for n in names}
-    table = pa.table(columns) if rows else pa.table({n: pa.array([], pa.null()) for n in names})
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    store.write_bytes(name, buffer.getvalue().to_pybytes())
+    store.write_bytes(name, to_parquet(list(rows), first_columns))
+
+
+def latest_trials(rows: Rows) -> Rows:
+    """trials.parquet's rule: a later row of a trial replaces the earlier one; by trial id."""
+    return sorted({r["trial_id"]: r for r in rows}.values(), key=lambda r: r["trial_id"])
+
+
+def latest_epochs(rows: Rows) -> Rows:
+    """epochs.parquet's rule: a later row (trial, e) replaces the trial's rows at epochs >= e
+    (a retry trains them again, from epoch 1 or after its last checkpoint); by trial, epoch."""
+    curves: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        curve = curves.setdefault(r["trial_id"], {})
+        e = r["epoch"]
+        if curve and e <= max(curve):
+            curve = curves[r["trial_id"]] = {k: v for k, v in curve.items() if k < e}
+        curve[e] = r
+    return [r for tid in sorted(curves) for _, r in sorted(curves[tid].items())]
+
+
+# tables written as parts (kdsearch.results.parts) -> their rule
+MERGE_RULES = {"trials.parquet": latest_trials, "epochs.parquet": latest_epochs}
 
 
 def read_rows(store: Storage, name: str) -> list[dict[str, Any]]:
-    """Rows of a Parquet table as dicts ([] when the file does not exist yet)."""
-    if not store.exists(name):
-        return []
+    """Rows of a table as dicts ([] when it does not exist yet): the compacted file and, for a
+    table written as parts, the parts after it, folded by the table's rule; one clear error when
+    one of them is not a readable Parquet file."""
     try:
-        return pq.read_table(pa.BufferReader(store.read_bytes(name))).to_pylist()
+        return read_table_rows(store, name, MERGE_RULES.get(name))
     except (pa.ArrowException, OSError) as e:  # ArrowInvalid: a torn or foreign file, never a traceback
         raise KdsearchError(
             f"{store.uri_of(name)}: is not a readable Parquet table (truncated or corrupt: {first_line(e)})"

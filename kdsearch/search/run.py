@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import socket
 import sys
@@ -31,6 +32,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.error import TuneError
 
 from kdsearch import __version__
 from kdsearch.errors import KdsearchError
@@ -45,7 +47,7 @@ from kdsearch.search.warm_start import add_earlier_trials, enqueue_configs
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.file import load_space
 from kdsearch.space.objectives import Pairs, accuracy_and_cost, values_for_sampler
-from kdsearch.space.samplers import make_sampler
+from kdsearch.space.samplers import TPE_SLOW_AFTER, make_sampler
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import TeacherSource, TrialSpec
 from kdsearch.storage import Storage, StorageError
@@ -71,6 +73,7 @@ def _trainable(
     measured: tuple,
     world_size: int = 1,
     checkpoint_every: int = 0,
+    trial: Callable[..., None] | None = None,
 ) -> None:
     """One Ray Tune trial: an infeasible config reports at once (its exact costs, and the
     worst value of what it never measured); the rest run `run_trial` in a local temporary
@@ -84,6 +87,8 @@ def _trainable(
     live) and the run's measured objectives (their definitions) are the driver's, through the
     object store (tune.with_parameters): a measured objective a user registered in the driver
     needs no registration in the worker.
+
+    `trial`, when given, is called as `trial(spec, report)` instead of training (see `noop_trial`).
     """
     import torch
 
@@ -102,6 +107,9 @@ def _trainable(
     if meta["infeasible"]:
         # over the budget: never trains; Optuna already holds its constraint values
         tune.report({"epoch": 0, **computed, **never_trained, **where})
+        return
+    if trial is not None:
+        trial(spec, lambda metrics: tune.report({**metrics, **where}))
         return
     require_data_here(data.spec, where["node_id"])
     trial_id = tune.get_context().get_trial_id()
@@ -142,6 +150,17 @@ def _trainable(
             return
         for name in ("trial_spec.json", "model.safetensors"):  # the weights last: their presence means complete
             run.store.upload(Path(workdir) / name, f"{RunPaths.trial_dir(trial_id)}/{name}")
+
+
+def noop_trial(spec: TrialSpec, report: Callable[[dict[str, Any]], None]) -> None:
+    """A trial that trains nothing: it reports each of its epochs at once, with the student's
+    exact costs and an accuracy made up from them. `run_search(..., trial=noop_trial)` runs the
+    whole search loop (searcher, scheduler, recorder, study mirror) around it, so what is
+    measured is the driver alone (benchmarks/driver_scale.py)."""
+    computed = objective_table.computed(spec.student)
+    acc = 1.0 - 1.0 / (1.0 + math.log1p(float(computed["flops"])))
+    for epoch in range(1, spec.train.epochs + 1):
+        report({"epoch": epoch, "val_acc": acc * epoch / spec.train.epochs, "train_loss": 1.0 / epoch, **computed})
 
 
 def _hung(max_minutes: float) -> str:
@@ -377,6 +396,7 @@ def run_search(
     console: Any = None,
     say: Callable[[str], None] = print,
     reuse_actors: bool = True,
+    trial: Callable[..., None] | None = None,
 ) -> SearchResult:
     """Run (or resume, or extend) a search; returns the trials table and the front.
 
@@ -389,6 +409,8 @@ def run_search(
     `console` (a rich Console) gets a live view of the search; `say` its one-line messages.
     `reuse_actors=False` is Ray's default, kept as a baseline for benchmarks: every trial
     then pays a fresh worker's imports and data loading.
+    `trial` (benchmarks only) replaces training in the workers: `noop_trial` reports epochs
+    at once, so a benchmark measures the driver's own cost per trial; no data or teacher loads.
     """
     space_file = Path(space_file)
     space = load_space(space_file)
@@ -406,7 +428,7 @@ def run_search(
     owns_ray = not ray.is_initialized()
     _init_ray(address, say)
     try:
-        search = _Search(space, paths, root.child("cache"), meta, console, say, reuse_actors)
+        search = _Search(space, paths, root.child("cache"), meta, console, say, reuse_actors, trial)
         if not resume:
             return search.start(total, earlier)
         return search.resume(total)
@@ -467,12 +489,8 @@ def _torn_tune_state(store: Storage, experiment: str) -> str | None:
     import json
     import pickletools
 
-    import pyarrow.fs as pafs
-
-    infos = store.fs.get_file_info(pafs.FileSelector(store.path(experiment), allow_not_found=True))
-    for info in sorted(infos, key=lambda i: i.base_name):
-        name = info.base_name
-        if info.type != pafs.FileType.File or not name.endswith((".json", ".pkl")) or name.startswith("."):
+    for name in store.files(experiment):
+        if not name.endswith((".json", ".pkl")) or name.startswith("."):
             continue
         rel = f"{experiment}/{name}"
         data = store.read_bytes(rel)
@@ -510,13 +528,19 @@ class _Search:
         console: Any,
         say: Callable[[str], None],
         reuse_actors: bool,
+        trial: Callable[..., None] | None = None,
     ):
         self.space, self.paths, self.meta, self.console, self.say = space, paths, meta, console, say
-        self.reuse_actors = reuse_actors
+        self.reuse_actors, self.trial = reuse_actors, trial
         self._view: LiveView | None = None  # the running experiment's live view, if any
-        self.data, self.cached, self.teacher = _load_once(space, cache, say)
+        self.data, self.cached, self.teacher = _load_once(space, cache, say) if trial is None else (None, None, None)
 
     def start(self, total: int, earlier: list[dict[str, Any]] | None) -> SearchResult:
+        if self.space.search.sampler == "tpe" and total > TPE_SLOW_AFTER:
+            self.say(
+                f"search.sampler tpe: each suggestion takes longer as trials accumulate (Optuna's TPE reads them "
+                f"all: about 0.5 s each at 10,000 on 2 cores); nsga2 stays flat for {total:,} trials"
+            )
         searcher = self._searcher(total, self.space.search.seed)
         queued = enqueue_configs(searcher.study, self.space)
         if queued:
@@ -609,6 +633,7 @@ class _Search:
                 measured=measured,
                 world_size=int(space.resources.gpus) if space.resources.gpus >= 2 else 1,
                 checkpoint_every=space.search.checkpoint_every,
+                trial=self.trial,
             ),
             {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
         )
@@ -617,7 +642,7 @@ class _Search:
         space, store = self.space, self.paths.store
         acc, _ = accuracy_and_cost(space.objectives)
         costs = tuple(name for name, mode in space.objectives if mode == "min")
-        recorder = ResultsRecorder(self.paths, searcher)
+        recorder = self._recorder = ResultsRecorder(self.paths, searcher)
         callbacks: list[tune.Callback] = [recorder]
         self._view = None
         if self.console is not None:
@@ -653,10 +678,15 @@ class _Search:
         try:
             with _quiet(*_TUNE_ADVICE), _one_line_sync_errors():
                 grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
-        except StorageError as e:  # raised by the recorder's flush or the searcher's read, out of Tune's loop
+        except (StorageError, TuneError) as e:  # the recorder's flush or the searcher's read, out of Tune's loop
+            # in Tune's trial-error handler a StorageError leaves fit() wrapped in a TuneError: the
+            # recorder keeps the storage failure it raised, which is what the user is told
+            failure = e if isinstance(e, StorageError) else self._recorder.storage_failure
+            if failure is None:
+                raise
             if self._view is not None:
                 self._view.on_experiment_end([])  # the console back to normal before the line
-            raise StorageError(self._storage_failed(e)) from None
+            raise StorageError(self._storage_failed(failure)) from None
         return self._result(total, grid)
 
     def _storage_failed(self, error: StorageError) -> str:

@@ -37,6 +37,7 @@ class StudyMirror:
         self._attrs: dict[str, Any] = {}
         self._ids: dict[int, int] = {}  # trial number -> the mirror's trial id
         self._seen: dict[int, FrozenTrial] = {}  # trial number -> the trial as last mirrored
+        self._open: set[int] = set()  # numbers of mirrored trials not finished yet
 
     def __getstate__(self) -> dict[str, Any]:
         return {"store": self.store, "rel": self.rel, "study_name": self.study_name}
@@ -57,19 +58,28 @@ class StudyMirror:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._storage = optuna.storages.RDBStorage(f"sqlite:///{self.path}")
+            _no_fsync(self._storage.engine)
             self._study_id = self._storage.create_new_study(study.directions, self.study_name)
         attrs = {**study._storage.get_study_system_attrs(study._study_id)}
         for key, value in attrs.items():  # the metric names, set once
             if self._attrs.get(key) != value:
                 self._storage.set_study_system_attr(self._study_id, key, value)
         self._attrs = attrs
-        for trial in study.get_trials(deepcopy=False):
-            before = self._seen.get(trial.number)
+        # only the new trials and the unfinished ones can have changed (a finished trial is
+        # final): a sync costs what changed, not the study's size
+        trials = study.get_trials(deepcopy=False)  # in number order; references, not copies
+        for number in [*sorted(self._open), *range(len(self._seen), len(trials))]:
+            trial = trials[number]
+            before = self._seen.get(number)
             if before is None:
-                self._ids[trial.number] = self._storage.create_new_trial(self._study_id, template_trial=trial)
-            elif before is not trial and not before.state.is_finished():
-                self._update(self._ids[trial.number], before, trial)
-            self._seen[trial.number] = trial  # optuna's in-memory storage replaces a trial it changes
+                self._ids[number] = self._storage.create_new_trial(self._study_id, template_trial=trial)
+            elif before is not trial:
+                self._update(self._ids[number], before, trial)
+            self._seen[number] = trial  # optuna's in-memory storage replaces a trial it changes
+            if trial.state.is_finished():
+                self._open.discard(number)
+            else:
+                self._open.add(number)
 
     def _update(self, tid: int, before: FrozenTrial, now: FrozenTrial) -> None:
         s = self._storage
@@ -93,3 +103,19 @@ class StudyMirror:
         """The local file, written to the run's storage whole (a reader never sees half of it)."""
         if self._storage is not None:
             self.store.write_bytes(self.rel, self.path.read_bytes())
+
+
+def _no_fsync(engine: Any) -> None:
+    """The local file is a scratch copy (the run's study.db is the upload of it, whole): SQLite
+    need not fsync each of Optuna's many small commits (measured: a sync of one new trial 14-42
+    ms with them, on 2 busy cores)."""
+    from sqlalchemy import event
+
+    def pragmas(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA synchronous=OFF")
+        cursor.execute("PRAGMA journal_mode=MEMORY")
+        cursor.close()
+
+    event.listen(engine, "connect", pragmas)
+    engine.dispose()  # the connections made while creating the tables open again, with the pragmas

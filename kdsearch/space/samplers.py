@@ -10,6 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+# What a suggestion costs as a run grows (benchmarks/sampler_scale.py: one ask and tell in kdsearch's
+# digits space, median; benchmarks/README.md has the machine and the full table):
+#   nsga2   6-15 ms at 1,000 completed trials, 16-36 ms at 10,000: about flat (one generation at a time)
+#   tpe     74 ms at 1,000, 463 ms at 10,000: linear in the trials (its Parzen estimators span them all);
+#           n_ei_candidates 8 instead of 24 and constant_liar off change neither figure at 10,000;
+#           univariate (one estimator per parameter) is 4-8x slower than multivariate
+# So nsga2 is the default for long runs, and TPE keeps its fastest form.
+TPE_SLOW_AFTER = 2000  # trials after which the search says that TPE's suggestions grow slow
+
 
 def _nsga2(settings: Any) -> Any:
     import optuna
@@ -22,7 +31,9 @@ def _nsga2(settings: Any) -> Any:
 def _tpe(settings: Any) -> Any:
     import optuna
 
-    return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True)
+    # multivariate: one joint estimator (the fastest form, above); constant liar: running trials
+    # count as bad, so concurrent trials spread out; 24 candidates (Optuna's default: fewer saves nothing)
+    return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, constant_liar=True, n_ei_candidates=24)
 
 
 def _gp(settings: Any) -> Any:
