@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,22 @@ def explicit_attention(model: nn.Module) -> Iterator[nn.Module]:
 def run_dir(result) -> Path:
     """The local folder of a search's run (its `RunPaths` storage)."""
     return result.paths.store.local_path()
+
+
+def search_stopped_by_storage(space: Path, storage: str | Path, fault: Callable[[], None]) -> str:
+    """Run the search of `space` while `fault` (in a thread) breaks its storage; returns the
+    line it stopped with, checked for what every storage stop says: one line, the run's
+    tables the last whole ones, kdsearch's resume command."""
+    from kdsearch.search.run import run_search
+    from kdsearch.storage import StorageError
+
+    breaker = threading.Thread(target=fault, daemon=True)
+    breaker.start()
+    with pytest.raises(StorageError) as info:
+        run_search(space, storage=storage, say=lambda s: None)
+    breaker.join(timeout=5)
+    line = str(info.value)
+    assert "\n" not in line, line
+    assert f"the search stopped: {storage}/digits_search's tables hold the last whole state" in line, line
+    assert line.endswith(f"--storage {storage} --name digits_search --resume"), line
+    return line

@@ -9,7 +9,6 @@ import contextlib
 import re
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -20,9 +19,8 @@ import yaml
 
 from kdsearch.space import objectives
 from kdsearch.space.objectives import Objective
-from kdsearch.storage import StorageError
 from kdsearch.train.faults import TimeLimit, TrialOutOfMemory, TrialTimedOut, Watchdog
-from tests.helpers import run_cli, run_dir, write_space
+from tests.helpers import run_cli, run_dir, search_stopped_by_storage, write_space
 from tests.test_search_faults import epochs_seen, wait_for
 
 STUDENT = {
@@ -208,15 +206,8 @@ def test_a_full_disk_stops_the_search_whole_and_resume_continues(
             wait_for(lambda: epochs_seen(trials_file) >= 1, 240, "a trial")
             filled.append(fill(disk))
 
-        filler = threading.Thread(target=fill_after_one, daemon=True)
-        filler.start()
-        with pytest.raises(StorageError) as info:
-            run_search(space, storage=runs, say=lambda s: None)
-        filler.join(timeout=5)
-        line = str(info.value)
-        assert "\n" not in line and "No space left on device" in line, line
-        assert f"the search stopped: {runs / 'digits_search'}'s tables hold the last whole state" in line
-        assert line.endswith(f"--storage {runs} --name digits_search --resume"), line
+        line = search_stopped_by_storage(space, runs, fill_after_one)
+        assert "No space left on device" in line, line
         assert "Traceback" not in capfd.readouterr().err
         before = pd.read_parquet(trials_file)  # whole: it reads back
         assert 1 <= len(before) < 4

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.helpers import run_cli, write_space
+from tests.helpers import run_cli, search_stopped_by_storage, write_space
 from tests.s3 import TcpProxy, environment, list_keys, make_bucket, s3_server
 from tests.test_search_faults import wait_for
 
@@ -185,7 +184,6 @@ def test_an_unreachable_storage_stops_the_search_whole_and_resume_continues(
     keeps its objects): one line, the tables in the bucket whole, and --resume once it is back."""
     from kdsearch.results.tables import RunPaths, open_run
     from kdsearch.search.run import run_search
-    from kdsearch.storage import StorageError
 
     proxy = TcpProxy(int(s3["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
     proxy.start()
@@ -205,15 +203,7 @@ def test_an_unreachable_storage_stops_the_search_whole_and_resume_continues(
 
     try:
         with environment({"AWS_ENDPOINT_URL": proxy.endpoint}):  # the search, and its Ray, reach the bucket through it
-            stopper = threading.Thread(target=stop_after_one, daemon=True)
-            stopper.start()
-            with pytest.raises(StorageError) as info:
-                run_search(space, storage=runs, say=lambda s: None)
-            stopper.join(timeout=5)
-            line = str(info.value)
-            assert "\n" not in line, line
-            assert f"the search stopped: {run_uri}'s tables hold the last whole state" in line, line
-            assert line.endswith(f"--storage {runs} --name digits_search --resume"), line
+            search_stopped_by_storage(space, runs, stop_after_one)
             assert "Traceback" not in capfd.readouterr().err
 
             proxy.start()  # the endpoint is back
