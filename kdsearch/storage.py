@@ -164,6 +164,15 @@ class Storage:
         except OSError as e:
             raise StorageError(f"{self.uri_of(rel)}: cannot write ({first_line(e)})") from None
 
+    def delete(self, rel: str) -> None:
+        """Delete a file; one already gone is fine (a reader or another merge took it first)."""
+        try:
+            self.fs.delete_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"{self.uri_of(rel)}: cannot delete ({first_line(e)})") from None
+
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
 

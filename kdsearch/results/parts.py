@@ -169,10 +169,7 @@ class PartsWriter:
     def _delete(self, rel: str) -> None:
         self._parts.pop(rel, None)
         self._cached.pop(rel, None)
-        try:
-            self.store.fs.delete_file(self.store.path(rel))
-        except FileNotFoundError:
-            pass
+        self.store.delete(rel)
 
 
 def _num_rows(store: Storage, rel: str) -> int:
