@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import threading
 import time
 import warnings
 from typing import Any
@@ -46,7 +47,9 @@ class KdsearchOptunaSearch(OptunaSearch):
     the first maximized objective (val_acc), the value the dashboard draws as a trial's curve."""
 
     # study.db is brought up to date at most this often (and at the end of the search), or less
-    # often when a sync and upload took longer: at most a tenth of the driver's time
+    # often when a sync and upload took longer: at most a tenth of the driver's time. The sync
+    # runs in a thread of the driver, off Tune's hooks: a slow one (a large upload, a busy
+    # disk) never holds up the search's loop, which only starts it.
     EXPORT_SECONDS = 5.0
 
     def __init__(self, *args: Any, run: RunPaths, total: int, **kwargs: Any):
@@ -58,6 +61,7 @@ class KdsearchOptunaSearch(OptunaSearch):
         self._configs: dict[str, dict[str, Any]] = {}  # trial id -> config (saved with the searcher)
         self._lost: dict[str, dict[str, Any]] | None = None  # recorded trials Optuna has not seen (suggest)
         self._mirror = StudyMirror(run.store, RunPaths.STUDY)
+        self._exporter: threading.Thread | None = None  # the sync running now, if any
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and what the dashboard labels axes by
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self._ot_study.set_metric_names(list(self._metric))
@@ -73,7 +77,8 @@ class KdsearchOptunaSearch(OptunaSearch):
         return list(zip(self._metric, self._mode))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_lost": None}  # read again from trials.parquet by a restored searcher
+        # _lost is read again from trials.parquet by a restored searcher; a thread is not state
+        return {**self.__dict__, "_lost": None, "_exporter": None}
 
     def save(self, checkpoint_path: str) -> None:
         """Ray's OptunaSearch.save (its __dict__, pickled), less what trials.parquet holds."""
@@ -84,6 +89,7 @@ class KdsearchOptunaSearch(OptunaSearch):
         super().restore(checkpoint_path)
         self._lost = None
         self.__dict__.setdefault("_export_took", 0.0)  # a searcher saved by an older kdsearch
+        self._exporter = None
 
     def suggest(self, trial_id: str) -> dict | str | None:
         """Ask Optuna for a config, reconciling with trials.parquet after a resume.
@@ -161,20 +167,41 @@ class KdsearchOptunaSearch(OptunaSearch):
         self._export_quietly(when_due=True)
 
     def _export_quietly(self, when_due: bool = False) -> None:
+        """Start bringing study.db up to date in a thread, when the last sync is over and due."""
+        if self._exporter is not None and self._exporter.is_alive():
+            return
         if when_due and time.monotonic() - self._last_export < max(self.EXPORT_SECONDS, 10 * self._export_took):
             return
+        self._last_export = time.monotonic()  # not due again until this one's time has passed
+        self._exporter = threading.Thread(target=self._sync_logged, name="kdsearch-study-export", daemon=True)
+        self._exporter.start()
+
+    def _sync_logged(self) -> None:
         try:
-            self.export_study()
+            self._sync()
         except Exception as e:  # the dashboard's copy must never fail the search
             log.warning("could not export the Optuna study: %s", e)
 
-    def export_study(self) -> None:
-        """Bring the run's study.db up to date with the in-memory study (kdsearch.search.study_mirror)."""
+    def _sync(self) -> None:
+        """The mirror's sync and upload (reads of the in-memory study are safe from a thread:
+        Optuna's in-memory storage locks them and replaces a trial it changes, never edits it)."""
         start = time.monotonic()
         self._mirror.sync(self._ot_study)
+        synced = time.monotonic()
         self._mirror.upload()
         self._last_export = time.monotonic()
         self._export_took = self._last_export - start
+        if self._export_took > 10:
+            log.info("study.db export took %.1f s (sync %.1f s, upload %.1f s)",
+                     self._export_took, synced - start, self._last_export - synced)  # fmt: skip
+
+    def export_study(self) -> None:
+        """Bring the run's study.db up to date with the in-memory study now (at the end of the
+        search: after the sync that may be running finishes)."""
+        if self._exporter is not None:
+            self._exporter.join()
+            self._exporter = None
+        self._sync()
 
     @property
     def study(self) -> optuna.Study:
