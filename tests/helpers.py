@@ -127,7 +127,9 @@ def run_dir(result) -> Path:
     return result.paths.store.local_path()
 
 
-def search_stopped_by_storage(space: Path, storage: str | Path, fault: Callable[[], None]) -> str:
+def search_stopped_by_storage(
+    space: Path, storage: str | Path, fault: Callable[[], None], resume: bool = False
+) -> str:
     """Run the search of `space` while `fault` (in a thread) breaks its storage; returns the
     line it stopped with, checked for what every storage stop says: one line, the run's
     tables the last whole ones, kdsearch's resume command."""
@@ -137,7 +139,7 @@ def search_stopped_by_storage(space: Path, storage: str | Path, fault: Callable[
     breaker = threading.Thread(target=fault, daemon=True)
     breaker.start()
     with pytest.raises(StorageError) as info:
-        run_search(space, storage=storage, say=lambda s: None)
+        run_search(space, storage=storage, resume=resume, say=lambda s: None)
     breaker.join(timeout=5)
     line = str(info.value)
     assert "\n" not in line, line

@@ -1,6 +1,6 @@
 """Faults a search survives or stops on cleanly: a trial that diverges, runs out of memory or
 passes train.max_minutes (failed with its reason, not retried, the search goes on); storage that
-fills up mid-run (the search stops with one line, the tables are the last whole ones, --resume
+fills up or turns read-only mid-run (the search stops with one line, the tables are the last whole ones, --resume
 continues); tables that are torn (one line on every command that reads them)."""
 
 from __future__ import annotations
@@ -191,15 +191,20 @@ def fill(where: Path) -> Path:
     return filler
 
 
-def test_a_full_disk_stops_the_search_whole_and_resume_continues(
+def test_a_full_disk_or_a_read_only_one_stops_the_search_whole_and_resume_continues(
     digits_teacher_path: Path, tmp_path: Path, capfd
 ) -> None:
+    """The disk fills up mid-run; resumed, it turns read-only mid-run (a remount: root writes
+    to a read-only mode bit anyway); resumed again with room, the search finishes. Each stop is
+    one line with the tables whole, and every trial is accounted for once."""
+    from kdsearch.results.tables import RunPaths
     from kdsearch.search.run import run_search
 
-    space = write_space(tmp_path, digits_teacher_path, trials=4, epochs=2, max_concurrent=1)
+    space = write_space(tmp_path, digits_teacher_path, trials=6, epochs=2, max_concurrent=1)
     with small_filesystem(tmp_path / "disk", 64) as disk:
         runs = disk / "runs"
         trials_file = runs / "digits_search" / "trials.parquet"
+        run = RunPaths.at(runs / "digits_search")
         filled: list[Path] = []
 
         def fill_after_one() -> None:
@@ -210,12 +215,26 @@ def test_a_full_disk_stops_the_search_whole_and_resume_continues(
         assert "No space left on device" in line, line
         assert "Traceback" not in capfd.readouterr().err
         before = pd.read_parquet(trials_file)  # whole: it reads back
-        assert 1 <= len(before) < 4
+        assert 1 <= len(before) < 6
         assert not list(trials_file.parent.glob(".*.tmp")), "a partial write was left behind"
 
         filled[0].unlink()  # the disk has room again
+
+        def read_only_after_one_more() -> None:
+            wait_for(lambda: len(run.rows(RunPaths.TRIALS)) > len(before), 240, "one more trial")
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+
+        try:
+            line = search_stopped_by_storage(space, runs, read_only_after_one_more, resume=True)
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=False)
+        assert "Read-only file system" in line, line
+        assert "Traceback" not in capfd.readouterr().err
+        middle = pd.read_parquet(trials_file)
+        assert len(before) < len(middle) < 6 and middle.trial_id.is_unique
+
         result = run_search(space, storage=runs, resume=True, say=lambda s: None)
         after = pd.read_parquet(trials_file)
-        assert len(after) == 4 and after.trial_id.is_unique and not result.interrupted
-        kept = after.set_index("trial_id").loc[before.trial_id]
-        assert (kept.status.values == before.status.values).all()
+        assert len(after) == 6 and after.trial_id.is_unique and not result.interrupted
+        kept = after.set_index("trial_id").loc[middle.trial_id]
+        assert (kept.status.values == middle.status.values).all()
