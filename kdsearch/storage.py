@@ -202,5 +202,9 @@ class Storage:
 
 
 def first_line(e: BaseException) -> str:
+    """The reason in `e`, in one short line. An OS error says its errno's own words: pyarrow
+    puts them after the (long) path, which the caller already names, and a cut line lost them."""
+    if isinstance(e, OSError) and e.errno:
+        return f"[Errno {e.errno}] {os.strerror(e.errno)}"
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:200]

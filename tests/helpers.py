@@ -127,9 +127,7 @@ def run_dir(result) -> Path:
     return result.paths.store.local_path()
 
 
-def search_stopped_by_storage(
-    space: Path, storage: str | Path, fault: Callable[[], None], resume: bool = False
-) -> str:
+def search_stopped_by_storage(space: Path, storage: str | Path, fault: Callable[[], None], resume: bool = False) -> str:
     """Run the search of `space` while `fault` (in a thread) breaks its storage; returns the
     line it stopped with, checked for what every storage stop says: one line, the run's
     tables the last whole ones, kdsearch's resume command."""
