@@ -7,6 +7,8 @@ It searches the same students on the same data as `search_spaces/digits_quick.ya
 dimensions, the same teacher checkpoint, the same train/val split and the same optimizer. Only
 two things come from kdsearch, so that both searches build identical architectures and share
 one x-axis: the student (`kdsearch.build_student`) and its exact FLOPs (`kdsearch.count_flops`).
+(Also `picklable`, the work-around any user needs for NSGA-II on Optuna 5.1: without it Ray
+cannot pickle the searcher and the Tuner fails before its first trial.)
 Everything a search adds is left out on purpose: the teacher's logits are not cached (it runs on
 every batch), workers are fresh per trial (Ray's default `reuse_actors=False`), the data is loaded
 in each trial, no trial is stopped early, and configs over the budget train anyway (the user
@@ -34,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
+
+from kdsearch.space.samplers import picklable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +144,8 @@ def run(trials: int, epochs: int, seed: int, out: Path, teacher: Path) -> pd.Dat
         space=define,
         metric=["val_acc", "flops"],
         mode=["max", "min"],
-        sampler=optuna.samplers.NSGAIISampler(population_size=max(4, min(50, trials // 3)), seed=seed),
+        # picklable: Optuna 5.1's NSGA-II holds a lock that Ray cannot pickle (a fix any user needs)
+        sampler=picklable(optuna.samplers.NSGAIISampler(population_size=max(4, min(50, trials // 3)), seed=seed)),
     )
     tuner = tune.Tuner(
         tune.with_resources(

@@ -8,6 +8,12 @@ file in a local temporary folder, writes only what changed since the last sync (
 a running trial's new parameters, intermediate values, attributes and end), and uploads the
 file to the run's storage whole. Pickled, it is its location only: a restored searcher
 starts a fresh mirror, filled from the restored study at its first sync.
+
+What changed is found by comparing a trial with a copy of it as last mirrored, never with the
+object itself: optuna's in-memory storage hands out its own FrozenTrial, and `optuna.Trial`
+writes its attributes, parameters and intermediate values into that same object's dicts
+(its `_cached_frozen_trial`), so a kept reference changes along with the trial and hides
+the change.
 """
 
 from __future__ import annotations
@@ -15,12 +21,32 @@ from __future__ import annotations
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import optuna
 from optuna.trial import FrozenTrial
 
 from kdsearch.storage import Storage
+
+
+class _Mirrored(NamedTuple):
+    """An unfinished trial as last mirrored: copies of what can still change."""
+
+    params: dict[str, Any]
+    intermediate_values: dict[int, float]
+    user_attrs: dict[str, Any]
+    system_attrs: dict[str, Any]
+    state: optuna.trial.TrialState
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> _Mirrored:
+        return cls(
+            dict(trial.params),
+            dict(trial.intermediate_values),
+            dict(trial.user_attrs),
+            dict(trial.system_attrs),
+            trial.state,
+        )
 
 
 class StudyMirror:
@@ -35,9 +61,8 @@ class StudyMirror:
         self._storage: Any = None
         self._study_id: int | None = None
         self._attrs: dict[str, Any] = {}
-        self._ids: dict[int, int] = {}  # trial number -> the mirror's trial id
-        self._seen: dict[int, FrozenTrial] = {}  # trial number -> the trial as last mirrored
-        self._open: set[int] = set()  # numbers of mirrored trials not finished yet
+        self._ids: dict[int, int] = {}  # trial number -> the mirror's trial id (all trials mirrored)
+        self._open: dict[int, _Mirrored] = {}  # trial number -> an unfinished trial as last mirrored
 
     def __getstate__(self) -> dict[str, Any]:
         return {"store": self.store, "rel": self.rel, "study_name": self.study_name}
@@ -68,20 +93,17 @@ class StudyMirror:
         # only the new trials and the unfinished ones can have changed (a finished trial is
         # final): a sync costs what changed, not the study's size
         trials = study.get_trials(deepcopy=False)  # in number order; references, not copies
-        for number in [*sorted(self._open), *range(len(self._seen), len(trials))]:
+        for number in [*sorted(self._open), *range(len(self._ids), len(trials))]:
             trial = trials[number]
-            before = self._seen.get(number)
-            if before is None:
+            before = self._open.pop(number, None)
+            if number not in self._ids:
                 self._ids[number] = self._storage.create_new_trial(self._study_id, template_trial=trial)
-            elif before is not trial:
+            elif before is not None:
                 self._update(self._ids[number], before, trial)
-            self._seen[number] = trial  # optuna's in-memory storage replaces a trial it changes
-            if trial.state.is_finished():
-                self._open.discard(number)
-            else:
-                self._open.add(number)
+            if not trial.state.is_finished():
+                self._open[number] = _Mirrored.of(trial)
 
-    def _update(self, tid: int, before: FrozenTrial, now: FrozenTrial) -> None:
+    def _update(self, tid: int, before: _Mirrored, now: FrozenTrial) -> None:
         s = self._storage
         for name, value in now.params.items():
             if name not in before.params:

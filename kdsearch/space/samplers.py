@@ -7,6 +7,8 @@ made, in the search's driver.
 
 from __future__ import annotations
 
+import copyreg
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +27,7 @@ def _nsga2(settings: Any) -> Any:
 
     # NSGA-II is random until its first generation is full: size it to the budget of trials
     population = settings.population_size or max(4, min(50, settings.trials // 3))
-    return optuna.samplers.NSGAIISampler(population_size=population, seed=settings.seed)
+    return picklable(optuna.samplers.NSGAIISampler(population_size=population, seed=settings.seed))
 
 
 def _tpe(settings: Any) -> Any:
@@ -50,6 +52,32 @@ def _random(settings: Any) -> Any:
 
 SAMPLERS: dict[str, Callable[[Any], Any]] = {"nsga2": _nsga2, "tpe": _tpe, "gp": _gp, "random": _random}
 """name -> constructor taking the space's `search` settings (trials, population_size, seed)."""
+
+
+_LOCK = type(threading.Lock())
+
+
+def picklable(sampler: Any) -> Any:
+    """`sampler`, made to pickle when it holds a lock. Optuna 5.1's genetic samplers (NSGA-II's
+    generation cache) hold a `threading.Lock`, which does not pickle, and Ray pickles the
+    searcher with its sampler when the Tuner starts and whenever it saves the search: on Optuna
+    5.1 a plain Ray Tune + OptunaSearch with NSGA-II fails before its first trial. This
+    registers (with copyreg, which pickle, Ray's cloudpickle and deepcopy all consult) a
+    reduction for the sampler's class that leaves the lock out and gives the copy a new one."""
+    if isinstance(getattr(sampler, "_thread_lock", None), _LOCK):
+        copyreg.pickle(type(sampler), _without_lock)
+    return sampler
+
+
+def _without_lock(sampler: Any) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    state = {k: v for k, v in vars(sampler).items() if k != "_thread_lock"}
+    return _with_new_lock, (type(sampler), state)
+
+
+def _with_new_lock(cls: type, state: dict[str, Any]) -> Any:
+    sampler = cls.__new__(cls)
+    vars(sampler).update(state, _thread_lock=threading.Lock())
+    return sampler
 
 
 def make_sampler(settings: Any) -> Any:

@@ -1,0 +1,44 @@
+"""study.db's mirror of the searcher's in-memory study: every change reaches it, whenever the
+sync runs (kdsearch.search.study_mirror)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from kdsearch.search.study_mirror import StudyMirror
+from kdsearch.storage import Storage
+
+
+def _mirrored(mirror: StudyMirror) -> list[optuna.trial.FrozenTrial]:
+    mirror.upload()
+    db = Path(mirror.store.base) / "study.db"
+    return optuna.load_study(study_name="kdsearch", storage=f"sqlite:///{db}").trials
+
+
+def test_a_trial_changed_after_a_sync_reaches_the_mirror(tmp_path: Path) -> None:
+    """A sync right after `ask` keeps the trial as the in-memory storage handed it out, and
+    `optuna.Trial` then writes its attributes into that very object: the change is still found."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    mirror = StudyMirror(Storage.open(tmp_path / "run"), "study.db")
+    done = study.ask()
+    study.tell(done, [0.5, 1.0])
+    trial = study.ask()
+    mirror.sync(study)  # the new trial, as it is now: no parameters, attributes or values yet
+    trial.suggest_int("depth", 1, 6)
+    trial.set_user_attr("ray_trial_id", "a")
+    study._storage.set_trial_intermediate_value(trial._trial_id, 1, 0.25)  # as the searcher does (2 objectives)
+    mirror.sync(study)
+    [first, running] = _mirrored(mirror)
+    assert first.state == optuna.trial.TrialState.COMPLETE and first.values == [0.5, 1.0]
+    assert running.user_attrs == {"ray_trial_id": "a"} and running.intermediate_values == {1: 0.25}
+    assert running.params == trial.params and running.state == optuna.trial.TrialState.RUNNING
+
+    trial.set_user_attr("status", "completed")
+    study.tell(trial, [0.75, 2.0])
+    mirror.sync(study)
+    ended = _mirrored(mirror)[1]
+    assert ended.user_attrs == {"ray_trial_id": "a", "status": "completed"}
+    assert ended.state == optuna.trial.TrialState.COMPLETE and ended.values == [0.75, 2.0]
