@@ -32,6 +32,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.exceptions import RayTaskError
 from ray.tune.error import TuneError
 
 from kdsearch import __version__
@@ -50,7 +51,7 @@ from kdsearch.space.objectives import Pairs, accuracy_and_cost, values_for_sampl
 from kdsearch.space.samplers import TPE_SLOW_AFTER, make_sampler
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import TeacherSource, TrialSpec
-from kdsearch.storage import Storage, StorageError
+from kdsearch.storage import Storage, StorageError, first_line
 
 
 @dataclass
@@ -456,29 +457,66 @@ def _quiet(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-# Ray Tune's experiment-state saving: when the storage fails it logs the error with its traceback
-# and goes on (ray/tune/execution/experiment_state.py, tune.py's final snapshot); the search stops
-# at the recorder's next write with kdsearch's own line, so Tune's is cut to its first line
-_TUNE_SYNC_LOGGERS = ("ray.tune.execution.experiment_state", "ray.tune.tune")
+# Ray's loggers that, when the storage fails, log the error with its traceback and go on: Tune's
+# experiment-state saving (ray/tune/execution/experiment_state.py, tune.py's final snapshot), Ray
+# Train's directory creation and its syncer (the traceback written into the message), and Tune's
+# controller (a trial that failed on the storage, with the worker's traceback). The search stops at
+# the recorder's next write with kdsearch's own line, so theirs are cut to one line each
+_TUNE_SYNC_LOGGERS = (
+    "ray.tune.execution.experiment_state",
+    "ray.tune.tune",
+    "ray.train._internal.storage",
+    "ray.train._internal.syncer",
+    "ray.tune.execution.tune_controller",
+)
+_TRACEBACK = "Traceback (most recent call last):"
 
 
 class _NoTraceback(logging.Filter):
+    """A record cut to one line: its message's first line, then the error it ends with."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            record.msg = f"{record.getMessage().rstrip(': ')}: {str(record.exc_info[1]).strip().splitlines()[0][:200]}"
-            record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
+        message, exc = record.getMessage(), record.exc_info[1] if record.exc_info else None
+        # a Ray task's error holds the worker's traceback: the error is its last line
+        error = "" if exc is None else _last_line(str(exc)) if isinstance(exc, RayTaskError) else first_line(exc)
+        if _TRACEBACK in message:
+            message, _, trace = message.partition(_TRACEBACK)
+            error = error or _last_line(trace)
+        elif not error:
+            return True
+        head = message.strip().splitlines()[0].rstrip(": ") if message.strip() else ""
+        record.msg = f"{head}: {error}" if error else head
+        record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
         return True
+
+
+def _last_line(text: str) -> str:
+    """The error a traceback (or a Ray task error's text) ends with: its last non-empty line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+# Ray Tune's controller, when a callback's on_trial_complete raises in its stop_trial, logs the
+# error and fails the trial; when it is the recorder's StorageError the search stops on it (the
+# trial's error hook meets the storage again) and says it in kdsearch's own line: dropped here
+_TUNE_CONTROLLER = "ray.tune.execution.tune_controller"
+
+
+class _DropStorageErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], StorageError))
 
 
 @contextlib.contextmanager
 def _one_line_sync_errors() -> Iterator[None]:
-    loggers, flt = [logging.getLogger(n) for n in _TUNE_SYNC_LOGGERS], _NoTraceback()
-    for lg in loggers:
+    filters: list[tuple[logging.Logger, logging.Filter]] = [(logging.getLogger(_TUNE_CONTROLLER), _DropStorageErrors())]
+    filters += [(logging.getLogger(n), _NoTraceback()) for n in _TUNE_SYNC_LOGGERS]
+    for lg, flt in filters:
         lg.addFilter(flt)
     try:
         yield
     finally:
-        for lg in loggers:
+        for lg, flt in filters:
             lg.removeFilter(flt)
 
 
