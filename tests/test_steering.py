@@ -22,6 +22,9 @@ ENQUEUED = [
 ]
 
 
+pytestmark = pytest.mark.usefixtures("shared_ray")  # four searches, one Ray
+
+
 @pytest.fixture(scope="module")
 def spaces(digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same 4-trial NSGA-II space (population 4), plain and with two configs enqueued."""
