@@ -11,8 +11,10 @@ renamed; an object store's PUT is already atomic.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,11 +117,17 @@ class Storage:
         """The names of the files directly in folder `rel` (none when it does not exist)."""
         import pyarrow.fs as pafs
 
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
-        except OSError as e:
-            raise StorageError(f"{self.uri_of(rel)}: cannot reach the storage ({first_line(e)})") from None
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+        attempts = 0
+        while True:
+            try:
+                infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel), allow_not_found=True))
+                return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+            except OSError as e:
+                # a file (or the folder) deleted while it was listed, as a compaction does: list again
+                attempts += 1
+                if e.errno != errno.ENOENT or attempts == 10:
+                    raise StorageError(f"{self.uri_of(rel)}: cannot reach the storage ({first_line(e)})") from None
+                time.sleep(0.001 * attempts)
 
     def read_bytes(self, rel: str) -> bytes:
         try:

@@ -31,7 +31,7 @@ STUDENT = {
     "student.pos_embed": "learned",
     "student.distill_token": False,
 }
-OOM_ALPHA, SLOW_ALPHA = 0.25, 0.75  # the configs the hook below makes run out of memory, or stall
+OOM_ALPHA, SLOW_ALPHA, HUNG_ALPHA = 0.25, 0.75, 0.125  # the configs the hook below makes run out of memory, stall, hang
 
 
 # --------------------------------------------------------------------------- the pieces
@@ -70,6 +70,25 @@ def test_time_limit_and_watchdog() -> None:
     assert hung == ["stuck"]
 
 
+def test_a_bad_hang_grace_is_one_line(
+    digits_teacher_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from kdsearch.train.faults import HANG_GRACE, hang_grace_minutes
+
+    monkeypatch.delenv(HANG_GRACE, raising=False)
+    assert hang_grace_minutes() == 2.0
+    monkeypatch.setenv(HANG_GRACE, "0.5")
+    assert hang_grace_minutes() == 0.5
+    space = write_space(tmp_path, digits_teacher_path)
+    for bad in ("soon", "-1", "nan", "inf"):
+        monkeypatch.setenv(HANG_GRACE, bad)
+        assert run_cli(["search", str(space), "--storage", str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err
+        assert f"{HANG_GRACE}={bad}: not a number of minutes >= 0 (unset: 2)" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists(), "refused before anything was written"
+
+
 # --------------------------------------------------------------------------- a trial's own faults, in a search
 
 
@@ -77,31 +96,41 @@ def test_time_limit_and_watchdog() -> None:
 def fault_hook():
     """A measured objective that is a test's hook into real trials (the worker runs it after
     every epoch): the OOM config raises torch's out-of-memory error at epoch 1, the slow one
-    stalls 2 s there, so its max_minutes (0.02 = 1.2 s) has passed at epoch 2's first batch."""
+    stalls 2 s there, so its max_minutes (0.02 = 1.2 s) has passed at epoch 2's first batch,
+    and the hung one sleeps there for good (a call with no batch boundary: only the watchdog
+    can end it)."""
 
     def measure(ctx: objectives.MeasureContext) -> float:
         import time
 
         import torch
 
-        if ctx.spec.recipe.alpha == 0.25 and ctx.epoch == 1:
+        if ctx.spec.recipe.alpha == OOM_ALPHA and ctx.epoch == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nadvice")
-        if ctx.spec.recipe.alpha == 0.75 and ctx.epoch == 1:
+        if ctx.spec.recipe.alpha == SLOW_ALPHA and ctx.epoch == 1:
             time.sleep(2.0)
+        if ctx.spec.recipe.alpha == HUNG_ALPHA and ctx.epoch == 1:
+            time.sleep(600.0)
         return 1.0
 
     yield objectives.register(Objective("fault_hook", "min", "", "a test's hook", measure=measure))
     del objectives.OBJECTIVES["fault_hook"]
 
 
-def test_diverged_oom_and_timed_out_trials_fail_and_the_search_goes_on(
-    fault_hook, digits_teacher_path: Path, tmp_path: Path
+def test_diverged_oom_timed_out_and_hung_trials_fail_and_the_search_goes_on(
+    fault_hook, digits_teacher_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from kdsearch.search.run import run_search
+    from kdsearch.train.faults import HANG_GRACE
 
-    space_file = write_space(tmp_path, digits_teacher_path, trials=4, epochs=2, max_concurrent=2)
+    # the hung trial: max_minutes 0.1 (6 s, well past its first epoch) + 0.02 of grace (set before
+    # the search starts its Ray, whose workers inherit it); not retried (max_failures 0), as it
+    # would hang again
+    monkeypatch.setenv(HANG_GRACE, "0.02")
+    space_file = write_space(tmp_path, digits_teacher_path, trials=5, epochs=2, max_concurrent=2)
     raw = yaml.safe_load(space_file.read_text())
-    raw["train"].update(lr=[2.0e-3, 1.0e6], warmup_epochs=0, max_minutes=[0.02, 10.0])
+    raw["train"].update(lr=[2.0e-3, 1.0e6], warmup_epochs=0, max_minutes=[0.02, 0.1, 10.0])
+    raw["search"]["max_failures"] = 0
     raw["objectives"] = {"val_acc": "max", "flops": "min", "fault_hook": "min"}
     raw["hypervolume"] = {"reference": {"fault_hook": 2.0}}
     ok = {**STUDENT, "train.lr": 2.0e-3, "train.max_minutes": 10.0}
@@ -109,23 +138,28 @@ def test_diverged_oom_and_timed_out_trials_fail_and_the_search_goes_on(
         {**ok, "train.lr": 1.0e6, "recipe.alpha": 0.5},  # diverges in epoch 1
         {**ok, "recipe.alpha": OOM_ALPHA},
         {**ok, "train.max_minutes": 0.02, "recipe.alpha": SLOW_ALPHA},
+        {**ok, "train.max_minutes": 0.1, "recipe.alpha": HUNG_ALPHA},
         {**ok, "recipe.alpha": 0.5},  # the healthy one
     ]
     space_file.write_text(yaml.safe_dump(raw, sort_keys=False))
 
     result = run_search(space_file, storage=tmp_path / "runs", say=lambda s: None)
     trials = pd.read_parquet(run_dir(result) / "trials.parquet").set_index("optuna_trial").sort_index()
-    assert len(trials) == 4 and not result.interrupted
-    assert list(trials.status) == ["failed", "failed", "failed", "completed"], trials[["status", "error"]]
+    assert len(trials) == 5 and not result.interrupted
+    assert list(trials.status) == ["failed"] * 4 + ["completed"], trials[["status", "error"]]
     errors = list(trials.error)
     assert re.fullmatch(r"TrialDiverged: training diverged: loss nan at epoch 1, step \d+", errors[0]), errors[0]
     assert errors[1] == "TrialOutOfMemory: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB) at epoch 1"
     assert re.fullmatch(
         r"TrialTimedOut: trained \d+\.\d\d min, exceeded train\.max_minutes=0\.02 after epoch [01]", errors[2]
     ), errors[2]
-    assert pd.isna(trials.error.iloc[3]) and trials.val_acc.iloc[3] > 0  # trained and measured
+    assert errors[3] == (
+        "TrialTimedOut: still running 0.12 min after its start, past train.max_minutes=0.1 plus 0.02 min "
+        "of grace, with no batch boundary reached (stuck in a call); its worker was ended"
+    )
+    assert pd.isna(trials.error.iloc[4]) and trials.val_acc.iloc[4] > 0  # trained and measured
     assert (trials.retries == 0).all()  # a trial's own fault is not retried: it would fail the same way
-    assert trials.val_acc.iloc[:3].isna().all()  # nothing measured is recorded for a failed trial
+    assert trials.val_acc.iloc[:4].isna().all()  # nothing measured is recorded for a failed trial
 
 
 # --------------------------------------------------------------------------- torn tables

@@ -135,8 +135,10 @@ def _rows(uri: str) -> int:
 
 
 def test_sigkilled_driver_resumes_from_the_bucket_elsewhere(s3, digits_teacher_path: Path, tmp_path: Path) -> None:
-    """The driver dies; its working directory is deleted; the search is resumed from another
-    directory and finishes with every trial once."""
+    """The driver dies (SIGKILL); its working directory is deleted; the search is resumed from
+    another directory and finishes with every trial once: nothing recorded before the kill is
+    lost or changed, no config runs twice, no epoch is recorded twice. (The same resume on a
+    local folder is this test with another storage: the tables' writes are whole either way.)"""
     from tests.test_search_faults import CONFIG_COLUMNS, kill_driver_when
 
     space = write_space(tmp_path, digits_teacher_path, trials=6, epochs=4, seed=7)
@@ -156,8 +158,12 @@ def test_sigkilled_driver_resumes_from_the_bucket_elsewhere(s3, digits_teacher_p
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = read_table(trials_uri)
     assert len(after) == 6 and after.trial_id.is_unique
-    assert not after.duplicated(subset=CONFIG_COLUMNS).any()
-    assert set(before.trial_id) <= set(after.trial_id)
+    assert not after.duplicated(subset=CONFIG_COLUMNS).any(), "a lost attempt's config ran twice"
+    kept = after.set_index("trial_id").loc[before.trial_id]  # nothing finished before the kill was lost or changed
+    assert (kept.status.values == before.status.values).all()
+    assert (kept["recipe.alpha"].values == before["recipe.alpha"].values).all()
+    epochs = read_table(f"{RUNS}/killed/epochs.parquet")
+    assert not epochs.duplicated(subset=["trial_id", "epoch"]).any()
     assert "front picture: s3://" in resumed.stdout
 
 

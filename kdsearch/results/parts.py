@@ -5,7 +5,10 @@ flat however long the run (issue 12: rewriting a 10,000-row table on every trial
 The layout, and what every reader sees at any moment:
 
 - `NAME.parquet` is always a whole table (written then renamed locally, one PUT in a bucket):
-  pandas, pyarrow and DuckDB read it as before; during a run it may lag the parts.
+  pandas, pyarrow and DuckDB read it as before; during a run it may lag the parts. Read by
+  path during a run, pyarrow (and pandas through it) opens the file twice, for its footer
+  then for its pages, and a compaction that replaces the file in between makes that read fail
+  ("Page was smaller than expected"): read again, or read the bytes once (as kdsearch does).
 - The parts are the rows written since the last compaction, in order: `SEQ` (9 digits) grows
   with each append, and a merged part takes the largest SEQ it holds with `LEVEL` one above.
   The table is: the rows of `NAME.parquet`, then of each part in (SEQ, LEVEL) order, folded

@@ -93,7 +93,7 @@ def _trainable(
     """
     import torch
 
-    from kdsearch.train.faults import HANG_GRACE_MINUTES, TrialFault, Watchdog
+    from kdsearch.train.faults import TrialFault, Watchdog, hang_grace_minutes
     from kdsearch.train.trial import run_trial
 
     torch.set_num_threads(threads)
@@ -119,9 +119,9 @@ def _trainable(
         saved = tune.Checkpoint.from_directory(checkpoint) if checkpoint is not None else None
         tune.report({**metrics, **where}, checkpoint=saved)
 
-    limit = spec.train.max_minutes
+    limit, grace = spec.train.max_minutes, hang_grace_minutes()
     guard = (
-        Watchdog((limit + HANG_GRACE_MINUTES) * 60, lambda why: _end_hung_worker(run, trial_id, why), _hung(limit))
+        Watchdog((limit + grace) * 60, lambda why: _end_hung_worker(run, trial_id, why), _hung(limit, grace))
         if limit is not None
         else contextlib.nullcontext()
     )
@@ -164,12 +164,10 @@ def noop_trial(spec: TrialSpec, report: Callable[[dict[str, Any]], None]) -> Non
         report({"epoch": epoch, "val_acc": acc * epoch / spec.train.epochs, "train_loss": 1.0 / epoch, **computed})
 
 
-def _hung(max_minutes: float) -> str:
-    from kdsearch.train.faults import HANG_GRACE_MINUTES
-
+def _hung(max_minutes: float, grace: float) -> str:
     return (
-        f"TrialTimedOut: still running {max_minutes + HANG_GRACE_MINUTES:g} min after its start, past "
-        f"train.max_minutes={max_minutes:g} plus {HANG_GRACE_MINUTES:g} min of grace, with no batch boundary "
+        f"TrialTimedOut: still running {max_minutes + grace:g} min after its start, past "
+        f"train.max_minutes={max_minutes:g} plus {grace:g} min of grace, with no batch boundary "
         "reached (stuck in a call); its worker was ended"
     )
 
@@ -413,8 +411,11 @@ def run_search(
     `trial` (benchmarks only) replaces training in the workers: `noop_trial` reports epochs
     at once, so a benchmark measures the driver's own cost per trial; no data or teacher loads.
     """
+    from kdsearch.train.faults import hang_grace_minutes
+
     space_file = Path(space_file)
     space = load_space(space_file)
+    hang_grace_minutes()  # a bad KDSEARCH_HANG_GRACE_MINUTES: one line here, not in every trial
     root = Storage.open(storage or "runs")
     root.check_writable()  # a bucket that does not exist or refuses writes: one line, before anything runs
     if address:

@@ -11,14 +11,35 @@ and a grace period have passed with the trial still running, calls its `on_hang`
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import time
 from collections.abc import Callable
 
 import torch
 
+from kdsearch.errors import KdsearchError
+
+HANG_GRACE = "KDSEARCH_HANG_GRACE_MINUTES"
+"""The environment variable that sets how long past `train.max_minutes` the watchdog waits for
+the batch-boundary check to stop a trial (minutes; default `HANG_GRACE_MINUTES`). It is read
+where the trial runs: set it where the nodes start (an embedded Ray passes the driver's on)."""
 HANG_GRACE_MINUTES = 2.0
-"""How long past `train.max_minutes` the watchdog waits for the batch-boundary check to stop a trial."""
+
+
+def hang_grace_minutes() -> float:
+    """The watchdog's grace in minutes: `HANG_GRACE` when set, else `HANG_GRACE_MINUTES`."""
+    text = os.environ.get(HANG_GRACE, "").strip()
+    if not text:
+        return HANG_GRACE_MINUTES
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise KdsearchError(f"{HANG_GRACE}={text}: not a number of minutes >= 0 (unset: {HANG_GRACE_MINUTES:g})")
+    return value
 
 
 class TrialFault(RuntimeError):
