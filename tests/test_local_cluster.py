@@ -104,7 +104,12 @@ def cluster(tmp_path: Path):
                 pass
 
 
-def test_local_cluster_starts_joins_with_its_token_and_stops_everything(cluster):
+@pytest.mark.timeout(500)
+def test_local_cluster_starts_joins_with_its_token_and_stops_everything(
+    cluster, digits_teacher_path: Path, tmp_path: Path
+):
+    """One cluster's life from `local.sh start` to `stop`; on the way, a driver joins with the
+    token and `ray job submit` runs a search on it (one cluster start for both: ~15 s each)."""
     state, started = cluster
     assert started.returncode == 0, started.stderr
 
@@ -174,6 +179,8 @@ def test_local_cluster_starts_joins_with_its_token_and_stops_everything(cluster)
     assert len(set(temp_dirs.values())) == 3
     owners = sorted(name for n in nodes for name, t in temp_dirs.items() if n["socket"].startswith(t + "/"))
     assert owners == ["head", "worker-1", "worker-2"]
+
+    job_submit_runs_a_search(state, digits_teacher_path, tmp_path)
 
     # A second start on the same state folder refuses, and starts nothing
     again = subprocess.run(
@@ -304,8 +311,7 @@ def test_a_search_runs_across_nodes_with_its_run_in_a_bucket(
         assert stop.returncode == 0 and not left, f"still running after stop: {left}"
 
 
-@pytest.mark.timeout(400)
-def test_ray_job_submit_runs_a_search_on_the_cluster(cluster, digits_teacher_path: Path, tmp_path: Path) -> None:
+def job_submit_runs_a_search(state: Path, digits_teacher_path: Path, tmp_path: Path) -> None:
     """`ray job submit --working-dir . -- kdsearch search SPACE --address auto --storage DIR`, as
     the README shows it, from a shell whose PATH does not hold this environment: the job finds
     kdsearch beside the nodes' ray."""
@@ -313,8 +319,6 @@ def test_ray_job_submit_runs_a_search_on_the_cluster(cluster, digits_teacher_pat
 
     from tests.helpers import write_space
 
-    state, started = cluster
-    assert started.returncode == 0, started.stderr
     job_dir = tmp_path / "job"
     job_dir.mkdir()
     write_space(job_dir, digits_teacher_path, trials=2, epochs=2)
