@@ -151,7 +151,8 @@ def search_stopped_by_storage(space: Path, storage: str | Path, fault: Callable[
             lg.removeHandler(logged)
     breaker.join(timeout=5)
     assert logged.texts, "nothing was logged: the check below would see nothing"
-    assert not [t for t in logged.texts if "Traceback" in t], [t for t in logged.texts if "Traceback" in t][0]
+    tracebacks = [t for t in logged.texts if "Traceback" in t]
+    assert not tracebacks, tracebacks[0]
     line = str(info.value)
     assert "\n" not in line, line
     assert f"the search stopped: {storage}/digits_search's tables hold the last whole state" in line, line
@@ -160,7 +161,7 @@ def search_stopped_by_storage(space: Path, storage: str | Path, fault: Callable[
 
 
 class _Formatted(logging.Handler):
-    """Every record that reaches the root logger, formatted as a handler would print it (its
+    """Every record that reaches the loggers it is attached to, formatted as a handler would print it (its
     traceback included)."""
 
     def __init__(self) -> None:

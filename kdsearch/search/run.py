@@ -458,6 +458,12 @@ def _quiet(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
+# Ray Tune's controller, when a callback's on_trial_complete raises in its stop_trial, logs the
+# error and fails the trial; when it is the recorder's StorageError the search stops on it (the
+# trial's error hook meets the storage again) and says it in kdsearch's own line: dropped here
+_TUNE_CONTROLLER = "ray.tune.execution.tune_controller"
+
+
 # Ray's loggers that, when the storage fails, log the error with its traceback and go on: Tune's
 # experiment-state saving (ray/tune/execution/experiment_state.py, tune.py's final snapshot), Ray
 # Train's directory creation and its syncer (the traceback written into the message), and Tune's
@@ -468,7 +474,7 @@ _TUNE_SYNC_LOGGERS = (
     "ray.tune.tune",
     "ray.train._internal.storage",
     "ray.train._internal.syncer",
-    "ray.tune.execution.tune_controller",
+    _TUNE_CONTROLLER,
 )
 _TRACEBACK = "Traceback (most recent call last):"
 
@@ -495,12 +501,6 @@ def _last_line(text: str) -> str:
     """The error a traceback (or a Ray task error's text) ends with: its last non-empty line."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:200] if lines else ""
-
-
-# Ray Tune's controller, when a callback's on_trial_complete raises in its stop_trial, logs the
-# error and fails the trial; when it is the recorder's StorageError the search stops on it (the
-# trial's error hook meets the storage again) and says it in kdsearch's own line: dropped here
-_TUNE_CONTROLLER = "ray.tune.execution.tune_controller"
 
 
 class _DropStorageErrors(logging.Filter):
