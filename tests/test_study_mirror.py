@@ -42,3 +42,39 @@ def test_a_trial_changed_after_a_sync_reaches_the_mirror(tmp_path: Path) -> None
     ended = _mirrored(mirror)[1]
     assert ended.user_attrs == {"ray_trial_id": "a", "status": "completed"}
     assert ended.state == optuna.trial.TrialState.COMPLETE and ended.values == [0.75, 2.0]
+
+
+def test_a_change_made_while_the_sync_writes_reaches_the_mirror(tmp_path: Path) -> None:
+    """The sync runs in a thread while the searcher labels trials. A label set after the sync
+    read a trial, but before it was done with it, must reach study.db at the next sync (CI
+    once found a trial without its `ray_trial_id`). The interleaving is forced: the searcher's
+    write runs inside the mirror's own write of the same trial."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    mirror = StudyMirror(Storage.open(tmp_path / "run"), "study.db")
+    mirror.sync(study)  # opens the mirror's own storage
+    trial = study.ask()
+    writes = mirror._storage
+
+    class Interleaved:
+        """The mirror's storage; the searcher labels the trial while the mirror writes it."""
+
+        def __getattr__(self, name: str):
+            return getattr(writes, name)
+
+        def create_new_trial(self, *args, **kwargs):
+            made = writes.create_new_trial(*args, **kwargs)
+            trial.set_user_attr("ray_trial_id", "a")
+            return made
+
+        def set_trial_user_attr(self, *args, **kwargs):
+            writes.set_trial_user_attr(*args, **kwargs)
+            trial.set_user_attr("status", "running")
+
+    mirror._storage = Interleaved()
+    mirror.sync(study)  # writes the new trial; the label lands during that write
+    mirror.sync(study)  # finds the label; the status lands during its write
+    mirror._storage = writes
+    mirror.sync(study)
+    [running] = _mirrored(mirror)
+    assert running.user_attrs == {"ray_trial_id": "a", "status": "running"}

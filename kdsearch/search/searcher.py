@@ -183,8 +183,9 @@ class KdsearchOptunaSearch(OptunaSearch):
             log.warning("could not export the Optuna study: %s", e)
 
     def _sync(self) -> None:
-        """The mirror's sync and upload (reads of the in-memory study are safe from a thread:
-        Optuna's in-memory storage locks them and replaces a trial it changes, never edits it)."""
+        """The mirror's sync and upload, in a thread while the searcher goes on: Optuna's
+        in-memory storage locks its reads and replaces a trial it changes, but `optuna.Trial`
+        edits the trial it was handed, so the mirror copies each trial before using it."""
         start = time.monotonic()
         self._mirror.sync(self._ot_study)
         synced = time.monotonic()

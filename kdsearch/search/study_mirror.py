@@ -13,15 +13,19 @@ What changed is found by comparing a trial with a copy of it as last mirrored, n
 object itself: optuna's in-memory storage hands out its own FrozenTrial, and `optuna.Trial`
 writes its attributes, parameters and intermediate values into that same object's dicts
 (its `_cached_frozen_trial`), so a kept reference changes along with the trial and hides
-the change.
+the change. The copy is taken before anything is written from it, and everything written
+comes from it: the sync runs in a thread while the searcher goes on changing trials, and a
+change that lands between a write and a later copy would be recorded as mirrored when it
+never was (found by CI: a trial's `ray_trial_id` missing from study.db).
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -29,24 +33,17 @@ from optuna.trial import FrozenTrial
 from kdsearch.storage import Storage
 
 
-class _Mirrored(NamedTuple):
-    """An unfinished trial as last mirrored: copies of what can still change."""
-
-    params: dict[str, Any]
-    intermediate_values: dict[int, float]
-    user_attrs: dict[str, Any]
-    system_attrs: dict[str, Any]
-    state: optuna.trial.TrialState
-
-    @classmethod
-    def of(cls, trial: FrozenTrial) -> _Mirrored:
-        return cls(
-            dict(trial.params),
-            dict(trial.intermediate_values),
-            dict(trial.user_attrs),
-            dict(trial.system_attrs),
-            trial.state,
-        )
+def _copy(trial: FrozenTrial) -> FrozenTrial:
+    """A copy of `trial` that no one else changes. Each dict is copied by `dict()`, one step
+    under the GIL, so another thread's write lands wholly before or after it; parameters are
+    copied before distributions, since `optuna.Trial` writes a distribution before its value."""
+    snap = copy.copy(trial)
+    snap.params = dict(trial.params)
+    snap.distributions = dict(trial.distributions)
+    snap.intermediate_values = dict(trial.intermediate_values)
+    snap.user_attrs = dict(trial.user_attrs)
+    snap.system_attrs = dict(trial.system_attrs)
+    return snap
 
 
 class StudyMirror:
@@ -62,7 +59,7 @@ class StudyMirror:
         self._study_id: int | None = None
         self._attrs: dict[str, Any] = {}
         self._ids: dict[int, int] = {}  # trial number -> the mirror's trial id (all trials mirrored)
-        self._open: dict[int, _Mirrored] = {}  # trial number -> an unfinished trial as last mirrored
+        self._open: dict[int, FrozenTrial] = {}  # trial number -> an unfinished trial as last mirrored (a copy)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"store": self.store, "rel": self.rel, "study_name": self.study_name}
@@ -94,16 +91,16 @@ class StudyMirror:
         # final): a sync costs what changed, not the study's size
         trials = study.get_trials(deepcopy=False)  # in number order; references, not copies
         for number in [*sorted(self._open), *range(len(self._ids), len(trials))]:
-            trial = trials[number]
+            trial = _copy(trials[number])  # first: what is written and what is kept are the same
             before = self._open.pop(number, None)
             if number not in self._ids:
                 self._ids[number] = self._storage.create_new_trial(self._study_id, template_trial=trial)
             elif before is not None:
                 self._update(self._ids[number], before, trial)
             if not trial.state.is_finished():
-                self._open[number] = _Mirrored.of(trial)
+                self._open[number] = trial
 
-    def _update(self, tid: int, before: _Mirrored, now: FrozenTrial) -> None:
+    def _update(self, tid: int, before: FrozenTrial, now: FrozenTrial) -> None:
         s = self._storage
         for name, value in now.params.items():
             if name not in before.params:
