@@ -67,6 +67,7 @@ EPOCH_COLUMNS = (
     "teacher_images",
     "lr",
     "time",
+    "node_id",  # the Ray node the epoch ran on (a retry after a lost node runs on another)
 )
 # Columns every confirm.parquet has first (one row per retraining of a trial with one seed);
 # then every objective of the run, then the original trial's config columns, sorted

@@ -290,6 +290,22 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise KdsearchError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
 
 
+def reuse_on(address: str | None) -> bool:
+    """Whether a search's trials reuse their workers: on the embedded Ray, yes; on a cluster, no.
+
+    NOTE: Ray Tune 2.60 hands a cached worker to the next trial with a `reset` call made while
+    that trial is PENDING. When the worker's node is gone, one actor death reaches Tune twice
+    (the actor's error callback, then the reset's; ray/air/execution/_internal/actor_manager.py
+    `_actor_task_failed`): the first counts failure 1 and requeues the trial as PENDING, the
+    second counts failure 2 on a PENDING trial, which Tune ends as ERROR without a retry
+    (tune_controller.py `_actor_failed`, `_process_trial_failure`). A fresh worker per trial is
+    started while its trial is PENDING and runs every task while it is RUNNING, so a lost node
+    costs one failure and a retry elsewhere. Only a cluster loses nodes; on it a fresh worker
+    costs seconds against trials of minutes (benchmarks/search_overhead.py measures both).
+    """
+    return not address
+
+
 def _check_local_gpus(gpus: float) -> None:
     """On the embedded local Ray, a trial cannot have more GPUs than this machine: say so
     before anything trains (on a cluster the autoscaler may still add them)."""
@@ -394,7 +410,7 @@ def run_search(
     from_run: str | os.PathLike | None = None,
     console: Any = None,
     say: Callable[[str], None] = print,
-    reuse_actors: bool = True,
+    reuse_actors: bool | None = None,
     trial: Callable[..., None] | None = None,
 ) -> SearchResult:
     """Run (or resume, or extend) a search; returns the trials table and the front.
@@ -406,7 +422,8 @@ def run_search(
     `from_run` (a new run only) starts the sampler from an earlier run's trials of the same
     data, as if this search had run them (kdsearch.search.warm_start).
     `console` (a rich Console) gets a live view of the search; `say` its one-line messages.
-    `reuse_actors=False` is Ray's default, kept as a baseline for benchmarks: every trial
+    `reuse_actors` (default: `reuse_on`, by where the search runs) keeps a trial's worker for
+    the next trial; `False` is Ray's default, kept as a baseline for benchmarks: every trial
     then pays a fresh worker's imports and data loading.
     `trial` (benchmarks only) replaces training in the workers: `noop_trial` reports epochs
     at once, so a benchmark measures the driver's own cost per trial; no data or teacher loads.
@@ -430,7 +447,8 @@ def run_search(
     owns_ray = not ray.is_initialized()
     _init_ray(address, say)
     try:
-        search = _Search(space, paths, root.child("cache"), meta, console, say, reuse_actors, trial)
+        reuse = reuse_on(address) if reuse_actors is None else reuse_actors
+        search = _Search(space, paths, root.child("cache"), meta, console, say, reuse, trial)
         if not resume:
             return search.start(total, earlier)
         return search.resume(total)
