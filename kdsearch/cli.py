@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kdsearch.errors import KdsearchError
+from kdsearch.errors import KdsearchError, RunFailed
 
 
 def wide_console(stderr: bool = False) -> Console:
@@ -242,6 +242,7 @@ def search(
     plot: Path = typer.Option(None, "--plot", help="Write the front as a PNG here [default: RUN/front.png]."),
 ) -> None:
     """Run a multi-objective search: Ray Tune runs trials, Optuna chooses them."""
+    from kdsearch.results.outcomes import untrained_summary
     from kdsearch.results.status import render_front
     from kdsearch.results.tables import front_records
     from kdsearch.search.run import run_search
@@ -268,7 +269,8 @@ def search(
         console.print(f"run: {run.uri}  (trials.parquet, epochs.parquet, study.db)", soft_wrap=True)
         console.print(f"front picture: {picture}", soft_wrap=True)
     else:
-        console.print(f"run: {run.uri}  (no trial has completed yet)", soft_wrap=True)
+        ended = "yet" if result.interrupted else "in this search"
+        console.print(f"run: {run.uri}  (no trial has completed {ended})", soft_wrap=True)
     if result.interrupted:
         completed = sum(1 for r in result.trials if r["status"] == "completed")
         err_console.print(
@@ -276,6 +278,8 @@ def search(
             f"continue with: kdsearch search {space_file} --name {run.name} --storage {storage} --resume",
             soft_wrap=True,
         )
+    elif (untrained := untrained_summary(result.trials)) is not None:
+        raise RunFailed(f"search {run.uri}: {untrained}")
 
 
 @app.command("status")

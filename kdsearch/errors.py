@@ -21,3 +21,10 @@ class SpaceError(KdsearchError):
         self.message = message
         where = f"{source}: {key}" if key else source
         super().__init__(f"{where}: {message}")
+
+
+class RunFailed(KdsearchError):
+    """A run that ended without what it was for (a search with no trained trial): not the
+    user's input, so the CLI prints its one line and exits 1."""
+
+    exit_code = 1

@@ -162,6 +162,46 @@ def test_diverged_oom_timed_out_and_hung_trials_fail_and_the_search_goes_on(
     assert trials.val_acc.iloc[:4].isna().all()  # nothing measured is recorded for a failed trial
 
 
+def test_a_search_whose_every_trial_failed_exits_1_naming_the_failure(
+    digits_teacher_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every trial diverges: the search says so in one line with the most common failure, and
+    its exit code is 1 (a failed run, not bad input); nothing says "yet" of a finished search."""
+    space_file = write_space(tmp_path, digits_teacher_path, trials=2, epochs=1, max_concurrent=2)
+    raw = yaml.safe_load(space_file.read_text())
+    raw["train"].update(lr=1.0e6, warmup_epochs=0)
+    raw["budget"] = {"max_gflops": None}
+    space_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    code = run_cli(["search", str(space_file), "--storage", str(tmp_path / "runs")])
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    line = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"kdsearch: error: search \S+digits_search: no trial trained \(2 failed\); the most common failure "
+        r"\(2 of 2\): TrialDiverged: training diverged: loss nan at epoch 1, step \d+",
+        line,
+    ), line
+    assert "no trial has completed in this search" in out and "yet" not in out
+
+
+def test_untrained_summary_counts_each_ending_and_names_the_commonest_failure() -> None:
+    from kdsearch.results.outcomes import untrained_summary
+
+    rows = [
+        {"status": "failed", "error": "KdsearchError: data.root: /data does not exist on node a\ndetail"},
+        {"status": "failed", "error": "KdsearchError: data.root: /data does not exist on node a"},
+        {"status": "failed", "error": "TrialDiverged: training diverged"},
+        {"status": "infeasible", "error": None},
+    ]
+    assert untrained_summary(rows) == (
+        "no trial trained (1 infeasible, 3 failed); the most common failure (2 of 4): "
+        "KdsearchError: data.root: /data does not exist on node a"
+    )
+    assert untrained_summary(rows[3:]) == "no trial trained: all 1 were over the budget (1 infeasible)"
+    assert untrained_summary([*rows, {"status": "stopped_early", "error": None}]) is None
+    assert untrained_summary([]) is None
+
+
 # --------------------------------------------------------------------------- torn tables
 
 

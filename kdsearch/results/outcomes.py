@@ -6,6 +6,7 @@ status, the report and the export. Nothing here imports Ray or Optuna.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any
@@ -62,3 +63,26 @@ def counts(statuses: list[str]) -> dict[str, int]:
     for s in statuses:
         out[str(s)] = out.get(str(s), 0) + 1
     return out
+
+
+def untrained_summary(rows: list[Mapping[str, Any]]) -> str | None:
+    """One line for a finished search none of whose trials trained (each failed or was over the
+    budget): how many ended each way and the most common failure with its count; None when
+    some trial trained.
+
+    Args:
+        rows: trials.parquet's rows (their `status` and `error`).
+
+    Returns:
+        The line, or None.
+    """
+    if not rows or any(Status(r["status"]).measured for r in rows):
+        return None
+    ended = ", ".join(f"{n} {s}" for s, n in counts([r["status"] for r in rows]).items() if n)
+    errors = Counter(
+        (r.get("error") or "no error recorded").splitlines()[0] for r in rows if r["status"] == Status.FAILED
+    )
+    if not errors:
+        return f"no trial trained: all {len(rows)} were over the budget ({ended})"
+    error, n = errors.most_common(1)[0]
+    return f"no trial trained ({ended}); the most common failure ({n} of {len(rows)}): {error}"
