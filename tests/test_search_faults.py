@@ -1,16 +1,19 @@
-"""Faults: a Ray node lost mid-trial (several real nodes on one machine), and what a resume
+"""Faults: a Ray node lost mid-trial (several real nodes on one machine; a local.sh worker SIGKILLed), and what a resume
 after a driver's SIGKILL meets (the kill itself: tests/test_storage_s3.py, resumed elsewhere)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from kdsearch.search.run import run_search
@@ -85,19 +88,17 @@ def epochs_seen(path: Path) -> int:
         return 0
 
 
-def running_on(run: Path, node_id: str, epochs_left: int) -> str | None:
+def running_on(run: str | Path, node_id: str, epochs_left: int) -> str | None:
     """A trial that is training on node `node_id` now: its latest epoch ran there, it has at least
     `epochs_left` epochs to go, and it has no row in trials.parquet (the live tables' parts
     included). None while there is none."""
     from kdsearch.results.tables import RunPaths, open_run
 
-    if not (run / RunPaths.META).exists():
-        return None
     try:
         paths = open_run(run)
         ended = {r["trial_id"] for r in paths.rows(RunPaths.TRIALS)}
         latest = {r["trial_id"]: r for r in paths.rows(RunPaths.EPOCHS)}  # by trial, then epoch: the last wins
-    except Exception:  # a part merged away while it was read: the next poll reads again
+    except Exception:  # not started yet, or a part merged away while it was read: the next poll reads again
         return None
     for tid, row in latest.items():
         if tid not in ended and row["node_id"] == node_id and row["epochs_total"] - row["epoch"] >= epochs_left:
@@ -176,3 +177,76 @@ def test_trials_missing_from_the_saved_state_are_reconciled(small_run, tmp_path:
     states = [t.state.name for t in study.trials[:3]]
     expected = {"completed": "COMPLETE", "infeasible": "COMPLETE", "stopped_early": "PRUNED", "failed": "FAIL"}
     assert states == [expected[s] for s in seeded.status]
+
+
+@pytest.mark.timeout(420)
+def test_a_sigkilled_worker_loses_no_trial(digits_teacher_path: Path, tmp_path: Path) -> None:
+    """A `local.sh` worker node (its `ray start`, raylet and workers: its whole session) killed
+    with SIGKILL while a trial trains on it, the run in a moto bucket: the search finishes with
+    every trial once and none failed."""
+    from tests.s3 import environment, make_bucket, s3_server
+    from tests.test_local_cluster import LOCAL_SH, clean_env, parse_env, processes_in_sessions, recorded_pids
+
+    space = write_space(tmp_path, digits_teacher_path, trials=4, epochs=8, seed=5)
+    raw = yaml.safe_load(space.read_text())
+    raw["budget"] = {"max_gflops": None}  # every trial trains
+    raw["early_stopping"] = {"enabled": False}
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    state, runs = tmp_path / "state", "s3://node-loss/runs"
+    with s3_server(tmp_path / "moto.log") as s3:
+        make_bucket(s3, "node-loss")
+        started = subprocess.run(
+            [str(LOCAL_SH), "--dir", str(state), "start", "2", "--timeout", "90"],
+            capture_output=True,
+            text=True,
+            timeout=150,
+            env=clean_env(**s3),
+        )
+        try:
+            assert started.returncode == 0, started.stderr
+            env = clean_env(**s3, **parse_env((state / "env").read_text()))
+            kdsearch = Path(sys.executable).with_name("kdsearch")
+            cmd = [str(kdsearch), "search", str(space), "--address", started.stdout.strip(), "--storage", runs]
+            with open(tmp_path / "driver.log", "w") as log:
+                driver = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+                killed = kill_a_worker_under_a_trial(state, f"{runs}/digits_search", s3, env)
+                code = driver.wait(timeout=360)
+            assert code == 0, (tmp_path / "driver.log").read_text()[-3000:]
+            with environment(s3):
+                from kdsearch.results.tables import RunPaths, open_run
+
+                trials = pd.DataFrame(open_run(f"{runs}/digits_search").rows(RunPaths.TRIALS))
+            assert len(trials) == 4 and trials.trial_id.is_unique  # every trial once
+            assert (trials.status == "completed").all(), trials[["trial_id", "status", "error", "retries"]]
+            assert trials.set_index("trial_id").loc[killed, "retries"] >= 1  # it ran again, on the node left
+        finally:
+            pids = recorded_pids(state) if (state / "nodes").exists() else {}
+            subprocess.run(
+                [str(LOCAL_SH), "--dir", str(state), "stop"], capture_output=True, timeout=90, env=clean_env()
+            )
+            kill_all(list(processes_in_sessions(set(pids.values()))))
+
+
+def kill_a_worker_under_a_trial(state: Path, run: str, s3: dict[str, str], env: dict[str, str]) -> str:
+    """SIGKILL every process of the local.sh worker a trial is training on (the trial's latest
+    epoch ran there, 4 epochs to go); returns that trial's id."""
+    from tests.s3 import environment
+    from tests.test_local_cluster import NODES_DRIVER, processes_in_sessions
+
+    address = (state / "address").read_text().strip()
+    listed = subprocess.run([sys.executable, "-c", NODES_DRIVER, address], env=env, capture_output=True, text=True)
+    nodes = json.loads(listed.stdout)
+    workers = {}  # local.sh's node name -> Ray's node id, matched by the node's temp dir
+    for name in ("worker-1", "worker-2"):
+        temp = (state / "nodes" / name / "temp_dir").read_text().strip()
+        workers[name] = next(n["id"] for n in nodes if n["socket"].startswith(temp + "/"))
+    deadline = time.monotonic() + 240
+    with environment(s3):
+        while time.monotonic() < deadline:
+            for name, node_id in workers.items():
+                if tid := running_on(run, node_id, 4):
+                    leader = int((state / "nodes" / name / "pid").read_text())
+                    kill_all(list(processes_in_sessions({leader})))
+                    return tid
+            time.sleep(0.3)
+    raise TimeoutError("no trial was seen training on a worker")
