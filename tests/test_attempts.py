@@ -1,0 +1,63 @@
+"""A trial's attempts: which count against max_failures (its own errors, a worker that died on a
+live node) and which do not (a lost node, however often; an attempt its driver took with it)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kdsearch.search.attempts import Attempts
+from kdsearch.storage import Storage
+
+NODE_A, NODE_B, JOB = "a" * 56, "b" * 56, "01000000"
+
+
+def attempts(tmp_path: Path, dead: set[str], wait: float = 0.0) -> Attempts:
+    return Attempts(Storage.open(tmp_path), "t1", alive=lambda node: node not in dead, wait=wait)
+
+
+def test_a_first_attempt_has_no_failures_and_is_recorded(tmp_path: Path) -> None:
+    first = attempts(tmp_path, dead=set())
+    assert first.begin(NODE_A, JOB) == []
+    assert first.number == 1
+    assert (tmp_path / "trials" / "t1" / "attempts" / "0001.json").exists()
+
+
+def test_an_error_the_attempt_recorded_is_the_trials_own_failure(tmp_path: Path) -> None:
+    first = attempts(tmp_path, dead=set())
+    first.begin(NODE_A, JOB)
+    first.fail("ValueError: boom")
+    second = attempts(tmp_path, dead=set())
+    assert second.begin(NODE_B, JOB) == ["ValueError: boom"]
+    assert second.number == 2
+
+
+def test_lost_nodes_never_count_however_often(tmp_path: Path) -> None:
+    for node in ("n1", "n2", "n3", "n4", "n5"):
+        assert attempts(tmp_path, dead={"n1", "n2", "n3", "n4"}).begin(node, JOB) == []
+
+
+def test_a_worker_that_vanished_on_a_live_node_is_the_trials_failure(tmp_path: Path) -> None:
+    attempts(tmp_path, dead=set()).begin(NODE_A, JOB)
+    own = attempts(tmp_path, dead=set(), wait=0.0).begin(NODE_B, JOB)
+    assert own == [
+        f"its worker process ended without an error on node {NODE_A[:12]}, which is alive (a crash or the OOM killer)"
+    ]
+
+
+def test_a_node_marked_dead_while_the_next_attempt_waits_is_a_lost_node(tmp_path: Path) -> None:
+    attempts(tmp_path, dead=set()).begin(NODE_A, JOB)
+    asked: list[float] = []
+
+    def alive(node: str) -> bool:  # the GCS marks node A dead on the third look
+        asked.append(time.monotonic())
+        return len(asked) < 3
+
+    later = Attempts(Storage.open(tmp_path), "t1", alive=alive, wait=30.0)
+    assert later.begin(NODE_B, JOB) == []
+    assert len(asked) == 3
+
+
+def test_an_attempt_of_an_earlier_driver_ended_with_it(tmp_path: Path) -> None:
+    attempts(tmp_path, dead=set()).begin(NODE_A, "01000000")
+    assert attempts(tmp_path, dead=set()).begin(NODE_A, "02000000") == []
