@@ -2,13 +2,18 @@
 # A Ray cluster of separate processes on this machine: the way to try kdsearch's cluster path
 # (`kdsearch search SPACE --address ...`) on a laptop, without a cloud.
 #
-#   cluster/local.sh [--dir DIR] start N [--head-cpus C] [--timeout S]
+#   cluster/local.sh [--dir DIR] start N [--gpus G] [--worker-cpus C] [--head-cpus C] [--timeout S]
 #   cluster/local.sh [--dir DIR] status
 #   cluster/local.sh [--dir DIR] env        # the export lines a driver needs: eval "$(cluster/local.sh env)"
 #   cluster/local.sh [--dir DIR] stop [--timeout S]
 #
-# `start N` starts a Ray head (0 CPUs unless --head-cpus: trials run on the workers, as on a real
-# cluster) and N worker nodes with 1 CPU each. Every node is its own `ray start --block` process
+# `start N` starts a Ray head (0 CPUs unless --head-cpus, and no GPU: trials run on the workers, as
+# on a real cluster) and N worker nodes with 1 CPU each (--worker-cpus C: C each). `--gpus G` has
+# each worker declare G GPUs (`ray start --num-gpus G`), whether or not the machine has any: Ray
+# schedules on declared GPUs (fractions of one included) and sets each worker process's
+# CUDA_VISIBLE_DEVICES, and a trial whose torch sees no CUDA says so once and trains on the CPU, so
+# GPU scheduling can be tried on a laptop. Without --gpus each worker declares the GPUs Ray detects
+# here (all of this machine's: N workers then share them). Every node is its own `ray start --block` process
 # tree in its own session (setsid), with its own --temp-dir and its own working directory, so
 # nothing is shared between nodes but what a real cluster shares (the network; put the run
 # directory, --storage, on a path every node sees). Ports are picked free, below the kernel's
@@ -53,6 +58,8 @@ STATE="${KDSEARCH_LOCAL_CLUSTER:-${TMPDIR:-/tmp}/kdsearch-local-cluster}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TIMEOUT=60
 HEAD_CPUS=0
+WORKER_CPUS=1
+WORKER_GPUS="" # empty: the GPUs Ray detects on this machine
 # Ray's unix socket paths are TEMP_DIR/session_<date>_<pid>/sockets/plasma_store and must fit in
 # 107 bytes: a temp dir longer than this goes to a short folder under /tmp instead.
 MAX_TEMP_DIR_LEN=40
@@ -268,10 +275,16 @@ cmd_start() {
   while (($#)); do
     case "$1" in
     --head-cpus) HEAD_CPUS="${2:?}" && shift 2 ;;
+    --worker-cpus) WORKER_CPUS="${2:?}" && shift 2 ;;
+    --gpus) WORKER_GPUS="${2:?}" && shift 2 ;;
     --timeout) TIMEOUT="${2:?}" && shift 2 ;;
     *) usage ;;
     esac
   done
+  # ray start takes whole numbers of CPUs and GPUs (a trial may still ask for a fraction)
+  [[ "$HEAD_CPUS" =~ ^[0-9]+$ ]] || die "--head-cpus $HEAD_CPUS: a whole number >= 0"
+  [[ "$WORKER_CPUS" =~ ^[0-9]+$ && "$WORKER_CPUS" -ge 1 ]] || die "--worker-cpus $WORKER_CPUS: a whole number >= 1"
+  [[ -z "$WORKER_GPUS" || "$WORKER_GPUS" =~ ^[0-9]+$ ]] || die "--gpus $WORKER_GPUS: a whole number >= 0"
   find_ray
   mkdir -p "$STATE"
   STATE="$(cd "$STATE" && pwd)"
@@ -308,7 +321,7 @@ cmd_start() {
   local address="127.0.0.1:$gcs_port"
 
   : >"$STATE/pids"
-  start_node head "$HEAD_CPUS" "$temp_root/head" --head --port "$gcs_port" \
+  start_node head "$HEAD_CPUS" "$temp_root/head" --head --num-gpus 0 --port "$gcs_port" \
     --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" "${client_args[@]}"
   # The head has started once it wrote its address into its temp dir.
   local deadline=$((SECONDS + TIMEOUT))
@@ -317,9 +330,13 @@ cmd_start() {
     ((SECONDS < deadline)) || die "the head did not start in ${TIMEOUT}s: $(tail -n 5 "$STATE/nodes/head/ray.log")"
     sleep 0.2
   done
-  local i
+  local i gpu_args=() gpus_said="the GPUs Ray detects here"
+  if [[ -n "$WORKER_GPUS" ]]; then
+    gpu_args=(--num-gpus "$WORKER_GPUS")
+    gpus_said="$WORKER_GPUS GPUs"
+  fi
   for ((i = 1; i <= n; i++)); do
-    start_node "worker-$i" 1 "$temp_root/worker-$i" --address "$address"
+    start_node "worker-$i" "$WORKER_CPUS" "$temp_root/worker-$i" --address "$address" "${gpu_args[@]}"
   done
   wait_for_nodes "$address" $((n + 1)) "$((deadline > SECONDS ? deadline - SECONDS : 1))" \
     || die "the nodes did not all join in ${TIMEOUT}s (logs: $STATE/nodes/*/ray.log)"
@@ -328,7 +345,7 @@ cmd_start() {
   echo "http://127.0.0.1:$dashboard_port" >"$STATE/dashboard"
   write_env >"$STATE/env"
   START_OK=1
-  say "$((n + 1)) nodes joined (a head with $HEAD_CPUS CPUs, $n workers with 1 CPU); state in $STATE"
+  say "$((n + 1)) nodes joined (a head with $HEAD_CPUS CPUs and no GPU, $n workers with $WORKER_CPUS CPUs and $gpus_said each); state in $STATE"
   say "dashboard: http://127.0.0.1:$dashboard_port; for a driver or \`ray job submit\`, run:"
   sed 's/^/  /' "$STATE/env" >&2
   say "then: kdsearch search SPACE --address $address (or --address auto); stop: cluster/local.sh --dir $STATE stop"

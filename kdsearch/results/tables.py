@@ -52,6 +52,8 @@ TRIAL_COLUMNS = (
     "node_id",
     "host",
     "gpu",
+    "gpu_ids",
+    "world_size",
 )
 EPOCH_COLUMNS = (
     "trial_id",
@@ -68,6 +70,7 @@ EPOCH_COLUMNS = (
     "lr",
     "time",
     "node_id",  # the Ray node the epoch ran on (a retry after a lost node runs on another)
+    "gpu_ids",  # Ray's ids of the GPUs it held on that node ("0,1"; "" for none)
 )
 # Columns every confirm.parquet has first (one row per retraining of a trial with one seed);
 # then every objective of the run, then the original trial's config columns, sorted

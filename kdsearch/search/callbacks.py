@@ -174,10 +174,13 @@ class ResultsRecorder(tune.Callback):
             "retries": self.retries.get(tid, 0),
             "optuna_trial": meta.get("optuna_trial"),
             "finished_at": time.time(),
-            # where it ran: Ray's node id and Tune's hostname, the GPU's model ("" on CPU)
+            # where it ran: Ray's node id and Tune's hostname, the GPU's model ("" on CPU), Ray's ids of the
+            # GPUs it held ("0,1"; "" for none: with gpu "" too, it trained on the CPU), its processes
             "node_id": last.get("node_id"),
             "host": last.get("hostname"),
             "gpu": last.get("gpu"),
+            "gpu_ids": last.get("gpu_ids"),
+            "world_size": last.get("world_size"),
             **spec.to_dict(),
         }
         self._pending_trials.append(row)

@@ -94,14 +94,17 @@ def _trainable(
     import torch
 
     from kdsearch.train.faults import TrialFault, Watchdog, hang_grace_minutes
-    from kdsearch.train.trial import run_trial
+    from kdsearch.train.trial import run_trial, trial_device
 
     torch.set_num_threads(threads)
     meta = config["kdsearch"]
     spec = TrialSpec.from_dict(meta["spec"])
-    where = {
+    gpu_ids = [str(i) for i in ray.get_gpu_ids()]  # Ray's ids of the GPUs this trial holds (a fraction: shared)
+    device = trial_device(gpu_ids)  # CUDA, or the CPU with one line per process when torch sees none
+    where = {  # where it runs, in every report: Ray's node, Ray's GPU ids, torch's device name ("" on the CPU)
         "node_id": ray.get_runtime_context().get_node_id(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "",
+        "gpu_ids": ",".join(gpu_ids),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
     }
     computed = objective_table.computed(spec.student)
     never_trained = dict(zip([name for name, _ in objectives], values_for_sampler(computed, objectives)))
@@ -135,6 +138,7 @@ def _trainable(
                 data=data,
                 teacher=teacher.build() if teacher is not None else None,
                 cached_logits=cached_logits,
+                device=device,
                 objectives=measured,
                 loader_workers=max(
                     0, threads - 1
@@ -308,8 +312,10 @@ def reuse_on(address: str | None) -> bool:
 
 def _check_local_gpus(gpus: float) -> None:
     """On the embedded local Ray, a trial cannot have more GPUs than this machine: say so
-    before anything trains (on a cluster the autoscaler may still add them)."""
-    if gpus <= 0:
+    before anything trains. Only there: a cluster's GPUs are the ones its nodes declare (`ray
+    start --num-gpus`; the autoscaler may add nodes), whatever this machine has, and with
+    RAY_ADDRESS set `ray.init()` joins that cluster instead of starting the embedded Ray."""
+    if gpus <= 0 or os.environ.get("RAY_ADDRESS"):
         return
     import torch
 

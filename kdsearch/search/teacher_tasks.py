@@ -1,8 +1,10 @@
 """The teacher's logits over the training set, computed once per search by Ray tasks.
 
-The tasks ask for the space's accelerator (a GPU when trials use GPUs), so a CPU-only head
-node is fine; each task loads the data on its own node, rebuilds the teacher from the weights
-the driver ships (`ShippedTeacher`: no node needs the checkpoint file) and returns its shard.
+The tasks ask for the space's accelerator (a whole GPU each when trials use GPUs, even a
+fraction of one), so they run only on nodes that declare GPUs and a CPU-only head is fine; each
+task loads the data on its own node, rebuilds the teacher from the weights the driver ships
+(`ShippedTeacher`: no node needs the checkpoint file) and returns its shard with where it ran
+(its node and Ray's GPU ids), which the driver's line names.
 The driver writes the cache under the storage root, content-addressed (teacher weights, data,
 transform), so a second search with the same teacher and data reuses it.
 """
@@ -18,12 +20,26 @@ import ray
 SHARD_IMAGES = 10_000  # a shard is at least this many images: below it, starting a task costs more than it saves
 
 
+def _here() -> tuple[str, str]:
+    """(node id, Ray's GPU ids joined by commas) of the task calling it."""
+    return ray.get_runtime_context().get_node_id(), ",".join(str(i) for i in ray.get_gpu_ids())
+
+
+def placed(places: list[tuple[str, str]]) -> str:
+    """Where tasks ran, each node once by its id's first 12 digits (as kdsearch's lines name
+    nodes) with the GPUs they had there: 'node 1a2b3c4d5e6f (GPU 0,1), node 0f9e8d7c6b5a'."""
+    gpus: dict[str, set[str]] = {}
+    for node, ids in places:
+        gpus.setdefault(node[:12], set()).update(i for i in ids.split(",") if i)
+    return ", ".join(f"node {n}" + (f" (GPU {','.join(sorted(g))})" if g else "") for n, g in gpus.items())
+
+
 @ray.remote
-def _logits_shard(shipped: Any, dspec: Any, start: int, stop: int) -> Any:
+def _logits_shard(shipped: Any, dspec: Any, start: int, stop: int) -> tuple[tuple[str, str], Any]:
     from kdsearch.train.data import load_data
     from kdsearch.train.logit_cache import compute_logits
 
-    return compute_logits(shipped.build(), load_data(dspec), start, stop).numpy()
+    return _here(), compute_logits(shipped.build(), load_data(dspec), start, stop).numpy()
 
 
 def shard_bounds(num_images: int, workers: int) -> list[tuple[int, int]]:
@@ -56,18 +72,20 @@ def cached_teacher_logits(
     bounds = shard_bounds(data.num_train, workers)
     shipped = ray.put(ShippedTeacher.of(teacher, space, key))
     task = _logits_shard.options(num_cpus=1, num_gpus=1 if use_gpu else 0)
-    shards = ray.get([task.remote(shipped, space.data, start, stop) for start, stop in bounds])
+    places, shards = zip(*ray.get([task.remote(shipped, space.data, start, stop) for start, stop in bounds]))
     logits = from_dense(torch.from_numpy(np.concatenate(shards)), data.num_classes, key, space.teacher.cache_topk)
     write_cache(cache, logits)
     say(
         f"teacher logits cached once for the search: {data.num_train:,} images by {len(bounds)} Ray task(s) "
-        f"in {time.perf_counter() - t0:.1f} s"
+        f"on {placed(list(places))} in {time.perf_counter() - t0:.1f} s"
     )
     return logits
 
 
 @ray.remote
-def _views_shard(shipped: Any, dspec: Any, epochs: list[int], start: int, stop: int) -> list[tuple[int, Any, Any]]:
+def _views_shard(
+    shipped: Any, dspec: Any, epochs: list[int], start: int, stop: int
+) -> tuple[tuple[str, str], list[tuple[int, Any, Any]]]:
     from kdsearch.train.data import load_data
     from kdsearch.train.replay_cache import teacher_views
 
@@ -76,7 +94,7 @@ def _views_shard(shipped: Any, dspec: Any, epochs: list[int], start: int, stop: 
     for epoch in epochs:
         seeds, logits = teacher_views(teacher, data, epoch, start, stop)
         out.append((epoch, seeds, logits.numpy()))
-    return out
+    return _here(), out
 
 
 def cached_teacher_views(
@@ -116,14 +134,16 @@ def cached_teacher_views(
     shipped = ray.put(ShippedTeacher.of(teacher, space, replay.key))
     task = _views_shard.options(num_cpus=1, num_gpus=1 if use_gpu else 0)
     pending = [[task.remote(shipped, space.data, chunk, start, stop) for start, stop in bounds] for chunk in chunks]
+    places: list[tuple[str, str]] = []
     for chunk, refs in zip(chunks, pending):  # in epoch order: each epoch is written as soon as its shards are in
-        shards = ray.get(refs)
+        where, shards = zip(*ray.get(refs))
+        places.extend(where)
         for i, epoch in enumerate(chunk):
             seeds = np.concatenate([s[i][1] for s in shards])
             logits = torch.from_numpy(np.concatenate([s[i][2] for s in shards]))
             replay.write(epoch, seeds, logits)
     say(
         f"teacher views cached once for the search: {data.num_train * len(missing):,} (image, epoch) views by "
-        f"{len(chunks) * len(bounds)} Ray task(s) in {time.perf_counter() - t0:.1f} s"
+        f"{len(chunks) * len(bounds)} Ray task(s) on {placed(places)} in {time.perf_counter() - t0:.1f} s"
     )
     return replay

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,11 +58,43 @@ __all__ = [
     "save_training_state",
     "teacher_signal",
     "train_trial",
+    "trial_device",
 ]
 
 # report(metrics), or report(metrics, checkpoint=folder) on a checkpoint epoch
 Report = Callable[..., None]
 TRAINING_STATE = "training_state.pt"
+# Whether this process has said that the GPUs it was given are not visible to torch (said once per process)
+_said_no_cuda = False
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def trial_device(gpu_ids: Sequence[int | str] = (), say: Callable[[str], None] = _to_stderr) -> torch.device:
+    """The device a trial trains on: CUDA when torch sees it, else the CPU.
+
+    `gpu_ids` are the GPUs this process was given (Ray's `ray.get_gpu_ids()`, which Ray also
+    puts in CUDA_VISIBLE_DEVICES): given some while torch sees no CUDA (a CPU build of torch, no
+    driver, or GPUs a node only declares), the process says so in one line, once whatever
+    number of trials it runs, and the trial trains on the CPU."""
+    global _said_no_cuda
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if gpu_ids and not _said_no_cuda:
+        _said_no_cuda = True
+        why = (
+            "torch is a CPU build"
+            if torch.version.cuda is None
+            else f"torch {torch.__version__} finds no CUDA device here"
+        )
+        given = f"GPU{'s' if len(gpu_ids) > 1 else ''} {','.join(map(str, gpu_ids))}"
+        say(
+            f"kdsearch: this trial was given {given} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}) but {why}: training on the CPU"
+        )
+    return torch.device("cpu")
 
 
 def run_trial(
@@ -92,12 +125,13 @@ def run_trial(
     even where the cache would do (a baseline to compare with). `loader_workers` are
     DataLoader processes for datasets read from disk (in-memory ones need none). Each report
     holds val_acc, every computed objective (FLOPs, MACs, params), the measured ones among
-    `objectives`, the loss parts and timings. The final weights are saved as
+    `objectives`, the loss parts, timings and world_size (the processes training it). The final weights are saved as
     `workdir/model.safetensors` with `workdir/trial_spec.json` beside them.
 
     `world_size` > 1 trains data-parallel in that many processes (one GPU each, or CPUs with
     gloo): each takes its share of every global batch of `train.batch_size` images, and this
     process (rank 0) reports, evaluates and saves (kdsearch.train.parallel).
+    `device` defaults to `trial_device()`: CUDA when torch sees it, else the CPU.
 
     `checkpoint_every` > 0 hands a checkpoint folder with every k-th epoch's report;
     `resume_from` continues from one (see the module doc).
@@ -113,7 +147,7 @@ def run_trial(
             cache_dir=cache_dir, live_teacher=live_teacher, loader_workers=loader_workers, objectives=objectives,
             log=log, checkpoint_every=checkpoint_every, resume_from=resume_from,
         )  # fmt: skip
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device is not None else trial_device()
     source = teacher_source(spec.recipe, live=live_teacher)
     signal = teacher_signal(
         spec, source, data, device, teacher, cached_logits, Path(cache_dir or workdir / "cache"), log
@@ -168,6 +202,8 @@ def train_trial(
         schedule.load_state_dict(state["schedule"])
         _set_rng(state, device)
     computed = objective_table.computed(spec.student)
+    # the processes that train it: the process group's own count, which exists only once every rank joined
+    processes = torch.distributed.get_world_size() if world > 1 else 1
 
     metrics: dict[str, Any] = {}
     first = int(state["epoch"]) + 1 if state is not None else 1
@@ -201,6 +237,7 @@ def train_trial(
             **throughput,
             "teacher_images": signal.images,
             "lr": schedule.get_last_lr()[0],
+            "world_size": processes,
         }
         if checkpoint_every and epoch % checkpoint_every == 0 and workdir is not None:
             folder = save_training_state(workdir / "checkpoint", epoch, spec, model, loss_fn, optimizer, schedule)
