@@ -1,16 +1,22 @@
-"""Every file in cluster/: the launcher configs against Ray's own schema and checks, the KubeRay manifests against
-the fields of the v1 RayCluster/RayJob kinds, the shell scripts with bash -n and shellcheck, and no secrets anywhere."""
+"""Every file in cluster/: the launcher configs against Ray's own schema and checks (and the IAM and provisioning the
+clouds ask for), the KubeRay manifests against the fields of the v1 RayCluster/RayJob kinds of KubeRay v1.6.0 and
+against the space they run, the shell scripts with bash -n and shellcheck, every placeholder named in the README, and
+no secrets anywhere."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
 import json
+import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
-from pathlib import Path
+import textwrap
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import jsonschema
 import pytest
@@ -30,6 +36,14 @@ GPU_INSTANCE = re.compile(r"^(p\d|g\d|a2-|a3-|g2-|trn|inf)")  # AWS p5/g6..., GC
 
 def load(name: str):
     return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def readme() -> str:
+    return (CLUSTER / "README.md").read_text()
+
+
+def as_list(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
 
 
 def ray_schema() -> dict:
@@ -105,6 +119,90 @@ def test_launcher_shares_the_token_and_keeps_the_dashboard_local(name):
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
 
 
+def readme_json(name: str) -> dict:
+    """The JSON document that README.md shows under `NAME`: (an indented block)."""
+    block = re.search(rf"^`{re.escape(name)}`[^\n]*:\n\n((?:    .*\n)+)", readme(), re.M)
+    assert block, f"README.md shows no {name}"
+    return json.loads(textwrap.dedent(block[1]))
+
+
+def test_aws_head_may_pass_the_workers_role():
+    """Launching an instance with a profile passes the profile's role: the head needs iam:PassRole on the workers'
+    role. Ray's default head role (ray-autoscaler-v1: AmazonEC2FullAccess + AmazonS3FullAccess, Ray 2.60
+    autoscaler/_private/aws/config.py) lacks it (ray#3190, #3199), so the head names a profile of its own, and
+    README's IAM section gives that profile's role PassRole on the role of every worker profile."""
+    from ray.autoscaler._private.aws.config import DEFAULT_RAY_INSTANCE_PROFILE, _configure_iam_role
+    from ray.autoscaler._private.util import prepare_config
+
+    config = load("aws.yaml")
+    head, workers = node_types(config)
+    head_profile = head["node_config"]["IamInstanceProfile"]["Name"]
+    worker_profiles = {w["node_config"]["IamInstanceProfile"]["Name"] for w in workers.values()}
+    assert DEFAULT_RAY_INSTANCE_PROFILE not in {head_profile, *worker_profiles}
+    assert head_profile not in worker_profiles, "the workers need the bucket, not the head's EC2 rights"
+    # What `ray up` does with it: a head profile named in the config is kept, no default one is made (no AWS call)
+    prepared = prepare_config(copy.deepcopy(config))
+    prepared["head_node"] = {}
+    assert _configure_iam_role(copy.deepcopy(prepared)) == prepared
+
+    text = readme()
+    passable = {
+        resource
+        for statement in readme_json("pass-worker-role.json")["Statement"]
+        if statement["Effect"] == "Allow" and "iam:PassRole" in as_list(statement["Action"])
+        for resource in as_list(statement["Resource"])
+    }
+    for profile in worker_profiles:
+        # each profile holds the role of its name, which the head may pass
+        assert f"--instance-profile-name {profile} --role-name {profile}" in text
+        assert f"arn:aws:iam::ACCOUNT_ID:role/{profile}" in passable
+    head_role = f"--role-name {head_profile}"
+    assert f"--instance-profile-name {head_profile} {head_role}" in text
+    assert f"{head_role} --policy-name kdsearch-pass-worker-role --policy-document file://pass-worker-role.json" in text
+    assert f"{head_role} --policy-arn arn:aws:iam::aws:policy/AmazonEC2FullAccess" in text
+    bucket = {r for s in readme_json("bucket.json")["Statement"] for r in as_list(s["Resource"])}
+    assert bucket == {"arn:aws:s3:::BUCKET", "arn:aws:s3:::BUCKET/*"}
+    for role in (head_profile, *worker_profiles):
+        assert f"--role-name {role} --policy-name kdsearch-bucket --policy-document file://bucket.json" in text
+
+
+def test_gcp_a3_workers_are_provisioned_as_google_offers_them():
+    """a3-highgpu-8g: Spot, a reservation or DWS flex-start (not plain on-demand), gVNIC, a pd-balanced or pd-ssd
+    boot disk in the provider's zone; `scheduling` one object as the Compute API has it (Ray's own GCP examples
+    write a list: ray#46248). Ray's GCP node provider passes node_config to instances.insert as it is
+    (Ray 2.60 autoscaler/_private/gcp/node.py create_instance), expanding only machineType and guestAccelerators."""
+    config = load("gcp.yaml")
+    provider = config["provider"]
+    _, workers = node_types(config)
+    a3 = {key: w["node_config"] for key, w in workers.items() if machine_type(w).startswith("a3-")}
+    assert a3, "no a3 worker type"
+    for key, node in a3.items():
+        scheduling = node["scheduling"]
+        assert isinstance(scheduling, dict), f"{key}: scheduling is one object"
+        reserved = node.get("reservationAffinity", {}).get("consumeReservationType") == "SPECIFIC_RESERVATION"
+        assert scheduling.get("provisioningModel") in {"SPOT", "FLEX_START"} or reserved, f"{key}: not on demand"
+        assert scheduling["onHostMaintenance"] == "TERMINATE", "GPU VMs cannot live-migrate"
+        assert [nic.get("nicType") for nic in node["networkInterfaces"]] == ["GVNIC"], key
+        (boot,) = [disk for disk in node["disks"] if disk.get("boot")]
+        disk_type = re.fullmatch(r"zones/([\w-]+)/diskTypes/([\w-]+)", boot["initializeParams"]["diskType"])
+        assert disk_type and disk_type[1] == provider["availability_zone"], boot
+        assert disk_type[2] in {"pd-balanced", "pd-ssd", "hyperdisk-balanced"}, (
+            f"{key}: A3 boots from none of pd-standard"
+        )
+    for key, node_type in config["available_node_types"].items():
+        node = node_type["node_config"]
+        assert not isinstance(node.get("scheduling", {}), list), key
+        # Every node type names its interface: Ray's _configure_subnet then picks no subnetwork of its own, and head
+        # and workers share one (the installed Ray's source has that early return; its module needs Google's
+        # client libraries to import)
+        for nic in node["networkInterfaces"]:
+            assert re.fullmatch(rf"regions/{provider['region']}/subnetworks/[\w-]+", nic["subnetwork"]), nic
+            assert any(a.get("type") == "ONE_TO_ONE_NAT" for a in nic.get("accessConfigs", [])), "ray up's SSH, pip"
+    ray_dir = Path(importlib.util.find_spec("ray").origin).parent
+    source = (ray_dir / "autoscaler" / "_private" / "gcp" / "config.py").read_text()
+    assert '"networkInterfaces" in node_config or "networkConfig" in node_config' in source
+
+
 def walk_keys(node, path=""):
     if isinstance(node, dict):
         for key, value in node.items():
@@ -146,29 +244,31 @@ def test_pinned_ray_versions_agree():
 
 # --- KubeRay v1 ------------------------------------------------------------------------------------------------
 
-# The fields of the ray.io/v1 kinds (KubeRay's ray-operator/apis/ray/v1 raycluster_types.go and rayjob_types.go,
-# plus authOptions of v1.5.1+): a misspelt field is dropped by the API server without a word, so these lists catch
-# it here. A field of a newer KubeRay goes into its list when a manifest starts to use it.
+# The fields of the ray.io/v1 kinds in KubeRay v1.6.0, the lowest KubeRay the manifests accept (authOptions.secretName
+# is new in v1.6.0): ray-operator/apis/ray/v1/raycluster_types.go and rayjob_types.go at that tag. A misspelt field,
+# or one of a newer KubeRay, is refused by kubectl or dropped by the API server, so these lists catch it here.
+KUBERAY_MIN = "1.6.0"
 RAYJOB_SPEC = {
     "activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata", "clusterSelector",
     "submitterConfig", "managedBy", "deletionStrategy", "entrypoint", "runtimeEnvYAML", "jobId", "submissionMode",
     "entrypointResources", "entrypointNumCpus", "entrypointNumGpus", "ttlSecondsAfterFinished",
-    "shutdownAfterJobFinishes", "suspend", "schedule",
+    "preRunningDeadlineSeconds", "shutdownAfterJobFinishes", "suspend",
 }  # fmt: skip
 RAYCLUSTER_SPEC = {
-    "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations", "enableInTreeAutoscaling",
-    "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs", "authOptions",
+    "upgradeStrategy", "authOptions", "suspend", "managedBy", "autoscalerOptions", "headServiceAnnotations",
+    "enableInTreeAutoscaling", "gcsFaultToleranceOptions", "headGroupSpec", "rayVersion", "workerGroupSpecs",
 }  # fmt: skip
-HEAD_GROUP = {"template", "headService", "enableIngress", "rayStartParams", "serviceType"}
+HEAD_GROUP = {"template", "headService", "enableIngress", "resources", "labels", "rayStartParams", "serviceType"}
 WORKER_GROUP = {
-    "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "rayStartParams",
-    "template", "scaleStrategy", "numOfHosts",
+    "suspend", "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "resources", "labels",
+    "rayStartParams", "template", "scaleStrategy", "numOfHosts",
 }  # fmt: skip
 AUTOSCALER_OPTIONS = {
-    "resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds", "upscalingMode", "env",
-    "envFrom", "volumeMounts",
+    "resources", "image", "imagePullPolicy", "securityContext", "idleTimeoutSeconds", "upscalingMode", "version",
+    "env", "envFrom", "volumeMounts",
 }  # fmt: skip
 AUTH_OPTIONS = {"mode", "secretName", "enableK8sTokenAuth"}
+AUTH_OPTIONS_V1_5 = {"mode"}  # v1.5.1 and v1.5.2; v1.5.0 has no authOptions
 
 
 def cluster_spec(name: str) -> dict:
@@ -230,14 +330,188 @@ def test_kuberay_turns_token_authentication_on(name):
     assert set(auth) <= AUTH_OPTIONS and auth["mode"] == "token"
 
 
+def test_kuberay_version_stated_is_the_one_its_fields_need():
+    """secretName is in KubeRay v1.6.0's AuthOptions, not in v1.5.1's (only mode): README and manifests say >= 1.6.0."""
+    assert any(set(cluster_spec(name)["authOptions"]) - AUTH_OPTIONS_V1_5 for name in KUBERAY)
+    for text in [readme(), *((CLUSTER / name).read_text() for name in KUBERAY)]:
+        assert re.search(rf"KubeRay (operator )?>= {re.escape(KUBERAY_MIN)}", text)
+        assert not re.search(r"KubeRay (operator )?>= 1\.5", text)
+
+
+def image_repository() -> str:
+    """Where the image holds this repository: the WORKDIR of README.md's Dockerfile."""
+    return re.search(r"^\s+WORKDIR (\S+)$", readme(), re.M)[1]
+
+
+def space_in_repo(path: str) -> Path:
+    """The file of this repository that a space path of a manifest names: absolute in the image, or relative to the
+    repository (a `ray job submit --working-dir .` from its root)."""
+    image = image_repository()
+    if path.startswith("/"):
+        assert path.startswith(image + "/"), f"{path} is not in the image's repository {image}"
+        path = path.removeprefix(image + "/")
+    found = REPO / path
+    assert found.is_file(), f"the space {path} is not in the repository"
+    return found
+
+
+def manifest_space(name: str) -> Path:
+    """The space a manifest runs: the RayJob's entrypoint, or the search its header submits to the RayCluster."""
+    if Path(name).name == "rayjob.yaml":
+        words = load(name)["spec"]["entrypoint"].split()
+        return space_in_repo(words[words.index("search") + 1])
+    return space_in_repo(re.search(r"kdsearch search (\S+\.yaml)", (CLUSTER / name).read_text())[1])
+
+
 def test_rayjob_runs_a_search_and_cleans_up():
     job = load("kuberay/rayjob.yaml")["spec"]
     entrypoint = job["entrypoint"]
     assert "kdsearch search " in entrypoint and "--address auto" in entrypoint and "--storage " in entrypoint
-    space = re.search(r"kdsearch search (\S+\.yaml)", entrypoint)[1]
-    assert (REPO / space).is_file(), f"the entrypoint's space {space} is not in the repository"
+    assert manifest_space("kuberay/rayjob.yaml").is_relative_to(REPO / "search_spaces")
     assert job["shutdownAfterJobFinishes"] is True
     assert isinstance(job["ttlSecondsAfterFinished"], int) and job["ttlSecondsAfterFinished"] >= 0
+
+
+def test_rayjob_entrypoint_is_one_command_of_plain_words():
+    """KubeRay pastes the entrypoint unquoted into the submitter's bash line (tests/kuberay.py): every word must be
+    one that bash leaves as it is (no operator, expansion, quote or glob), so bash hands `ray job submit` exactly
+    these words and Ray's shlex.join gives back the entrypoint. The space is named by its path in the image, the
+    repository the containers work in."""
+    from tests.kuberay import build_job_submit_command
+
+    job = load("kuberay/rayjob.yaml")
+    entrypoint = job["spec"]["entrypoint"]
+    words = entrypoint.split()
+    unsafe = [word for word in words if shlex.quote(word) != word]
+    assert not unsafe, f"words bash would not pass on as written: {unsafe}"
+    assert shlex.join(words) == entrypoint.strip()
+    command = build_job_submit_command(job["spec"], "kdsearch-head-svc.default.svc.cluster.local:8265", "id")
+    line = " ".join(command)
+    assert f" -- {entrypoint.strip()} ; fi ; " in line
+    assert PurePosixPath(words[words.index("search") + 1]).is_absolute()
+    spec = cluster_spec("kuberay/rayjob.yaml")
+    work_dirs = {c.get("workingDir") for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]] for c in containers(g)}
+    assert work_dirs == {image_repository()}
+
+
+def test_submit_command_is_kuberays():
+    """tests/kuberay.py gives the words KubeRay v1.6.0's own tests expect of BuildJobSubmitCommand (job_test.go:
+    TestBuildJobSubmitCommandWithK8sJobMode and TestBuildJobSubmitCommandWithK8sJobModeAndYAML)."""
+    from tests.kuberay import build_job_submit_command, generate_job_id, go_quote, submitter_command
+
+    address = "http://127.0.0.1:8265"
+    status = ["if", "!", "ray", "job", "status", "--address", address, "testJobId", ">/dev/null", "2>&1", ";", "then"]
+    submit = ["ray", "job", "submit", "--address", address, "--no-wait"]
+    tail = ["--", "echo no quote 'single quote' \"double quote\"", ";", "fi", ";"]
+    follow = ["ray", "job", "logs", "--address", address, "--follow", "testJobId"]
+    template = {
+        "runtimeEnvYAML": "test: test",
+        "metadata": {"testKey": "testValue"},
+        "rayClusterSpec": {"rayVersion": "2.6.0"},
+        "entrypoint": "echo no quote 'single quote' \"double quote\"",
+        "entrypointNumCpus": 1,
+        "entrypointNumGpus": 0.5,
+        "entrypointResources": '{"Custom_1": 1, "Custom_2": 5.5}',
+    }
+    assert build_job_submit_command(template, address, "testJobId") == [
+        *status, *submit,
+        "--runtime-env-json", go_quote('{"test":"test"}'),
+        "--metadata-json", go_quote('{"testKey":"testValue"}'),
+        "--submission-id", "testJobId",
+        "--entrypoint-num-cpus", "1.000000",
+        "--entrypoint-num-gpus", "0.500000",
+        "--entrypoint-resources", go_quote('{"Custom_1": 1, "Custom_2": 5.5}'),
+        *tail, *follow,
+    ]  # fmt: skip
+    with_yaml = {
+        "runtimeEnvYAML": 'working_dir: "https://example.com/a.zip"\npip: ["python-multipart==0.0.6"]\n',
+        "metadata": {"testKey": "testValue"},
+        "rayClusterSpec": {"rayVersion": "2.6.0"},
+        "entrypoint": template["entrypoint"],
+    }
+    assert build_job_submit_command(with_yaml, "127.0.0.1:8265", "testJobId") == [
+        *status, *submit,
+        "--runtime-env-json", go_quote('{"working_dir":"https://example.com/a.zip","pip":["python-multipart==0.0.6"]}'),
+        "--metadata-json", go_quote('{"testKey":"testValue"}'),
+        "--submission-id", "testJobId",
+        *tail, *follow,
+    ]  # fmt: skip
+    assert go_quote('{"a": "b\\c"}') == '"{\\"a\\": \\"b\\\\c\\"}"'  # strconv.Quote
+    shell = submitter_command(template, address, "testJobId")
+    assert shell[:3] == ["/bin/bash", "-ce", "--"] and len(shell) == 4
+    assert re.fullmatch(r"kdsearch-search-[bcdfghjklmnpqrstvwxz2456789]{5}", generate_job_id("kdsearch-search"))
+
+
+def cpu_quantity(quantity: str | int) -> float:
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def ray_resources(group: dict) -> tuple[float, float]:
+    """(CPUs, GPUs) that Ray advertises for a group's pods: rayStartParams num-cpus/num-gpus, else what KubeRay
+    v1.6.0 derives from the Ray container (pod.go generateRayStartCommand: the CPU limit, else the request, rounded
+    up; addWellKnownAcceleratorResources: the nvidia.com/gpu limit)."""
+    params = group["rayStartParams"]
+    resources = containers(group)[0].get("resources", {})  # the Ray container is the first (utils.RayContainerIndex)
+    limits, requests = resources.get("limits", {}), resources.get("requests", {})
+    cpu = limits.get("cpu") or requests.get("cpu") or 0
+    cpus = float(params["num-cpus"]) if "num-cpus" in params else math.ceil(cpu_quantity(cpu))
+    gpus = float(params["num-gpus"]) if "num-gpus" in params else float(limits.get("nvidia.com/gpu", 0))
+    return cpus, gpus
+
+
+def mounted_volume(group: dict, path: str) -> dict | None:
+    """The pod volume whose mount in the Ray container holds `path` (the deepest such mount), None when none does."""
+    pod = group["template"]["spec"]
+    target = PurePosixPath(path)
+    mounts = [
+        m
+        for m in containers(group)[0].get("volumeMounts", [])
+        if target == PurePosixPath(m["mountPath"]) or PurePosixPath(m["mountPath"]) in target.parents
+    ]
+    if not mounts:
+        return None
+    mount = max(mounts, key=lambda m: len(PurePosixPath(m["mountPath"]).parts))
+    (volume,) = [v for v in pod.get("volumes", []) if v["name"] == mount["name"]]
+    return volume
+
+
+@pytest.mark.parametrize("name", KUBERAY)
+def test_kuberay_groups_that_run_trials_mount_the_data_and_hold_whole_trials(name):
+    """The space the manifest runs (from search_spaces/): every group whose pods Ray can give a trial (the space's
+    resources) mounts the volume holding data.root, which every trial reads (kdsearch checks it on the trial's
+    node); the head mounts it and the teacher's checkpoint for the driver. A GPU group asks for nvidia.com/gpu in a
+    multiple of the trial's GPUs, with the CPUs for that many trials, and no worker group is one no trial fits."""
+    space = yaml.safe_load(manifest_space(name).read_text())
+    root, checkpoint = space["data"]["root"], space["teacher"]["checkpoint"]
+    assert PurePosixPath(root).is_absolute() and PurePosixPath(checkpoint).is_absolute()
+    trial_cpus, trial_gpus = float(space["resources"]["cpus"]), float(space["resources"].get("gpus", 0))
+    spec = cluster_spec(name)
+    head = spec["headGroupSpec"]
+    data = mounted_volume(head, root)
+    assert data is not None and mounted_volume(head, checkpoint) is not None, "the driver reads both on the head"
+    groups = {"head": head, **{g["groupName"]: g for g in spec["workerGroupSpecs"]}}
+    runs_trials = set()
+    for group_name, group in groups.items():
+        cpus, gpus = ray_resources(group)
+        if cpus < trial_cpus or gpus < trial_gpus:
+            continue
+        runs_trials.add(group_name)
+        volume = mounted_volume(group, root)
+        assert volume is not None, f"{name}: {group_name} runs trials but mounts nothing at {root}"
+        assert volume.get("persistentVolumeClaim") == data.get("persistentVolumeClaim"), (group_name, volume)
+        if trial_gpus:
+            per_pod = gpus / trial_gpus
+            assert per_pod == int(per_pod), f"{group_name}: {gpus} GPUs hold {per_pod} trials of {trial_gpus}"
+            assert cpus >= per_pod * trial_cpus, f"{group_name}: {cpus} CPUs for {per_pod} trials of {trial_cpus}"
+            resources = containers(group)[0]["resources"]
+            assert (
+                resources["limits"]["nvidia.com/gpu"]
+                == resources.get("requests", resources["limits"])["nvidia.com/gpu"]
+            ), "Kubernetes wants an extended resource's request equal to its limit"
+    assert runs_trials >= {g["groupName"] for g in spec["workerGroupSpecs"]}, "a worker group no trial fits"
+    if trial_gpus:
+        assert "head" not in runs_trials, "the head advertises no GPU"
 
 
 # --- shell scripts ---------------------------------------------------------------------------------------------
@@ -296,6 +570,31 @@ def test_readme_covers_every_file_and_the_token_and_dashboard():
     text = (CLUSTER / "README.md").read_text()
     for name in CHECKED - {"README.md"}:
         assert Path(name).name in text, f"README.md does not mention {name}"
+        assert readme_row(name), f"README.md's 'What each file needs' has no row for {name}"
     assert "## Token authentication" in text and "## The dashboard" in text
     for fact in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", "~/.ray/auth_token"):
         assert fact in text
+
+
+# Placeholders: values a user must replace. Each is written in a form no real value takes, and README's "What each
+# file needs" names it in the file's row.
+PLACEHOLDER = re.compile(
+    r"ami-SET-ME[\w.-]*|YOUR-[A-Z]+(?:-[A-Z]+)*|registry\.example\.com/[\w./:-]*\w|\bBUCKET\b|\bACCOUNT_ID\b"
+)
+
+
+def readme_row(name: str) -> str:
+    """The row of README's "What each file needs" table for a file of cluster/ (the KubeRay files share one)."""
+    section = readme().split("## What each file needs", 1)[1].split("\n## ", 1)[0]
+    key = "kuberay/*.yaml" if name.startswith("kuberay/") else name
+    return next((line for line in section.splitlines() if line.startswith(f"| `{key}` |")), "")
+
+
+@pytest.mark.parametrize("name", LAUNCHER + KUBERAY)
+def test_every_placeholder_is_named_as_one(name):
+    text = (CLUSTER / name).read_text()
+    found = set(PLACEHOLDER.findall(text))
+    assert found and re.search(r"placeholder", text, re.I), f"{name} says nothing of its placeholders"
+    placeholders = readme_row(name).rsplit(" | ", 1)[-1]
+    missing = sorted(p for p in found if p not in placeholders)
+    assert not missing, f"README.md's row for {name} does not name the placeholders {missing}"

@@ -180,7 +180,7 @@ def test_local_cluster_starts_joins_with_its_token_and_stops_everything(
     owners = sorted(name for n in nodes for name, t in temp_dirs.items() if n["socket"].startswith(t + "/"))
     assert owners == ["head", "worker-1", "worker-2"]
 
-    job_submit_runs_a_search(state, digits_teacher_path, tmp_path)
+    rayjob_entrypoint_runs_a_search(state, digits_teacher_path, tmp_path)
 
     # A second start on the same state folder refuses, and starts nothing
     again = subprocess.run(
@@ -311,29 +311,71 @@ def test_a_search_runs_across_nodes_with_its_run_in_a_bucket(
         assert stop.returncode == 0 and not left, f"still running after stop: {left}"
 
 
-def job_submit_runs_a_search(state: Path, digits_teacher_path: Path, tmp_path: Path) -> None:
-    """`ray job submit --working-dir . -- kdsearch search SPACE --address auto --storage DIR`, as
-    the README shows it, from a shell whose PATH does not hold this environment: the job finds
-    kdsearch beside the nodes' ray."""
+def rayjob_entrypoint_runs_a_search(state: Path, digits_teacher_path: Path, tmp_path: Path) -> None:
+    """cluster/kuberay/rayjob.yaml's entrypoint, submitted as KubeRay's submitter pod submits it: the `bash -ce`
+    line of BuildJobSubmitCommand (KubeRay v1.6.0, mirrored in tests/kuberay.py: `ray job status`, else
+    `ray job submit --no-wait ... -- ENTRYPOINT`, then `ray job logs --follow`) with the operator's variables,
+    runs a search to the end on this cluster as a Ray job.
+
+    The entrypoint's paths in the image become this machine's by string replacement, each found exactly once:
+    the space /home/ray/kdsearch/search_spaces/cifar10_vit_tiny.yaml (224px, a ViT-B teacher on a volume) ->
+    a digits space of 2 trials that both train, and s3://BUCKET/runs -> a local folder; every other word stays
+    as written. The submitter's shell has `ray` alone on PATH and no RAY_ADDRESS, as the submitter pod reaches
+    only the dashboard: a `kdsearch` split off the line by a shell operator would fail there instead of running.
+    The line's own exit status says nothing of the job (`ray job logs --follow` ends 0 either way): the job's
+    record on the dashboard, which KubeRay polls, must say SUCCEEDED."""
+    import urllib.request
+
     import pandas as pd
 
     from tests.helpers import write_space
+    from tests.kuberay import generate_job_id, submitter_command, submitter_env
 
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    write_space(job_dir, digits_teacher_path, trials=2, epochs=2)
-    env = clean_env(**parse_env((state / "env").read_text()), PATH="/usr/bin:/bin")
-    ray = Path(sys.executable).with_name("ray")
-    runs = tmp_path / "runs"
-    cmd = [str(ray), "job", "submit", "--working-dir", ".", "--", "kdsearch", "search", "space.yaml"]
-    job = subprocess.run(
-        cmd + ["--address", "auto", "--storage", str(runs), "--name", "job"],
+    job = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    spec = job["spec"]
+    local_dir = tmp_path / "rayjob"
+    local_dir.mkdir()
+    space = write_space(local_dir, digits_teacher_path, trials=2, epochs=1)
+    raw = yaml.safe_load(space.read_text())
+    raw["budget"] = {"max_gflops": None}  # both trials train: a search with no trained trial fails
+    raw["early_stopping"] = {"enabled": False}
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    runs = tmp_path / "rayjob-runs"
+    entrypoint = spec["entrypoint"]
+    for image_path, here in [
+        ("/home/ray/kdsearch/search_spaces/cifar10_vit_tiny.yaml", str(space)),
+        ("s3://BUCKET/runs", str(runs)),
+    ]:
+        assert entrypoint.count(image_path) == 1, (image_path, entrypoint)
+        entrypoint = entrypoint.replace(image_path, here)
+    spec = {**spec, "entrypoint": entrypoint}
+
+    dashboard_url = (state / "dashboard").read_text().strip().removeprefix("http://")  # Status.DashboardURL
+    job_id = generate_job_id(job["metadata"]["name"])
+    token = (state / "auth_token").read_text().strip()
+    bin_dir = local_dir / "bin"  # the submitter image's PATH, reduced to ray
+    bin_dir.mkdir()
+    (bin_dir / "ray").symlink_to(Path(sys.executable).with_name("ray"))
+    env = clean_env(**submitter_env(dashboard_url, job_id, token), PATH=f"{bin_dir}:/usr/bin:/bin")
+    env.pop("KDSEARCH_RAY", None)
+    submitted = subprocess.run(
+        submitter_command(spec, dashboard_url, job_id),
         capture_output=True,
         text=True,
         timeout=360,
         env=env,
-        cwd=job_dir,
+        cwd=local_dir,
     )
-    assert job.returncode == 0 and "succeeded" in job.stdout + job.stderr, (job.stdout + job.stderr)[-3000:]
-    trials = pd.read_parquet(runs / "job" / "trials.parquet")
-    assert len(trials) == 2 and trials.node_id.notna().all()
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
+
+    # What KubeRay reads to decide the RayJob's status: the dashboard's job record
+    request = urllib.request.Request(
+        f"http://{dashboard_url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        record = json.load(response)
+    assert record["status"] == "SUCCEEDED", (record.get("message"), submitted.stdout[-3000:])
+    assert record["entrypoint"] == entrypoint, "the Ray job is the whole entrypoint, not a piece of it"
+    trials = pd.read_parquet(runs / "digits_search" / "trials.parquet")
+    assert len(trials) == 2 and (trials.status == "completed").all(), trials[["trial_id", "status", "error"]]
+    assert trials.node_id.notna().all()
