@@ -119,6 +119,7 @@ def test_node_lost_mid_trial_is_retried_elsewhere(digits_teacher_path: Path, tmp
     raw = yaml.safe_load(space.read_text())
     raw["budget"] = {"max_gflops": None}  # every trial trains
     raw["early_stopping"] = {"enabled": False}
+    raw["search"]["max_failures"] = 0  # a lost node is no failure of the trial's: it runs again all the same
     space.write_text(yaml.safe_dump(raw, sort_keys=False))
     run = tmp_path / "runs" / "digits_search"
     victim: list[str] = []
@@ -191,6 +192,7 @@ def test_a_sigkilled_worker_loses_no_trial(digits_teacher_path: Path, tmp_path: 
     raw = yaml.safe_load(space.read_text())
     raw["budget"] = {"max_gflops": None}  # every trial trains
     raw["early_stopping"] = {"enabled": False}
+    raw["search"]["max_failures"] = 0  # a lost node is no failure of the trial's: it runs again all the same
     space.write_text(yaml.safe_dump(raw, sort_keys=False))
     state, runs = tmp_path / "state", "s3://node-loss/runs"
     with s3_server(tmp_path / "moto.log") as s3:

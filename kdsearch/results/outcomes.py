@@ -18,7 +18,7 @@ class Status(str, Enum):
     COMPLETED = "completed"  # trained every epoch; its weights are saved
     STOPPED_EARLY = "stopped_early"  # the scheduler stopped it at a milestone (beaten by cheaper trials)
     INFEASIBLE = "infeasible"  # over the space's budget: never trained, costs exact, accuracy never measured
-    FAILED = "failed"  # raised (diverged, out of memory, a lost node after its retries)
+    FAILED = "failed"  # its own fault (diverged, out of memory, too slow), or raised past max_failures
 
     def __str__(self) -> str:
         return self.value
@@ -32,6 +32,11 @@ class Status(str, Enum):
 FAILURE = "failure"
 """The key of a trial's last result that says it failed on its own (diverged, out of memory, past
 train.max_minutes) and why, in one line: the trial ended without raising, so it is not retried."""
+
+RETRY_REFUSED = "retry_refused"
+"""The key of a trial's last result when that attempt trained nothing because the trial's own
+failures were past the space's max_failures (kdsearch.search.attempts): it ended the trial
+with FAILURE, and it is not counted as a retry."""
 
 STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
 

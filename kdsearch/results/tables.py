@@ -128,11 +128,6 @@ class RunPaths:
     def checkpoint(trial_id: str) -> str:
         return f"trials/{trial_id}/model.safetensors"
 
-    @staticmethod
-    def hung(trial_id: str) -> str:
-        """Why a trial's worker was ended by its watchdog (kdsearch.search.run), for its row's error."""
-        return f"trials/{trial_id}/hung.txt"
-
     def rows(self, name: str) -> list[dict[str, Any]]:
         """The rows of one of the run's tables ([] before it exists)."""
         return read_rows(self.store, name)

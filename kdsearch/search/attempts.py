@@ -12,7 +12,7 @@ When an attempt starts, the earlier ones are read back:
   or was stopped): not the trial's failure;
 - one that vanished without a word (its process gone: a lost node, a SIGKILL, the kernel's
   OOM killer, a crash) is a lost node when its node is dead, and the trial's own failure when
-  its node is still alive after Ray's GCS had time to notice a death (`NODE_DEATH_SECONDS`).
+  its node lives (`node_alive`: its raylet still answers).
 
 An attempt that finds more own failures than `max_failures` trains nothing: it ends the trial
 as failed with the last reason (kdsearch.results.outcomes: FAILURE), and is not a retry
@@ -22,6 +22,7 @@ as failed with the last reason (kdsearch.results.outcomes: FAILURE), and is not 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,17 +30,28 @@ from dataclasses import dataclass
 from kdsearch.results.tables import RunPaths
 from kdsearch.storage import Storage
 
-# Ray's GCS marks a node dead once its health checks have failed for long enough (2.60: every
-# 3 s, 10 s timeout, 5 misses); an attempt whose process vanished on a node still alive after
-# this long died on its own.
-NODE_DEATH_SECONDS = 60.0
+RAYLET_TIMEOUT_S = 5.0  # how long a raylet has to accept a connection before its node counts as lost
 
 
 def node_alive(node_id: str) -> bool:
-    """Whether Ray's GCS holds node `node_id` alive (asked from inside a Ray worker)."""
+    """Whether node `node_id` lives: Ray's GCS holds it alive and its raylet accepts a connection
+    (asked from inside a Ray worker).
+
+    NOTE: the GCS marks a node dead only once its health checks have failed for a while (2.60:
+    every 3 s, 10 s timeout, 5 misses), and the trial's next attempt can start before that; the
+    raylet's own port answers at once, refused or silent when the node is gone, open while it
+    lives (a worker that crashed or was OOM-killed there leaves its raylet running).
+    """
     import ray
 
-    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+    if node is None or not node["Alive"]:
+        return False
+    try:
+        socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]), RAYLET_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
 
 
 @dataclass
@@ -49,14 +61,12 @@ class Attempts:
     Args:
         store: the run's storage.
         trial_id: the Tune trial.
-        alive: whether a node is alive now (`node_alive` in a Ray worker).
-        wait: how long a vanished attempt's node may take to be marked dead.
+        alive: whether a node lives now (`node_alive` in a Ray worker).
     """
 
     store: Storage
     trial_id: str
     alive: Callable[[str], bool] = node_alive
-    wait: float = NODE_DEATH_SECONDS
     number: int = 0  # this attempt's, once begun
 
     def begin(self, node_id: str, job_id: str) -> list[str]:
@@ -76,12 +86,12 @@ class Attempts:
             return attempt["error"]
         if attempt["job_id"] != job_id:
             return None  # ended with its driver
-        node, deadline = attempt["node_id"], time.monotonic() + self.wait
-        while self.alive(node):
-            if time.monotonic() >= deadline:
-                return f"its worker process ended without an error on node {node[:12]}, which is alive (a crash or the OOM killer)"
-            time.sleep(1.0)
-        return None  # its node was lost: not the trial's failure
+        if not self.alive(attempt["node_id"]):
+            return None  # its node was lost: not the trial's failure
+        return (
+            f"its worker process ended without an error on node {attempt['node_id'][:12]}, which lives "
+            "(a crash or the OOM killer)"
+        )
 
     @property
     def _dir(self) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from ray import tune
 
 from kdsearch.results.hypervolume import run_reference
-from kdsearch.results.outcomes import FAILURE, Status
+from kdsearch.results.outcomes import FAILURE, RETRY_REFUSED, Status
 from kdsearch.results.parts import PartsWriter
 from kdsearch.results.status import render_status
 from kdsearch.results.tables import EPOCH_COLUMNS, MERGE_RULES, TRIAL_COLUMNS, RunPaths
@@ -111,19 +111,22 @@ class ResultsRecorder(tune.Callback):
 
     @_keeps_storage_failure
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        # a trial's own fault (diverged, out of memory, past train.max_minutes) ends it with the reason in its last result
-        self._row(trial, outcome(trial.config, trial.last_result), error=(trial.last_result or {}).get(FAILURE))
+        # a trial's own fault (diverged, out of memory, past train.max_minutes), or its failures past the space's
+        # max_failures, end it with the reason in its last result; the attempt that only said so was no retry
+        last = trial.last_result or {}
+        if last.get(RETRY_REFUSED):
+            self.retries[trial.trial_id] = max(0, self.retries.get(trial.trial_id, 0) - 1)
+        self._row(trial, outcome(trial.config, last), error=last.get(FAILURE))
         self.flush(epochs=False)
 
     @_keeps_storage_failure
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        hung = RunPaths.hung(trial.trial_id)  # its watchdog ended the worker: say why, not that a worker died
-        error = self.paths.store.read_text(hung) if self.paths.store.exists(hung) else _error_text(trial)
-        self._row(trial, Status.FAILED, error=error)
+        self._row(trial, Status.FAILED, error=_error_text(trial))
         self.flush(epochs=False)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        """A failed attempt that Tune retries (up to the space's max_failures)."""
+        """A failed attempt that Tune starts again (a lost node's, always; the trial's own, up to the space's
+        max_failures: kdsearch.search.attempts)."""
         self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
         log.warning("trial %s failed (%s); retrying", trial.trial_id, _error_text(trial))
 

@@ -66,7 +66,7 @@ def run_confirm(
 ) -> list[dict[str, Any]]:
     """Retrain the chosen members of the run at `location` with `seeds` seeds each; returns every
     row of its confirm.parquet (those of earlier confirmations included)."""
-    from kdsearch.search.run import _check_reachable, _init_ray, _load_once
+    from kdsearch.search.run import _check_reachable, _init_ray, _load_once, reuse_on
 
     if seeds < 1:
         raise KdsearchError(f"--seeds {seeds}: must be at least 1")
@@ -111,7 +111,9 @@ def run_confirm(
         tuner = tune.Tuner(
             trainable,
             param_space={"member": tune.grid_search(todo)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=space.search.max_concurrent, reuse_actors=True),
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=space.search.max_concurrent, reuse_actors=reuse_on(address)
+            ),
             run_config=tune.RunConfig(
                 name=CONFIRM_EXPERIMENT,
                 storage_path=store.path(),

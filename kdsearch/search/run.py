@@ -37,9 +37,10 @@ from ray.tune.error import TuneError
 
 from kdsearch import __version__
 from kdsearch.errors import KdsearchError
-from kdsearch.results.outcomes import FAILURE
+from kdsearch.results.outcomes import FAILURE, RETRY_REFUSED
 from kdsearch.results.pareto import front_rows
 from kdsearch.results.tables import RunPaths, write_json
+from kdsearch.search.attempts import Attempts
 from kdsearch.search.callbacks import LiveView, ResultsRecorder
 from kdsearch.search.early_stopping import ParetoHalvingRule
 from kdsearch.search.scheduler import ParetoHalving
@@ -74,6 +75,7 @@ def _trainable(
     measured: tuple,
     world_size: int = 1,
     checkpoint_every: int = 0,
+    max_failures: int = 0,
     trial: Callable[..., None] | None = None,
 ) -> None:
     """One Ray Tune trial: an infeasible config reports at once (its exact costs, and the
@@ -115,46 +117,57 @@ def _trainable(
     if trial is not None:
         trial(spec, lambda metrics: tune.report({**metrics, **where}))
         return
-    require_data_here(data.spec, where["node_id"])
     trial_id = tune.get_context().get_trial_id()
+    attempts = Attempts(run.store, trial_id)
+    try:
+        own = attempts.begin(where["node_id"], ray.get_runtime_context().get_job_id())
+    except StorageError as e:  # a retry could not be counted against max_failures: none is made
+        tune.report({"epoch": 0, **computed, **never_trained, **where, FAILURE: f"cannot record its attempt: {e}"})
+        return
+    if len(own) > max_failures:  # past the space's max_failures: the trial fails, with the last reason
+        tune.report({"epoch": 0, **computed, **never_trained, **where, FAILURE: own[-1], RETRY_REFUSED: True})
+        return
 
     def report(metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
         saved = tune.Checkpoint.from_directory(checkpoint) if checkpoint is not None else None
         tune.report({**metrics, **where}, checkpoint=saved)
 
-    limit, grace = spec.train.max_minutes, hang_grace_minutes()
-    guard = (
-        Watchdog((limit + grace) * 60, lambda why: _end_hung_worker(run, trial_id, why), _hung(limit, grace))
-        if limit is not None
-        else contextlib.nullcontext()
-    )
-    with tempfile.TemporaryDirectory(prefix=f"kdsearch-{trial_id}-") as workdir, guard:
-        resume = _restored_checkpoint(Path(workdir) / "restored")
-        try:
-            run_trial(
-                spec,
-                report,
-                workdir,
-                data=data,
-                teacher=teacher.build() if teacher is not None else None,
-                cached_logits=cached_logits,
-                device=device,
-                objectives=measured,
-                loader_workers=max(
-                    0, threads - 1
-                ),  # the trial's other CPUs decode images (unused for in-memory digits)
-                world_size=world_size,  # N >= 2 GPUs: one process each (kdsearch.train.parallel)
-                checkpoint_every=checkpoint_every,
-                resume_from=resume,
-            )
-        except TrialFault as e:
-            # its own fault (diverged, out of memory, past train.max_minutes): the same config would fail
-            # again, so the trial ends here with the reason in its last result (kdsearch.results.outcomes:
-            # failed) instead of raising, which Tune would retry max_failures times
-            tune.report({"epoch": 0, **computed, **never_trained, **where, FAILURE: e.line()})
-            return
-        for name in ("trial_spec.json", "model.safetensors"):  # the weights last: their presence means complete
-            run.store.upload(Path(workdir) / name, f"{RunPaths.trial_dir(trial_id)}/{name}")
+    try:
+        require_data_here(data.spec, where["node_id"])
+        limit, grace = spec.train.max_minutes, hang_grace_minutes()
+        guard = (
+            Watchdog((limit + grace) * 60, lambda why: _end_hung_worker(attempts, trial_id, why), _hung(limit, grace))
+            if limit is not None
+            else contextlib.nullcontext()
+        )
+        with tempfile.TemporaryDirectory(prefix=f"kdsearch-{trial_id}-") as workdir, guard:
+            try:
+                run_trial(
+                    spec,
+                    report,
+                    workdir,
+                    data=data,
+                    teacher=teacher.build() if teacher is not None else None,
+                    cached_logits=cached_logits,
+                    device=device,
+                    objectives=measured,
+                    loader_workers=max(0, threads - 1),  # the trial's other CPUs decode images (unused for digits)
+                    world_size=world_size,  # N >= 2 GPUs: one process each (kdsearch.train.parallel)
+                    checkpoint_every=checkpoint_every,
+                    resume_from=_restored_checkpoint(Path(workdir) / "restored"),
+                )
+            except TrialFault as e:
+                # its own fault (diverged, out of memory, past train.max_minutes): the same config would fail
+                # again, so the trial ends here with the reason in its last result (kdsearch.results.outcomes:
+                # failed) instead of raising, which would be retried up to max_failures times
+                tune.report({"epoch": 0, **computed, **never_trained, **where, FAILURE: e.line()})
+                return
+            for name in ("trial_spec.json", "model.safetensors"):  # the weights last: their presence means complete
+                run.store.upload(Path(workdir) / name, f"{RunPaths.trial_dir(trial_id)}/{name}")
+    except Exception as e:
+        with contextlib.suppress(StorageError):  # uncounted, it is the next attempt's to judge (attempts.py)
+            attempts.fail(f"{type(e).__name__}: {first_line(e)}")
+        raise
 
 
 def noop_trial(spec: TrialSpec, report: Callable[[dict[str, Any]], None]) -> None:
@@ -176,13 +189,13 @@ def _hung(max_minutes: float, grace: float) -> str:
     )
 
 
-def _end_hung_worker(run: RunPaths, trial_id: str, reason: str) -> None:
+def _end_hung_worker(attempts: Attempts, trial_id: str, reason: str) -> None:
     """The watchdog's last resort for a trial stuck where no batch boundary comes (a C call, a
-    dead collective): leave the reason where the recorder finds it (RunPaths.hung) and end this
-    worker process. Tune sees a lost worker and retries the trial up to max_failures times (it
-    cannot be told that a lost worker is not to be retried); the trial's row then holds the reason."""
+    dead collective): record the reason as this attempt's failure and end this worker process.
+    Tune sees a lost worker and starts the trial again; that attempt counts this one against
+    max_failures (kdsearch.search.attempts) and, past it, ends the trial with the reason."""
     with contextlib.suppress(Exception):
-        run.store.write_text(RunPaths.hung(trial_id), reason)
+        attempts.fail(reason)
     print(f"kdsearch: trial {trial_id}: {reason}", file=sys.stderr, flush=True)
     os._exit(70)
 
@@ -306,8 +319,9 @@ def reuse_on(address: str | None) -> bool:
     started while its trial is PENDING and runs every task while it is RUNNING, so a lost node
     costs one failure and a retry elsewhere. Only a cluster loses nodes; on it a fresh worker
     costs seconds against trials of minutes (benchmarks/search_overhead.py measures both).
+    A search without `address` joins the cluster in RAY_ADDRESS when it is set, as ray.init does.
     """
-    return not address
+    return not (address or os.environ.get("RAY_ADDRESS"))
 
 
 def _check_local_gpus(gpus: float) -> None:
@@ -696,6 +710,7 @@ class _Search:
                 measured=measured,
                 world_size=int(space.resources.gpus) if space.resources.gpus >= 2 else 1,
                 checkpoint_every=space.search.checkpoint_every,
+                max_failures=space.search.max_failures,
                 trial=self.trial,
             ),
             {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
@@ -724,7 +739,9 @@ class _Search:
                 name=experiment,
                 storage_path=store.path(),
                 storage_filesystem=store.fs,
-                failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
+                # every failure is retried: each attempt counts the trial's own failures against the space's
+                # max_failures and ends it past them; a lost node never counts (kdsearch.search.attempts)
+                failure_config=tune.FailureConfig(max_failures=-1),
                 # a trial's latest two checkpoints: storage stays bounded (the recorder keeps a stopped
                 # trial's weights); Tune snapshots its experiment state every num_to_keep checkpoints
                 # of a trial, so 2 halves those snapshots against 1
