@@ -78,8 +78,7 @@ def gpu_space(
     folder: Path, teacher: Path, trials: int, cpus: float, gpus: float, concurrent: int | None = None, **student: object
 ) -> Path:
     """The digits test space with these resources; every trial trains (no budget, no early stopping).
-    `concurrent` trials start together (Tune's search_alg path keeps one trial pending at a time
-    unless search.max_concurrent is set)."""
+    `concurrent` is search.max_concurrent."""
     folder.mkdir(parents=True, exist_ok=True)
     space = write_space(folder, teacher, trials=trials, epochs=2, max_concurrent=concurrent)
     raw = yaml.safe_load(space.read_text())
@@ -147,8 +146,10 @@ def test_trials_share_declared_gpus_train_data_parallel_and_the_cache_runs_on_gp
     # gpus: 0.5 -- four trials of one CPU each, two per worker, packed two on one GPU
     runs = tmp_path / "runs"
     runs.mkdir()
-    half = gpu_space(tmp_path / "half", digits_teacher_path, trials=4, cpus=1, gpus=0.5, concurrent=4)
+    # (no search.max_concurrent: the driver keeps as many trials pending as the cluster has room for)
+    half = gpu_space(tmp_path / "half", digits_teacher_path, trials=4, cpus=1, gpus=0.5)
     said = search(half, address, auth, runs, "half")
+    assert said.count("where torch finds no CUDA device: it trains on the CPU") == 1, said[-3000:]
     trials = pd.read_parquet(runs / "half" / "trials.parquet").set_index("trial_id")
     epochs = pd.read_parquet(runs / "half" / "epochs.parquet")
     assert len(trials) == 4 and (trials.status == "completed").all(), trials[["status", "error"]]
@@ -209,3 +210,14 @@ def test_a_process_given_gpus_torch_cannot_see_says_so_once(monkeypatch: pytest.
     assert trial_module.trial_device(["1"], lines.append).type == "cpu"
     assert trial_module.trial_device(["1"], lines.append).type == "cpu"
     assert len(lines) == 1 and "GPU 1 (CUDA_VISIBLE_DEVICES=1)" in lines[0] and "training on the CPU" in lines[0]
+
+
+def test_trial_slots_count_what_the_cluster_fits() -> None:
+    from kdsearch.search.run import trial_slots
+    from kdsearch.space.search_space import Resources
+
+    cluster = {"CPU": 5.0, "GPU": 4.0}  # the module's cluster: a 1-CPU head, two workers of 2 CPUs and 2 GPUs
+    assert trial_slots(Resources(cpus=1, gpus=0.5), cluster) == 5  # the CPUs bind before the GPUs (8)
+    assert trial_slots(Resources(cpus=1, gpus=2), cluster) == 2
+    assert trial_slots(Resources(cpus=0.5, gpus=0), cluster) == 10
+    assert trial_slots(Resources(cpus=1, gpus=1), {"CPU": 8.0}) == 1  # GPU nodes not up yet: one pending

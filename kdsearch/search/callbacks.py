@@ -65,6 +65,7 @@ class ResultsRecorder(tune.Callback):
         self._writers: dict[str, PartsWriter] = {}
         self._last_flush = 0.0
         self.storage_failure: StorageError | None = None
+        self._told_no_cuda = False  # a trial given a GPU that torch cannot see: said once
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_writers": {}}
@@ -94,6 +95,12 @@ class ResultsRecorder(tune.Callback):
         if trial.config["kdsearch"]["infeasible"] or not result.get("epoch"):
             return
         tid, epoch = trial.trial_id, result["epoch"]
+        if result.get("gpu_ids") and not result.get("gpu") and not self._told_no_cuda:
+            self._told_no_cuda = True  # once a search: the worker says it once per process (train.trial.trial_device)
+            log.warning(
+                "trial %s was given GPU %s on node %s, where torch finds no CUDA device: it trains on the CPU",
+                tid, result["gpu_ids"], str(result.get("node_id"))[:12],
+            )  # fmt: skip
         # an attempt reports increasing epochs; a retry (from epoch 1, or from its last checkpoint's
         # epoch + 1) replaces the epochs it trains again (the tables' rule: latest_epochs), and a
         # trial that reports has not ended

@@ -324,6 +324,14 @@ def reuse_on(address: str | None) -> bool:
     return not (address or os.environ.get("RAY_ADDRESS"))
 
 
+def trial_slots(asks: Any, cluster: dict[str, float]) -> int:
+    """How many trials asking `asks` (cpus, gpus) fit in `cluster` (ray.cluster_resources()) at
+    once, counted by totals (a node's leftovers may not fit a trial); at least 1."""
+    slots = [cluster.get("CPU", 0.0) / asks.cpus] if asks.cpus > 0 else []
+    slots += [cluster.get("GPU", 0.0) / asks.gpus] if asks.gpus > 0 else []
+    return max(1, int(min(slots, default=1)))
+
+
 def _check_local_gpus(gpus: float) -> None:
     """On the embedded local Ray, a trial cannot have more GPUs than this machine: say so
     before anything trains. Only there: a cluster's GPUs are the ones its nodes declare (`ray
@@ -756,7 +764,7 @@ class _Search:
         # epochs they do, by design (above), and a search printed the warning ~200 times
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         try:
-            with _quiet(*_TUNE_ADVICE), _one_line_sync_errors():
+            with _quiet(*_TUNE_ADVICE), _one_line_sync_errors(), self._pending_trials():
                 grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
         except (StorageError, TuneError) as e:  # the recorder's flush or the searcher's read, out of Tune's loop
             # in Tune's trial-error handler a StorageError leaves fit() wrapped in a TuneError: the
@@ -768,6 +776,24 @@ class _Search:
                 self._view.on_experiment_end([])  # the console back to normal before the line
             raise StorageError(self._storage_failed(failure)) from None
         return self._result(total, grid)
+
+    @contextlib.contextmanager
+    def _pending_trials(self) -> Iterator[None]:
+        """On a cluster, as many trials pending as the cluster has room for now, while Tune runs.
+
+        NOTE: with a searcher and no `search.max_concurrent`, Ray Tune 2.60 keeps one trial pending
+        (tune_controller.py `_get_max_pending_trials`), so trials start one after another; a fresh
+        worker per trial (`reuse_on`) then took ~10-20 s each to fill a cluster. Tune reads
+        TUNE_MAX_PENDING_TRIALS_PG when fit() builds its controller; one the user set is kept.
+        """
+        if self.reuse_actors or self.space.search.max_concurrent or "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:
+            yield
+            return
+        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(trial_slots(self.space.resources, ray.cluster_resources()))
+        try:
+            yield
+        finally:
+            del os.environ["TUNE_MAX_PENDING_TRIALS_PG"]
 
     def _storage_failed(self, error: StorageError) -> str:
         """The one line a storage failure stops the search with: what failed and where, that the
