@@ -6,21 +6,42 @@ on a cluster needs no shared disk: the driver writes the tables, each worker upl
 weights it trained, and `status`, `pareto`, `report`, `export` read a run from a bucket as
 from a folder. Writes are whole or nothing: on a local filesystem to a temporary name, then
 renamed; an object store's PUT is already atomic.
+
+One service on every node. pyarrow opens an s3:// URI as the opening process's environment
+says (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, AWS_REGION, ...), and a Ray worker's environment
+may say otherwise (an endpoint set only where the driver runs: MinIO, Ceph, R2). So `open` pins
+what it resolved, as the S3 URI options pyarrow reads (`endpoint_override`, `scheme`,
+`region`) that the user's URI left out: a Storage pickled to a Ray worker opens with them, and
+the filesystem Ray Tune gets (and pickles with its options) was opened with them. Credentials
+never travel: each node resolves its own (pyarrow pickles only keys given explicitly).
+
+No folders and no buckets on an object store: a key needs no folder, so kdsearch never calls
+`create_dir` there (pyarrow's S3 and GCS `create_dir` PUT a `key/` marker per level and create
+a missing bucket where allowed), and a delete on S3 goes through S3's own DeleteObject when
+botocore is installed (pyarrow's S3 `delete_file` PUTs the parent's `key/` marker back).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import posixpath
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from kdsearch.errors import KdsearchError
+
+# The S3 URI options that say how a process reached the service (pyarrow's from_uri reads them)
+PINNED_OPTIONS = ("endpoint_override", "scheme", "region")
+# pyarrow filesystems whose folders are key prefixes, not entries
+OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -43,7 +64,12 @@ class Storage:
     base: str  # the location without its query: an absolute local path or scheme://bucket/path
     root: str  # the root as the filesystem names it (no scheme)
     fs: Any = field(repr=False, compare=False)
-    query: str = ""  # an URI's options (e.g. endpoint_override=host:port), kept for every child
+    query: str = ""  # the options the user wrote in the URI's query (shown, and kept on every node)
+    # How the opening process reached the service: the PINNED_OPTIONS `query` leaves out, as query
+    # options. Never shown: an endpoint is where one machine reaches the service from (a port-forward on
+    # a laptop, a service name inside a cluster), so a URI printed or given to `--resume`, `status` or
+    # `export` is opened as the environment of whoever runs that command says, as the user wrote it.
+    pinned: str = ""
 
     @classmethod
     def open(cls, location: str | os.PathLike) -> Storage:
@@ -57,14 +83,14 @@ class Storage:
             root = str(Path(text).expanduser().resolve())
             return cls(root, root, pafs.LocalFileSystem())
         base, _, query = text.partition("?")
-        try:
-            fs, root = pafs.FileSystem.from_uri(text)
-        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: all mean the same to the user
-            raise KdsearchError(f"{text}: cannot open this storage ({first_line(e)})") from None
-        return cls(base.rstrip("/"), root.rstrip("/"), fs, query)
+        fs, root = _from_uri(text, text)
+        pinned = _pins(fs, query)
+        if pinned:  # the filesystem Ray Tune pickles to every node holds them as the workers' Storage does
+            fs, root = _from_uri(_joined(base, query, pinned), text)
+        return cls(base.rstrip("/"), root.rstrip("/"), fs, query, pinned)
 
     def __reduce__(self) -> tuple:
-        return (Storage.open, (self.uri,))
+        return (_reopen, (self.base, self.query, self.pinned))
 
     @property
     def uri(self) -> str:
@@ -79,14 +105,20 @@ class Storage:
         return type(self.fs).__name__ == "LocalFileSystem"
 
     @property
+    def object_store(self) -> bool:
+        """Whether folders are only key prefixes here (nothing to create before a PUT)."""
+        return self.fs.type_name in OBJECT_STORES
+
+    @property
     def parent(self) -> Storage:
         """The storage rooted at the folder above this one (a run's storage root)."""
-        return Storage(posixpath.dirname(self.base), posixpath.dirname(self.root), self.fs, self.query)
+        base, root = posixpath.dirname(self.base), posixpath.dirname(self.root)
+        return Storage(base, root, self.fs, self.query, self.pinned)
 
     def child(self, *parts: str) -> Storage:
         """The storage rooted at a folder below this one."""
         rel = "/".join(parts)
-        return Storage(f"{self.base}/{rel}", self.path(rel), self.fs, self.query)
+        return Storage(f"{self.base}/{rel}", self.path(rel), self.fs, self.query, self.pinned)
 
     def path(self, rel: str = "") -> str:
         """`rel` as the filesystem names it."""
@@ -155,7 +187,8 @@ class Storage:
         """Write a file whole: beside it and renamed on a local filesystem, one PUT elsewhere."""
         target = self.path(rel)
         try:
-            self.fs.create_dir(posixpath.dirname(target), recursive=True)
+            if not self.object_store:
+                self.fs.create_dir(posixpath.dirname(target), recursive=True)
             if not self.local:
                 with self.fs.open_output_stream(target) as f:
                     f.write(data)
@@ -175,7 +208,7 @@ class Storage:
     def delete(self, rel: str) -> None:
         """Delete a file; one already gone is fine (a reader or another merge took it first)."""
         try:
-            self.fs.delete_file(self.path(rel))
+            self._delete_path(self.path(rel))
         except FileNotFoundError:
             pass
         except OSError as e:
@@ -190,23 +223,121 @@ class Storage:
 
     def check_writable(self) -> None:
         """Write and delete a small object at the root: a bucket that does not exist or refuses
-        writes is found before anything trains, with one clear line."""
+        writes is found before anything trains, with one clear line (and never created)."""
         probe = f".kdsearch-write-check-{uuid.uuid4().hex[:8]}"
         try:
-            self.fs.create_dir(self.root, recursive=True)
+            if not self.object_store:
+                self.fs.create_dir(self.root, recursive=True)
             with self.fs.open_output_stream(self.path(probe)) as f:
                 f.write(b"ok")
-            self.fs.delete_file(self.path(probe))
+            self._delete_path(self.path(probe))
         except Exception as e:  # noqa: BLE001 - every failure here means the same to the user
             raise KdsearchError(f"--storage {self.uri}: cannot write there ({first_line(e)})") from None
 
     # ---- internals ------------------------------------------------------------------
+
+    def _delete_path(self, path: str) -> None:
+        """Delete the file at `path`; on S3 through DeleteObject, which leaves no marker behind."""
+        client = _s3_client(self.fs) if self.fs.type_name == "s3" else None
+        if client is None:
+            self.fs.delete_file(path)
+            return
+        bucket, _, key = path.partition("/")
+        try:
+            client.delete_object(Bucket=bucket, Key=key)  # a key already gone is no error (S3 answers 204)
+        except Exception as e:  # botocore's ClientError, EndpointConnectionError, ...: the storage failed
+            raise OSError(first_line(e)) from None
 
     def _info(self, rel: str) -> Any:
         try:
             return self.fs.get_file_info(self.path(rel))
         except OSError as e:
             raise StorageError(f"{self.uri_of(rel)}: cannot reach the storage ({first_line(e)})") from None
+
+
+def _from_uri(uri: str, shown: str) -> tuple[Any, str]:
+    """pyarrow's filesystem and path for `uri`; a failure names `shown` (the URI as the user wrote it)."""
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...: all mean the same to the user
+        raise KdsearchError(f"{shown}: cannot open this storage ({first_line(e)})") from None
+
+
+def _joined(base: str, *queries: str) -> str:
+    query = "&".join(q for q in queries if q)
+    return f"{base}?{query}" if query else base
+
+
+def _s3_options(fs: Any) -> dict[str, Any]:
+    """An S3FileSystem's options as it pickles them: the endpoint as resolved (from the URI, else
+    AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL), keys only when given explicitly, region '' unless
+    given (`fs.region` is the resolved one)."""
+    return fs.__reduce__()[1][0]
+
+
+def _pins(fs: Any, query: str) -> str:
+    """The PINNED_OPTIONS `fs` resolved that `query` does not set, as query options ('' off S3).
+    An endpoint resolved empty is pinned empty: a worker whose AWS_ENDPOINT_URL says otherwise
+    still reaches AWS as the driver does."""
+    if fs.type_name != "s3":
+        return ""
+    options = _s3_options(fs)
+    resolved = dict(zip(PINNED_OPTIONS, (options["endpoint_override"], options["scheme"], fs.region), strict=True))
+    written = {key for key, _ in parse_qsl(query, keep_blank_values=True)}
+    return urlencode({k: v for k, v in resolved.items() if k not in written})
+
+
+def _in_ray_worker() -> bool:
+    """Whether this process runs Ray tasks or actors (a driver, or a process without Ray, does not)."""
+    if "ray" not in sys.modules:
+        return False
+    from ray._private.worker import WORKER_MODE, global_worker
+
+    return global_worker.mode == WORKER_MODE
+
+
+def _reopen(base: str, query: str, pinned: str) -> Storage:
+    """A pickled Storage opened again. In a Ray worker, with the options its driver resolved; in any
+    other process (a driver restoring Tune's saved searcher and callbacks, maybe on another machine
+    after --resume) as that process's own open of the URI would, so it and its workers agree."""
+    if not pinned or not _in_ray_worker():
+        return Storage.open(_joined(base, query))
+    fs, root = _from_uri(_joined(base, query, pinned), _joined(base, query))
+    return Storage(base, root.rstrip("/"), fs, query, pinned)
+
+
+def _s3_client(fs: Any) -> Any | None:
+    """A botocore S3 client reaching what `fs` reaches, or None without botocore."""
+    options = _s3_options(fs)
+    keys = tuple(options[k] or None for k in ("access_key", "secret_key", "session_token"))
+    return _botocore_client(options["endpoint_override"], options["scheme"], fs.region, keys)
+
+
+@functools.cache
+def _botocore_client(endpoint: str, scheme: str, region: str, keys: tuple[str | None, ...]) -> Any | None:
+    try:
+        import botocore.config
+        import botocore.session
+    except ImportError:
+        return None
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{scheme}://{endpoint}"
+    config = botocore.config.Config(
+        s3={"addressing_style": "path" if endpoint else "virtual"},  # as pyarrow addresses buckets
+        retries={"mode": "standard", "max_attempts": 3},
+    )
+    return botocore.session.get_session().create_client(
+        "s3",
+        region_name=region or None,
+        endpoint_url=endpoint or None,
+        use_ssl=scheme != "http",
+        aws_access_key_id=keys[0],
+        aws_secret_access_key=keys[1],
+        aws_session_token=keys[2],
+        config=config,
+    )
 
 
 def first_line(e: BaseException) -> str:

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -93,6 +94,30 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def client(env: dict[str, str]) -> Any:
+    """A boto3 S3 client for the server in `env` (boto3 comes with moto): what S3 itself says, where
+    pyarrow would show a `key/` marker as a folder."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_REGION"],
+    )
+
+
+def raw_keys(env: dict[str, str], bucket: str, prefix: str = "") -> list[str]:
+    """Every key in `bucket` under `prefix` as S3 lists it, folder markers (`key/`) included."""
+    pages = client(env).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def bucket_names(env: dict[str, str]) -> list[str]:
+    return sorted(b["Name"] for b in client(env).list_buckets()["Buckets"])
 
 
 def list_keys(env: dict[str, str], uri: str) -> list[str]:

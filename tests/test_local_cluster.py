@@ -233,8 +233,11 @@ def test_a_search_runs_across_nodes_with_its_run_in_a_bucket(
     digits_teacher_path: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """A head and two workers from local.sh, each in its own working directory, and a moto S3
-    server on 127.0.0.1: `kdsearch search --address ... --storage s3://...` spreads trials over
-    both workers, every trial's weights reach the bucket, and export reads them back."""
+    server on 127.0.0.1 that only the driver's environment names (AWS_ENDPOINT_URL, as with MinIO,
+    Ceph or R2): `kdsearch search --address ... --storage s3://...` runs trials on the workers
+    only, the workers' uploads and Ray Tune's state and checkpoints all reach that one bucket,
+    and export reads them back."""
+    import urllib.request
 
     from tests.helpers import write_space
     from tests.s3 import environment, list_keys, make_bucket, s3_server
@@ -249,21 +252,37 @@ def test_a_search_runs_across_nodes_with_its_run_in_a_bucket(
     space.write_text(yaml.safe_dump(raw, sort_keys=False))
     with s3_server(tmp_path / "moto.log") as s3:
         make_bucket(s3, "cluster-test")
+        # the nodes know credentials (moto takes any) and nothing of where the bucket is: no endpoint,
+        # no region; on their own they would look for the bucket at AWS, which is unreachable here
+        nodes_env = {k: v for k, v in clean_env().items() if not k.startswith(("AWS_ENDPOINT_URL", "AWS_REGION"))}
+        nodes_env.pop("AWS_DEFAULT_REGION", None)
+        keys_only = {k: s3[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        nodes_env.update(keys_only, AWS_EC2_METADATA_DISABLED="true")  # no instance-metadata probe for credentials
         started = subprocess.run(
             [str(LOCAL_SH), "--dir", str(state), "start", "2", "--timeout", "60"],
             capture_output=True,
             text=True,
             timeout=120,
-            env=clean_env(**s3),  # the nodes reach the bucket the usual way
+            env=nodes_env,
         )
         try:
             assert started.returncode == 0, started.stderr
-            auth = parse_env((state / "env").read_text())
+            address, auth = started.stdout.strip(), parse_env((state / "env").read_text())
+            # the nodes as Ray's state API lists them, from the dashboard local.sh recorded (no driver to start)
+            request = urllib.request.Request(
+                f"{(state / 'dashboard').read_text().strip()}/api/v0/nodes",
+                headers={"Authorization": f"Bearer {(state / 'auth_token').read_text().strip()}"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                nodes = [n for n in json.load(response)["data"]["result"]["result"] if n["state"] == "ALIVE"]
+            head = {n["node_id"] for n in nodes if n["is_head_node"]}
+            workers = {n["node_id"] for n in nodes if n["resources_total"].get("CPU") == 1.0}
+            assert len(head) == 1 and len(workers) == 2 and not head & workers and len(nodes) == 3, nodes
             driver_cwd = tmp_path / "driver"
             driver_cwd.mkdir()
             kdsearch = Path(sys.executable).with_name("kdsearch")
             search = subprocess.run(
-                [str(kdsearch), "search", str(space), "--address", started.stdout.strip(), "--storage", runs],
+                [str(kdsearch), "search", str(space), "--address", address, "--storage", runs],
                 capture_output=True,
                 text=True,
                 timeout=300,
@@ -271,16 +290,30 @@ def test_a_search_runs_across_nodes_with_its_run_in_a_bucket(
                 cwd=driver_cwd,
             )
             assert search.returncode == 0, search.stderr[-3000:]
+            assert "endpoint_override" not in search.stdout  # the URIs shown are the one the user wrote
+
             with environment(s3):
                 trials = read_table(f"{runs}/digits_search/trials.parquet")
+                epochs = read_table(f"{runs}/digits_search/epochs.parquet")
             assert len(trials) == 4
             assert (trials.status == "completed").all(), trials[["trial_id", "status", "error"]]
-            assert trials.node_id.nunique() == 2, trials[["trial_id", "node_id"]]  # both workers, never the 0-CPU head
+            assert set(trials.node_id) | set(epochs.node_id) <= workers  # never the 0-CPU head
+            # a trial holds its 1-CPU worker from an epoch's start until the driver records the epoch, so
+            # epochs of two trials that overlap in time ran on two nodes: then both workers served
+            spans = [(r.trial_id, r.time - r.epoch_seconds, r.time, r.node_id) for r in epochs.itertuples()]
+            together = [(a, b) for a in spans for b in spans if a[0] < b[0] and a[1] < b[2] and b[1] < a[2]]
+            assert all(a[3] != b[3] for a, b in together), together
+            assert not together or trials.node_id.nunique() == 2
+
+            # one bucket holds what the workers uploaded and what Ray Tune saved (its state, their checkpoints)
             keys = list_keys(s3, f"{runs}/digits_search")
-            for _, row in trials[trials.status == "completed"].iterrows():
+            for _, row in trials.iterrows():
                 assert f"trials/{row.trial_id}/model.safetensors" in keys
+            tune_keys = [k for k in keys if k.startswith("tune/")]
+            assert any(k.startswith("tune/experiment_state") for k in tune_keys), tune_keys
+            assert any("/checkpoint_" in k for k in tune_keys), tune_keys
             assert list(driver_cwd.iterdir()) == []  # the run is in the bucket, not here
-            best = trials[trials.status == "completed"].sort_values("val_acc").iloc[-1]
+            best = trials.sort_values("val_acc").iloc[-1]
             exported = subprocess.run(
                 [
                     str(kdsearch),

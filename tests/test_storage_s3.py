@@ -7,10 +7,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -18,8 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from kdsearch.errors import KdsearchError
+from kdsearch.results.tables import RunPaths
 from tests.helpers import run_cli, search_stopped_by_storage, write_space
-from tests.s3 import TcpProxy, environment, list_keys, make_bucket, s3_server
+from tests.s3 import TcpProxy, bucket_names, environment, list_keys, make_bucket, raw_keys, s3_server
 from tests.test_search_faults import wait_for
 
 BUCKET = "kdsearch-test"
@@ -118,13 +122,90 @@ def test_a_second_search_reuses_the_teacher_cache(s3, s3_run) -> None:
 
 def test_a_bucket_that_does_not_exist_is_one_line(s3, s3_run, capsys: pytest.CaptureFixture[str]) -> None:
     _, space, _, _, _ = s3_run
-    assert run_cli(["search", str(space), "--storage", "s3://no-such-bucket/runs"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(
-        "kdsearch: error: --storage s3://no-such-bucket/runs: cannot write there"
-    )
+    buckets = bucket_names(s3)
+    # creating buckets allowed in the URI changes nothing: the writability check never creates one
+    for storage in ("s3://no-such-bucket/runs", "s3://no-such-bucket/runs?allow_bucket_creation=true"):
+        assert run_cli(["search", str(space), "--storage", storage]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"kdsearch: error: --storage {storage}: cannot write there"), err
+    assert bucket_names(s3) == buckets
     assert run_cli(["status", f"{RUNS}/no-such-run"]) == 2
     assert "no such run" in capsys.readouterr().err
+
+
+def test_the_search_left_no_folder_marker_of_its_own(s3, s3_run) -> None:
+    """An object store has no folders: kdsearch's writes and deletes (a table's compacted parts, the
+    writability probe) leave no `key/` object. Ray Tune's are Tune's: it creates its experiment,
+    trial and checkpoint folders with pyarrow's create_dir, which PUTs a marker per level from the
+    bucket down (so runs/ and the run's folder too), and deletes old checkpoints with delete_dir,
+    which PUTs the parent's back."""
+    run, tune = "runs/digits_search/", f"runs/digits_search/{RunPaths.TUNE}/"
+    keys = [k for k in raw_keys(s3, BUCKET, "runs/") if k == "runs/" or k.startswith((run, "runs/cache/"))]
+    assert any(k.startswith(f"{run}trials.parquet") for k in keys) and any(k.startswith("runs/cache/") for k in keys)
+    markers = [k for k in keys if k.endswith("/") and k not in ("runs/", run) and not k.startswith(tune)]
+    assert not markers, markers
+
+
+def test_kdsearch_writes_no_folder_marker_and_creates_no_bucket(s3) -> None:
+    """Storage's own operations on S3, each one: no `key/` object, whatever it writes or deletes."""
+    from kdsearch.storage import Storage
+
+    store = Storage.open(f"s3://{BUCKET}/markers?allow_bucket_creation=true").child("run")
+    store.check_writable()
+    store.write_text("a/b/one.txt", "1")
+    store.write_text("a/b/two.txt", "2")
+    store.delete("a/b/one.txt")  # pyarrow's delete_file would PUT markers/run/a/b/ back
+    store.delete("a/b/gone.txt")  # already gone: fine
+    assert raw_keys(s3, BUCKET, "markers/") == ["markers/run/a/b/two.txt"]
+    assert store.is_dir("a/b") and store.files("a/b") == ["two.txt"]
+    store.delete("a/b/two.txt")
+    assert raw_keys(s3, BUCKET, "markers/") == [] and not store.exists("a")
+    buckets = bucket_names(s3)
+    with pytest.raises(KdsearchError, match="cannot write there"):
+        Storage.open("s3://no-such-bucket/runs?allow_bucket_creation=true").check_writable()
+    assert bucket_names(s3) == buckets
+
+
+def test_a_storage_carries_the_endpoint_it_reached_not_the_keys(s3) -> None:
+    """The endpoint, scheme and region the driver resolved from its environment travel with a
+    pickled Storage and with the filesystem Ray Tune pickles; credentials do not; the URI a user
+    sees stays as written (their own query kept)."""
+    from kdsearch.storage import Storage
+
+    secret = {"AWS_ACCESS_KEY_ID": "AKIDNEVERPICKLED", "AWS_SECRET_ACCESS_KEY": "secret-never-pickled"}
+    with environment(secret):
+        store = Storage.open(f"{RUNS}/")
+        written = Storage.open(f"{RUNS}?region=us-east-1")
+    assert store.uri == RUNS and store.child("x").uri_of("y") == f"{RUNS}/x/y"
+    assert written.uri == f"{RUNS}?region=us-east-1" and written.child("x").uri == f"{RUNS}/x?region=us-east-1"
+    assert "region" not in written.pinned and "region=us-east-1" in store.pinned
+    for blob in (pickle.dumps(store), pickle.dumps(store.fs), pickle.dumps(written)):
+        assert b"NEVERPICKLED" not in blob and b"never-pickled" not in blob
+
+    # Ray Tune's filesystem, unpickled where no AWS_ENDPOINT_URL is set, reaches the same server
+    store.write_text("pinned.txt", "here")
+    probe = (
+        "import pickle, sys, pyarrow.fs as pafs; fs = pickle.loads(sys.stdin.buffer.read()); "
+        "print(fs.open_input_stream(sys.argv[1]).read().decode()); del fs; pafs.finalize_s3()"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    read = subprocess.run(
+        [sys.executable, "-c", probe, store.path("pinned.txt")],
+        input=pickle.dumps(store.fs),
+        capture_output=True,
+        env={**env, "AWS_EC2_METADATA_DISABLED": "true"},
+        timeout=60,
+    )
+    assert read.returncode == 0 and read.stdout.decode().strip() == "here", read.stderr.decode()[-2000:]
+
+    # unpickled in a driver (Tune's saved searcher on --resume, perhaps elsewhere), a Storage opens as
+    # that driver's environment says, as the driver's own Storage.open does
+    proxy = TcpProxy(int(s3["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    with environment({"AWS_ENDPOINT_URL": proxy.endpoint}):
+        again = pickle.loads(pickle.dumps(store))
+    assert again.uri == store.uri
+    assert parse_qs(store.pinned)["endpoint_override"] == [s3["AWS_ENDPOINT_URL"]]
+    assert parse_qs(again.pinned)["endpoint_override"] == [proxy.endpoint]
 
 
 def _rows(uri: str) -> int:
