@@ -290,12 +290,13 @@ def _pins(fs: Any, query: str) -> str:
 
 
 def _in_ray_worker() -> bool:
-    """Whether this process runs Ray tasks or actors (a driver, or a process without Ray, does not)."""
+    """Whether this runs inside a Ray task or actor (a driver, or a process without Ray, does not:
+    Ray's runtime context has a task id only there)."""
     if "ray" not in sys.modules:
         return False
-    from ray._private.worker import WORKER_MODE, global_worker
+    import ray
 
-    return global_worker.mode == WORKER_MODE
+    return ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None
 
 
 def _reopen(base: str, query: str, pinned: str) -> Storage:
