@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ import yaml
 
 from kdsearch.train import trial as trial_module
 from tests.helpers import write_space
-from tests.test_local_cluster import LOCAL_SH, clean_env, parse_env, processes_in_sessions, recorded_pids
+from tests.test_local_cluster import LOCAL_SH, clean_env, parse_env, stop_cluster
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -65,13 +63,7 @@ def gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
         assert "2 workers with 2 CPUs and 2 GPUs each" in started.stderr, started.stderr
         yield state, started.stdout.strip(), parse_env((state / "env").read_text())
     finally:
-        subprocess.run([str(LOCAL_SH), "--dir", str(state), "stop"], capture_output=True, timeout=90, env=clean_env())
-        leftovers = processes_in_sessions(set(recorded_pids(state).values())) if (state / "nodes").exists() else {}
-        for pid in leftovers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_cluster(state)
 
 
 def gpu_space(

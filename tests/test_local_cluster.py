@@ -95,13 +95,18 @@ def cluster(tmp_path: Path):
     try:
         yield state, started
     finally:
-        subprocess.run([str(LOCAL_SH), "--dir", str(state), "stop"], capture_output=True, timeout=90, env=clean_env())
-        leftovers = processes_in_sessions(set(recorded_pids(state).values())) if (state / "nodes").exists() else {}
-        for pid in leftovers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_cluster(state)
+
+
+def stop_cluster(state: Path) -> None:
+    """`local.sh stop`, then SIGKILL to whatever is left of the recorded node sessions, by pid."""
+    subprocess.run([str(LOCAL_SH), "--dir", str(state), "stop"], capture_output=True, timeout=90, env=clean_env())
+    leftovers = processes_in_sessions(set(recorded_pids(state).values())) if (state / "nodes").exists() else {}
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.timeout(500)

@@ -106,6 +106,17 @@ def running_on(run: str | Path, node_id: str, epochs_left: int) -> str | None:
     return None
 
 
+def every_trial_trains(space: Path) -> Path:
+    """The space with no budget and no early stopping, and max_failures 0: a lost node is no
+    failure of the trial's, so its trials run again all the same."""
+    raw = yaml.safe_load(space.read_text())
+    raw["budget"] = {"max_gflops": None}
+    raw["early_stopping"] = {"enabled": False}
+    raw["search"]["max_failures"] = 0
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return space
+
+
 def test_node_lost_mid_trial_is_retried_elsewhere(digits_teacher_path: Path, tmp_path: Path) -> None:
     """The worker node a trial is training on is removed (the trial's epochs say where it runs):
     the trial runs again on the other node and the search ends with no trial failed."""
@@ -115,12 +126,7 @@ def test_node_lost_mid_trial_is_retried_elsewhere(digits_teacher_path: Path, tmp
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     lost = workers[0].node_id
-    space = write_space(tmp_path, digits_teacher_path, trials=4, epochs=8, seed=11)
-    raw = yaml.safe_load(space.read_text())
-    raw["budget"] = {"max_gflops": None}  # every trial trains
-    raw["early_stopping"] = {"enabled": False}
-    raw["search"]["max_failures"] = 0  # a lost node is no failure of the trial's: it runs again all the same
-    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    space = every_trial_trains(write_space(tmp_path, digits_teacher_path, trials=4, epochs=8, seed=11))
     run = tmp_path / "runs" / "digits_search"
     victim: list[str] = []
 
@@ -186,14 +192,9 @@ def test_a_sigkilled_worker_loses_no_trial(digits_teacher_path: Path, tmp_path: 
     with SIGKILL while a trial trains on it, the run in a moto bucket: the search finishes with
     every trial once and none failed."""
     from tests.s3 import environment, make_bucket, s3_server
-    from tests.test_local_cluster import LOCAL_SH, clean_env, parse_env, processes_in_sessions, recorded_pids
+    from tests.test_local_cluster import LOCAL_SH, clean_env, parse_env, stop_cluster
 
-    space = write_space(tmp_path, digits_teacher_path, trials=4, epochs=8, seed=5)
-    raw = yaml.safe_load(space.read_text())
-    raw["budget"] = {"max_gflops": None}  # every trial trains
-    raw["early_stopping"] = {"enabled": False}
-    raw["search"]["max_failures"] = 0  # a lost node is no failure of the trial's: it runs again all the same
-    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    space = every_trial_trains(write_space(tmp_path, digits_teacher_path, trials=4, epochs=8, seed=5))
     state, runs = tmp_path / "state", "s3://node-loss/runs"
     with s3_server(tmp_path / "moto.log") as s3:
         make_bucket(s3, "node-loss")
@@ -222,11 +223,7 @@ def test_a_sigkilled_worker_loses_no_trial(digits_teacher_path: Path, tmp_path: 
             assert (trials.status == "completed").all(), trials[["trial_id", "status", "error", "retries"]]
             assert trials.set_index("trial_id").loc[killed, "retries"] >= 1  # it ran again, on the node left
         finally:
-            pids = recorded_pids(state) if (state / "nodes").exists() else {}
-            subprocess.run(
-                [str(LOCAL_SH), "--dir", str(state), "stop"], capture_output=True, timeout=90, env=clean_env()
-            )
-            kill_all(list(processes_in_sessions(set(pids.values()))))
+            stop_cluster(state)
 
 
 def kill_a_worker_under_a_trial(state: Path, run: str, s3: dict[str, str], env: dict[str, str]) -> str:
