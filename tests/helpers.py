@@ -99,6 +99,19 @@ def write_space(
     return path
 
 
+def train_every_trial(space: Path, **search: object) -> Path:
+    """The space with no budget and no early stopping (every trial trains to its last epoch), and
+    `search` set in its search section."""
+    import yaml
+
+    raw = yaml.safe_load(space.read_text())
+    raw["budget"] = {"max_gflops": None}
+    raw["early_stopping"] = {"enabled": False}
+    raw["search"].update(search)
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return space
+
+
 def set_fused_attn(model: nn.Module, enabled: bool) -> None:
     """Switch every `Attention` in `model` to SDPA (True) or the explicit matmul path (False)."""
     for m in model.modules():

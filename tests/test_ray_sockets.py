@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 
-from tests.helpers import write_space
+from tests.helpers import train_every_trial, write_space
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}  # the last: an IPv6 socket bound to 127.0.0.1
 # Listeners of the embedded Ray that cannot be put on loopback, by process name; none in Ray 2.60.
@@ -44,7 +44,8 @@ def _listeners(root: psutil.Process) -> set[tuple[str, str, int]]:
 
 
 def test_embedded_search_listens_on_loopback_only(tmp_path: Path, digits_teacher_path: Path) -> None:
-    space = write_space(tmp_path, digits_teacher_path, trials=2, epochs=1, sampler="random")
+    # trials that train: a search none of whose trials trained exits 1
+    space = train_every_trial(write_space(tmp_path, digits_teacher_path, trials=2, epochs=1, sampler="random"))
     err = tmp_path / "stderr.txt"
     command = "from kdsearch.cli import main; main()"
     with open(err, "w") as stderr:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from kdsearch.search.run import run_search
-from tests.helpers import run_dir, write_space
+from tests.helpers import run_dir, train_every_trial, write_space
 
 CONFIG_COLUMNS = [
     "student.embed_dim",
@@ -106,17 +105,6 @@ def running_on(run: str | Path, node_id: str, epochs_left: int) -> str | None:
     return None
 
 
-def every_trial_trains(space: Path) -> Path:
-    """The space with no budget and no early stopping, and max_failures 0: a lost node is no
-    failure of the trial's, so its trials run again all the same."""
-    raw = yaml.safe_load(space.read_text())
-    raw["budget"] = {"max_gflops": None}
-    raw["early_stopping"] = {"enabled": False}
-    raw["search"]["max_failures"] = 0
-    space.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return space
-
-
 def test_node_lost_mid_trial_is_retried_elsewhere(digits_teacher_path: Path, tmp_path: Path) -> None:
     """The worker node a trial is training on is removed (the trial's epochs say where it runs):
     the trial runs again on the other node and the search ends with no trial failed."""
@@ -126,7 +114,8 @@ def test_node_lost_mid_trial_is_retried_elsewhere(digits_teacher_path: Path, tmp
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     lost = workers[0].node_id
-    space = every_trial_trains(write_space(tmp_path, digits_teacher_path, trials=4, epochs=8, seed=11))
+    # max_failures 0: a lost node is no failure of the trial's, so its trials run again all the same
+    space = train_every_trial(write_space(tmp_path, digits_teacher_path, trials=4, epochs=8, seed=11), max_failures=0)
     run = tmp_path / "runs" / "digits_search"
     victim: list[str] = []
 
@@ -194,7 +183,7 @@ def test_a_sigkilled_worker_loses_no_trial(digits_teacher_path: Path, tmp_path: 
     from tests.s3 import environment, make_bucket, s3_server
     from tests.test_local_cluster import LOCAL_SH, clean_env, parse_env, stop_cluster
 
-    space = every_trial_trains(write_space(tmp_path, digits_teacher_path, trials=4, epochs=8, seed=5))
+    space = train_every_trial(write_space(tmp_path, digits_teacher_path, trials=4, epochs=8, seed=5), max_failures=0)
     state, runs = tmp_path / "state", "s3://node-loss/runs"
     with s3_server(tmp_path / "moto.log") as s3:
         make_bucket(s3, "node-loss")
