@@ -74,3 +74,25 @@ def test_embedded_search_listens_on_loopback_only(tmp_path: Path, digits_teacher
     )
     assert not exposed, f"listening beyond loopback: {exposed}"
     assert "Token authentication is enabled" not in text, text[-2000:]
+
+
+def test_the_embedded_ray_never_joins_a_cluster_it_finds_on_the_machine() -> None:
+    """A cluster started on this machine records its address in /tmp/ray/ray_current_cluster, where
+    a bare ray.init() finds and joins it; kdsearch's embedded Ray is a new one all the same."""
+    from ray.cluster_utils import Cluster
+
+    from tests.test_local_cluster import clean_env
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        command = (
+            "import ray; from kdsearch.search.run import _init_ray; _init_ray(None); "
+            "print(ray.get_runtime_context().gcs_address)"
+        )
+        joined = subprocess.run(
+            [sys.executable, "-c", command], capture_output=True, text=True, timeout=120, env=clean_env()
+        )
+        assert joined.returncode == 0, joined.stderr[-2000:]
+        assert joined.stdout.split()[-1] != cluster.address
+    finally:
+        cluster.shutdown()

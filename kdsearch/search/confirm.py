@@ -66,7 +66,7 @@ def run_confirm(
 ) -> list[dict[str, Any]]:
     """Retrain the chosen members of the run at `location` with `seeds` seeds each; returns every
     row of its confirm.parquet (those of earlier confirmations included)."""
-    from kdsearch.search.run import _check_reachable, _init_ray, _load_once, reuse_on
+    from kdsearch.search.run import _check_reachable, _init_ray, _load_once, cluster_address, reuse_on
 
     if seeds < 1:
         raise KdsearchError(f"--seeds {seeds}: must be at least 1")
@@ -91,6 +91,7 @@ def run_confirm(
     )
     if not todo:
         return list(done.values())
+    address = cluster_address(address)
     if address:
         _check_reachable(address)
     owns_ray = not ray.is_initialized()

@@ -253,7 +253,8 @@ def _accepts_unauthenticated(address: str) -> bool:
 
 
 def _init_ray(address: str | None, say: Callable[[str], None] | None = None) -> None:
-    """Join the Ray cluster at `address`, or start the embedded one with every listener on loopback.
+    """Join the Ray cluster at `address` (or RAY_ADDRESS: `cluster_address`), or start the embedded
+    one with every listener on loopback.
 
     ray.init turns `_node_ip_address="127.0.0.1"` into the machine's network address
     (ray/_private/worker.py: services.resolve_ip_for_localhost), and Ray's GCS, raylet, workers
@@ -266,6 +267,7 @@ def _init_ray(address: str | None, say: Callable[[str], None] | None = None) -> 
     """
     if ray.is_initialized():
         return
+    address = cluster_address(address)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing; LiveView shows progress
     if address:
@@ -288,7 +290,7 @@ def _init_ray(address: str | None, say: Callable[[str], None] | None = None) -> 
     cluster = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init("local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = cluster
         logging.getLogger(_TOKEN_AUTH_LOGGER).removeFilter(notice)
@@ -307,6 +309,18 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise KdsearchError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The Ray cluster a command joins: `address` (--address), else RAY_ADDRESS (as `ray job
+    submit` sets it for its entrypoint), else None: kdsearch starts its embedded Ray.
+
+    NOTE: ray.init() without an address also joins the cluster that `ray start` last recorded in
+    /tmp/ray/ray_current_cluster (services.get_ray_address_from_environment), so a search
+    joined whatever cluster ran on the machine (a test's, a colleague's); the embedded Ray is
+    started with address="local", which never looks there.
+    """
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def reuse_on(address: str | None) -> bool:
     """Whether a search's trials reuse their workers: on the embedded Ray, yes; on a cluster, no.
 
@@ -319,9 +333,8 @@ def reuse_on(address: str | None) -> bool:
     started while its trial is PENDING and runs every task while it is RUNNING, so a lost node
     costs one failure and a retry elsewhere. Only a cluster loses nodes; on it a fresh worker
     costs seconds against trials of minutes (benchmarks/search_overhead.py measures both).
-    A search without `address` joins the cluster in RAY_ADDRESS when it is set, as ray.init does.
     """
-    return not (address or os.environ.get("RAY_ADDRESS"))
+    return not address
 
 
 def trial_slots(asks: Any, cluster: dict[str, float]) -> int:
@@ -335,9 +348,8 @@ def trial_slots(asks: Any, cluster: dict[str, float]) -> int:
 def _check_local_gpus(gpus: float) -> None:
     """On the embedded local Ray, a trial cannot have more GPUs than this machine: say so
     before anything trains. Only there: a cluster's GPUs are the ones its nodes declare (`ray
-    start --num-gpus`; the autoscaler may add nodes), whatever this machine has, and with
-    RAY_ADDRESS set `ray.init()` joins that cluster instead of starting the embedded Ray."""
-    if gpus <= 0 or os.environ.get("RAY_ADDRESS"):
+    start --num-gpus`; the autoscaler may add nodes), whatever this machine has."""
+    if gpus <= 0:
         return
     import torch
 
@@ -463,6 +475,7 @@ def run_search(
     hang_grace_minutes()  # a bad KDSEARCH_HANG_GRACE_MINUTES: one line here, not in every trial
     root = Storage.open(storage or "runs")
     root.check_writable()  # a bucket that does not exist or refuses writes: one line, before anything runs
+    address = cluster_address(address)
     if address:
         _check_reachable(address)
     else:
