@@ -22,7 +22,7 @@ import yaml
 
 from kdsearch.errors import KdsearchError
 from kdsearch.results.tables import RunPaths
-from tests.helpers import run_cli, search_stopped_by_storage, write_space
+from tests.helpers import run_cli, search_stopped_by_storage, train_every_trial, write_space
 from tests.s3 import TcpProxy, bucket_names, environment, list_keys, make_bucket, raw_keys, s3_server
 from tests.test_search_faults import wait_for
 
@@ -222,7 +222,9 @@ def test_sigkilled_driver_resumes_from_the_bucket_elsewhere(s3, digits_teacher_p
     local folder is this test with another storage: the tables' writes are whole either way.)"""
     from tests.test_search_faults import CONFIG_COLUMNS, kill_driver_when
 
-    space = write_space(tmp_path, digits_teacher_path, trials=6, epochs=4, seed=7)
+    # every trial trains for seconds (none is over the budget, which would end it at once), so the
+    # four after the second cannot all end between the second's row and the kill
+    space = train_every_trial(write_space(tmp_path, digits_teacher_path, trials=6, epochs=4, seed=7))
     kdsearch = Path(sys.executable).with_name("kdsearch")
     cmd = [str(kdsearch), "search", str(space), "--storage", RUNS, "--name", "killed"]
     trials_uri = f"{RUNS}/killed/trials.parquet"
