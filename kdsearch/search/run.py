@@ -631,6 +631,7 @@ class _Search:
         self.space, self.paths, self.meta, self.console, self.say = space, paths, meta, console, say
         self.reuse_actors, self.trial = reuse_actors, trial
         self._view: LiveView | None = None  # the running experiment's live view, if any
+        self._recorder: ResultsRecorder | None = None  # the new experiment's (a restored one brings its own)
         self.data, self.cached, self.teacher = _load_once(space, cache, say) if trial is None else (None, None, None)
 
     def start(self, total: int, earlier: list[dict[str, Any]] | None) -> SearchResult:
@@ -782,7 +783,7 @@ class _Search:
         except (StorageError, TuneError) as e:  # the recorder's flush or the searcher's read, out of Tune's loop
             # in Tune's trial-error handler a StorageError leaves fit() wrapped in a TuneError: the
             # recorder keeps the storage failure it raised, which is what the user is told
-            failure = e if isinstance(e, StorageError) else self._recorder.storage_failure
+            failure = e if isinstance(e, StorageError) else getattr(self._recorder, "storage_failure", None)
             if failure is None:
                 raise
             if self._view is not None:
