@@ -292,11 +292,8 @@ def _pins(fs: Any, query: str) -> str:
 def _in_ray_worker() -> bool:
     """Whether this runs inside a Ray task or actor (a driver, or a process without Ray, does not:
     Ray's runtime context has a task id only there)."""
-    if "ray" not in sys.modules:
-        return False
-    import ray
-
-    return ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None
+    ray = sys.modules.get("ray")  # NOTE: never imported here: a process that has not loaded Ray runs no Ray task
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None
 
 
 def _reopen(base: str, query: str, pinned: str) -> Storage:
