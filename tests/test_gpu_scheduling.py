@@ -21,7 +21,7 @@ import yaml
 
 from kdsearch.train import trial as trial_module
 from tests.helpers import write_space
-from tests.test_local_cluster import LOCAL_SH, clean_env, parse_env, stop_cluster
+from tests.test_local_cluster import LOCAL_SH, NODES_DRIVER, clean_env, parse_env, stop_cluster
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -31,17 +31,6 @@ pytestmark = [
 WORKER_GPUS = 2
 NO_CUDA_LINE = "kdsearch: this trial was given GPU"
 SLACK_S = 1.0  # the most a result takes from the worker to the driver's clock (the epoch rows' time)
-
-# A driver that prints every alive node's CPUs and GPUs
-NODES_DRIVER = """
-import json, logging, sys
-import ray
-ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)
-print(json.dumps([
-    {"id": n["NodeID"], "cpus": n["Resources"].get("CPU", 0.0), "gpus": n["Resources"].get("GPU", 0.0)}
-    for n in ray.nodes() if n["Alive"]
-]))
-"""
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,18 @@ pytestmark = [
     pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="local.sh and this test need Linux's /proc"),
 ]
 
-# A driver that joins the cluster and prints every alive node.
+# A driver that joins the cluster and prints every alive node: its id, plasma socket, CPUs and GPUs.
 NODES_DRIVER = """
 import json, logging, sys
 import ray
 ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)
 nodes = [
-    {"id": n["NodeID"], "socket": n["ObjectStoreSocketName"], "cpus": n["Resources"].get("CPU", 0.0)}
+    {
+        "id": n["NodeID"],
+        "socket": n["ObjectStoreSocketName"],
+        "cpus": n["Resources"].get("CPU", 0.0),
+        "gpus": n["Resources"].get("GPU", 0.0),
+    }
     for n in ray.nodes() if n["Alive"]
 ]
 print(json.dumps(nodes))

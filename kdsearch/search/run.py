@@ -110,9 +110,10 @@ def _trainable(
     }
     computed = objective_table.computed(spec.student)
     never_trained = dict(zip([name for name, _ in objectives], values_for_sampler(computed, objectives)))
+    untrained = {"epoch": 0, **computed, **never_trained, **where}  # the result of a trial that ends untrained
     if meta["infeasible"]:
         # over the budget: never trains; Optuna already holds its constraint values
-        tune.report({"epoch": 0, **computed, **never_trained, **where})
+        tune.report(untrained)
         return
     if trial is not None:
         trial(spec, lambda metrics: tune.report({**metrics, **where}))
@@ -122,10 +123,10 @@ def _trainable(
     try:
         own = attempts.begin(where["node_id"], ray.get_runtime_context().get_job_id())
     except StorageError as e:  # a retry could not be counted against max_failures: none is made
-        tune.report({"epoch": 0, **computed, **never_trained, **where, FAILURE: f"cannot record its attempt: {e}"})
+        tune.report({**untrained, FAILURE: f"cannot record its attempt: {e}"})
         return
     if len(own) > max_failures:  # past the space's max_failures: the trial fails, with the last reason
-        tune.report({"epoch": 0, **computed, **never_trained, **where, FAILURE: own[-1], RETRY_REFUSED: True})
+        tune.report({**untrained, FAILURE: own[-1], RETRY_REFUSED: True})
         return
 
     def report(metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
@@ -160,7 +161,7 @@ def _trainable(
                 # its own fault (diverged, out of memory, past train.max_minutes): the same config would fail
                 # again, so the trial ends here with the reason in its last result (kdsearch.results.outcomes:
                 # failed) instead of raising, which would be retried up to max_failures times
-                tune.report({"epoch": 0, **computed, **never_trained, **where, FAILURE: e.line()})
+                tune.report({**untrained, FAILURE: e.line()})
                 return
             for name in ("trial_spec.json", "model.safetensors"):  # the weights last: their presence means complete
                 run.store.upload(Path(workdir) / name, f"{RunPaths.trial_dir(trial_id)}/{name}")
