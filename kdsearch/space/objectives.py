@@ -15,12 +15,13 @@ the front, `status`, the pictures, the report and the export show them, all by r
 table. Adding one is one `register` call (and its function): see ARCHITECTURE.md.
 
 Torch-free: `compute` and `measure` are plain callables; a `measure` receives the torch
-model inside `MeasureContext` and imports what it needs itself.
+model inside `MeasureContext` and imports what it needs itself. The built-in measured
+objectives ask the context for the training stack's figure (`MeasureContext.figure`: the
+trial hands kdsearch.train.measure's function down), so this table names no part above it.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,13 +34,25 @@ MODES = ("max", "min")
 @dataclass(frozen=True)
 class MeasureContext:
     """What a `measure` function may look at: the model (in eval mode), its spec, the data,
-    the device and the epoch just finished (1-based)."""
+    the device and the epoch just finished (1-based); `figures` is the training stack's
+    measuring function (kdsearch.train.measure.measure_objective), which `figure` calls."""
 
     model: Any
     spec: Any  # TrialSpec
     data: Any  # kdsearch.train.data.Data
     device: Any
     epoch: int
+    figures: Callable[[MeasureContext, str], float] | None = None
+
+    def figure(self, name: str) -> float:
+        """The training stack's figure `name` (latency_ms, throughput, inference_memory) of this model.
+
+        Raises:
+            ValueError: the context was made without `figures`.
+        """
+        if self.figures is None:
+            raise ValueError(f"{name}: this MeasureContext has no figures (kdsearch.train.measure.measure_objective)")
+        return self.figures(self, name)
 
 
 @dataclass(frozen=True)
@@ -111,9 +124,7 @@ def _params(student: Any) -> float:
 
 
 def _measured(name: str, ctx: MeasureContext) -> float:
-    """kdsearch.train.measure's figure `name`, imported by name when first measured (space/
-    imports no part above it: the datasets table names its loaders the same way)."""
-    return importlib.import_module("kdsearch.train.measure").measure_objective(ctx, name)
+    return ctx.figure(name)
 
 
 # How the measured objectives are taken (kdsearch.train.measure reads these): the images per

@@ -36,6 +36,7 @@ from kdsearch.space.specs import TeacherSource, TrialSpec, teacher_source
 from kdsearch.train.data import Data, load_data
 from kdsearch.train.distill import DistillLoss
 from kdsearch.train.faults import OUT_OF_MEMORY, TimeLimit, TrialFault, TrialOutOfMemory, TrialTimedOut
+from kdsearch.train.measure import measure_objective
 from kdsearch.train.loop import (
     DistillStep,
     TeacherSignal,
@@ -221,7 +222,7 @@ def train_trial(
                 continue
             throughput = efficiency(computed["flops"], losses["images"], train_seconds, losses["data_wait"], device)
             val_acc = evaluate(model, data, device, workers=loader_workers)
-            measured = objective_table.measured(objectives, MeasureContext(model, spec, data, device, epoch))
+            measured = objective_table.measured(objectives, MeasureContext(model, spec, data, device, epoch, measure_objective))
         except OUT_OF_MEMORY as e:
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # a reused worker runs the next trial in what this one held
