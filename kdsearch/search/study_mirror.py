@@ -1,8 +1,9 @@
 """The run's study.db: a SQLite copy of the searcher's in-memory Optuna study, kept up to date
 change by change, for optuna-dashboard.
 
-The searcher's study stays in memory (Ray pickles it with its trial map for `--resume`); this
-mirror only copies it. `optuna.copy_study` rebuilds the whole file every time (measured: 6 s
+The searcher's study stays in its own in-memory storage (the searcher saves that storage with its
+trial map for `--resume`); this mirror only copies it, reading the storage through Optuna's
+public `BaseStorage` methods. `optuna.copy_study` rebuilds the whole file every time (measured: 6 s
 for 100 trials, 37 s for 500 on a loaded 2-core machine), so the mirror keeps its own SQLite
 file in a local temporary folder, writes only what changed since the last sync (new trials;
 a running trial's new parameters, intermediate values, attributes and end), and uploads the
@@ -16,7 +17,7 @@ writes its attributes, parameters and intermediate values into that same object'
 the change. The copy is taken before anything is written from it, and everything written
 comes from it: the sync runs in a thread while the searcher goes on changing trials, and a
 change that lands between a write and a later copy would be recorded as mirrored when it
-never was (found by CI: a trial's `ray_trial_id` missing from study.db).
+never was (study.db would lack that trial's `ray_trial_id`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial
 
 from kdsearch.storage import Storage
@@ -73,23 +75,29 @@ class StudyMirror:
         assert self._tmp is not None
         return Path(self._tmp.name) / "study.db"
 
-    def sync(self, study: optuna.Study) -> None:
-        """Write what changed in `study` since the last sync to the local file."""
+    def sync(self, source: BaseStorage, study_name: str) -> None:
+        """Write what changed in a study since the last sync to the local file.
+
+        Args:
+            source: the storage holding the study (the searcher's in-memory storage).
+            study_name: the study's name in `source`.
+        """
+        study_id = source.get_study_id_from_name(study_name)
         if self._storage is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="kdsearch-study-")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self._storage = optuna.storages.RDBStorage(f"sqlite:///{self.path}")
             _no_fsync(self._storage.engine)
-            self._study_id = self._storage.create_new_study(study.directions, self.study_name)
-        attrs = {**study._storage.get_study_system_attrs(study._study_id)}
+            self._study_id = self._storage.create_new_study(source.get_study_directions(study_id), self.study_name)
+        attrs = {**source.get_study_system_attrs(study_id)}
         for key, value in attrs.items():  # the metric names, set once
             if self._attrs.get(key) != value:
                 self._storage.set_study_system_attr(self._study_id, key, value)
         self._attrs = attrs
         # only the new trials and the unfinished ones can have changed (a finished trial is
         # final): a sync costs what changed, not the study's size
-        trials = study.get_trials(deepcopy=False)  # in number order; references, not copies
+        trials = source.get_all_trials(study_id, deepcopy=False)  # in number order; references, not copies
         for number in [*sorted(self._open), *range(len(self._ids), len(trials))]:
             trial = _copy(trials[number])  # first: what is written and what is kept are the same
             before = self._open.pop(number, None)
