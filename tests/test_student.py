@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kdsearch.models.student import (
-    _POS_ENCODINGS,
+    POS_ENCODINGS,
     Attention,
     StudentOutput,
     build_student,
     create_pos_encoding,
 )
+from kdsearch.space.encodings import ENCODINGS, get_encoding
 from kdsearch.space.specs import POS_EMBEDS, StudentSpec
 from tests.helpers import GRID, SIZES, explicit_attention, set_fused_attn
 
@@ -210,12 +212,32 @@ def test_unknown_pos_embed_raises_value_error() -> None:
     bad = StudentSpec(pos_embed="alibi")
     with pytest.raises(ValueError, match="alibi"):
         build_student(bad)
-    with pytest.raises(ValueError, match="alibi"):
+    expected = re.escape("'alibi'; expected one of " + ", ".join(ENCODINGS))
+    with pytest.raises(ValueError, match=expected):
         create_pos_encoding("alibi", StudentSpec())
+    with pytest.raises(ValueError, match=expected):
+        get_encoding("alibi")
 
 
-def test_every_pos_embed_name_has_an_encoding() -> None:
-    assert set(_POS_ENCODINGS) == set(POS_EMBEDS)
+def test_the_layers_registry_has_the_tables_names() -> None:
+    """Each row of the encodings table has its layers, and each layer class its row."""
+    assert POS_ENCODINGS.keys() == ENCODINGS.keys()
+    assert POS_EMBEDS == tuple(ENCODINGS)
+
+
+@pytest.mark.parametrize("name", [name for name, e in ENCODINGS.items() if e.width_rule is not None])
+def test_each_width_rule_refuses_the_widths_it_names(name: str) -> None:
+    """One head, so embed_dim is head_dim: a multiple of the rule builds and runs, one more is refused."""
+    rule = ENCODINGS[name].width_rule
+    base = dataclasses.replace(SIZES["tiny"], pos_embed=name, num_heads=1)
+    good = dataclasses.replace(base, embed_dim=2 * rule.multiple)
+    assert good.problems() == []
+    assert _model(good)(_images(good)).shape == (3, good.num_classes)
+    bad = dataclasses.replace(base, embed_dim=2 * rule.multiple + 1)
+    detail = f"{name} needs {rule.dim} divisible by {rule.multiple}, got {rule.dim} {bad.embed_dim}"
+    assert bad.problems() == [f"pos_embed {detail}"]
+    with pytest.raises(ValueError, match=re.escape(detail)):
+        build_student(bad)
 
 
 def test_invalid_spec_raises_value_error() -> None:

@@ -1,8 +1,8 @@
 """The student: a small pre-norm ViT (DeiT style) built from a `StudentSpec` on timm's layers.
 
-Every positional encoding (the table in ARCHITECTURE.md) is one `PosEncoding` subclass, made by name in
-`create_pos_encoding`. A `PosEncoding` can touch the model at four points, and each type
-uses only the ones it needs:
+Every positional encoding (a row of kdsearch.space.encodings' table) is one `PosEncoding`
+subclass in `POS_ENCODINGS`, made by name in `create_pos_encoding`. A `PosEncoding` can
+touch the model at four points, and each type uses only the ones it needs:
 
     tokens     after the prefix tokens are concatenated   learned (all tokens), sincos (patches)
     rope       rotary embedding for q/k of patch tokens   rope
@@ -31,11 +31,12 @@ from timm.layers import (
 )
 from torch import Tensor, nn
 
-from kdsearch.space.specs import POS_EMBEDS, StudentSpec
+from kdsearch.space.specs import StudentSpec
 
 __all__ = [
     "Attention",
     "Block",
+    "POS_ENCODINGS",
     "PosEncoding",
     "StudentOutput",
     "StudentViT",
@@ -154,7 +155,7 @@ class ConvPos(PosEncoding):
         return torch.cat([prefix, patch], dim=1)
 
 
-_POS_ENCODINGS: dict[str, type[PosEncoding]] = {
+POS_ENCODINGS: dict[str, type[PosEncoding]] = {
     "learned": LearnedPos,
     "sincos": SinCosPos,
     "relpos": RelPos,
@@ -162,14 +163,26 @@ _POS_ENCODINGS: dict[str, type[PosEncoding]] = {
     "cpe": ConvPos,
     "none": PosEncoding,
 }
+"""The layers of each positional encoding, by name: the same names as kdsearch.space.encodings' table."""
 
 
 def create_pos_encoding(name: str, spec: StudentSpec) -> PosEncoding:
-    """The positional encoding called `name` for `spec`; ValueError for an unknown name."""
+    """The positional encoding called `name`, built for `spec`.
+
+    Args:
+        name: a key of `POS_ENCODINGS` (a `pos_embed` value).
+        spec: the student it is built for (its widths, grid, depth and prefix tokens).
+
+    Returns:
+        The encoding's module, whose hooks `StudentViT` calls.
+
+    Raises:
+        ValueError: `name` is not in `POS_ENCODINGS` (the message lists the names that are).
+    """
     try:
-        cls = _POS_ENCODINGS[name]
+        cls = POS_ENCODINGS[name]
     except KeyError:
-        raise ValueError(f"unknown pos_embed {name!r}; expected one of {', '.join(POS_EMBEDS)}") from None
+        raise ValueError(f"unknown pos_embed {name!r}; expected one of {', '.join(POS_ENCODINGS)}") from None
     return cls(spec)
 
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-POS_EMBEDS: tuple[str, ...] = ("learned", "sincos", "relpos", "rope", "cpe", "none")
-"""Positional encodings a student can use (kdsearch.models.student builds each; ARCHITECTURE.md has the table)."""
+from kdsearch.space.encodings import ENCODINGS
+
+POS_EMBEDS: tuple[str, ...] = tuple(ENCODINGS)
+"""Positional encodings a student can use: the names of kdsearch.space.encodings' table."""
 
 
 def searchable(default: Any, allowed: str = "", check: Callable[[Any], bool] | None = None) -> Any:
@@ -108,10 +110,9 @@ class StudentSpec:
             out.append(Problem("patch_size", f"{self.patch_size} does not divide the image size {self.img_size}"))
         if self.embed_dim % self.num_heads:
             out.append(Problem("embed_dim", f"{self.embed_dim} is not divisible by num_heads {self.num_heads}"))
-        elif self.pos_embed == "rope" and self.head_dim % 4:
-            out.append(Problem("pos_embed", f"rope needs head_dim divisible by 4, got head_dim {self.head_dim}"))
-        if self.pos_embed == "sincos" and self.embed_dim % 4:
-            out.append(Problem("pos_embed", f"sincos needs embed_dim divisible by 4, got embed_dim {self.embed_dim}"))
+        width_problem = ENCODINGS[self.pos_embed].width_problem(self.embed_dim, self.num_heads)
+        if width_problem:
+            out.append(Problem("pos_embed", width_problem))
         if self.mlp_hidden < 1:
             out.append(Problem("mlp_ratio", f"{self.mlp_ratio} x embed_dim {self.embed_dim} leaves an empty MLP"))
         return out
