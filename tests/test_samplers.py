@@ -4,14 +4,21 @@ when the Tuner starts and at every save, and restored on resume (kdsearch.space.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
 import pytest
 import ray.cloudpickle
 
+from kdsearch.results.tables import RunPaths
+from kdsearch.search.searcher import KdsearchSearcher
+from kdsearch.space.file import load_space
 from kdsearch.space.samplers import SAMPLERS, make_sampler
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _objective(trial: optuna.Trial) -> tuple[float, float]:
@@ -35,3 +42,25 @@ def test_a_pickled_study_goes_on_as_the_original(name: str, dumps, loads) -> Non
     study.optimize(_objective, n_trials=3)
     for study_copy in copies:
         assert [t.params for t in study_copy.trials] == [t.params for t in study.trials]
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_the_searcher_pickles_with_every_sampler(name: str, tmp_path: Path) -> None:
+    """The searcher with each sampler, mid-run, through what Ray does with it (cloudpickle at
+    the Tuner's start, `save` and `restore` at every save): the copies suggest what the
+    original suggests next."""
+    if name == "gp":
+        pytest.importorskip("scipy")
+    space = load_space(REPO / "search_spaces/digits_quick.yaml")
+    settings = dataclasses.replace(space.search, sampler=name, population_size=4, seed=3)
+    searcher = KdsearchSearcher(space, space.objectives, make_sampler(settings), RunPaths.at(tmp_path / "run"), 20)
+    for i in range(6):
+        searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", {"epoch": 1, "val_acc": i / 10, "flops": 1e6 * (6 - i)})
+    searcher.save(str(tmp_path / "state.pkl"))
+    restored = KdsearchSearcher(space, space.objectives, make_sampler(space.search), RunPaths.at(tmp_path / "run"), 1)
+    restored.restore(str(tmp_path / "state.pkl"))
+    copies = [ray.cloudpickle.loads(ray.cloudpickle.dumps(searcher)), copy.deepcopy(searcher), restored]
+    spec = searcher.suggest("next")["kdsearch"]["spec"]
+    for searcher_copy in copies:
+        assert searcher_copy.suggest("next")["kdsearch"]["spec"] == spec
