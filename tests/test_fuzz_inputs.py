@@ -1,5 +1,5 @@
 """Bad input, generated: every space file and every CLI argument list ends in success or one
-line `kdsearch: error: ...` with exit code 2, never a traceback (issue 12).
+line `kdsearch: error: ...` with exit code 2, never a traceback.
 
 Hypothesis draws (a) space files: random nested YAML whose keys come from the real schema
 (`SEARCHABLE`, `PLAIN`, `TOP_LEVEL`) and from random text, a valid space with a few keys
@@ -32,9 +32,10 @@ from hypothesis import strategies as st
 from kdsearch.cli import app
 from kdsearch.errors import SpaceError
 from kdsearch.space.datasets import DATASETS
-from kdsearch.space.file import PLAIN, SEARCHABLE, TOP_LEVEL, load_space
+from kdsearch.space.file import load_space
 from kdsearch.space.objectives import OBJECTIVES
 from kdsearch.space.samplers import SAMPLERS
+from kdsearch.space.schema import PLAIN, SEARCHABLE, TOP_LEVEL
 from kdsearch.space.specs import POS_EMBEDS
 from tests.helpers import run_cli
 

@@ -12,15 +12,22 @@ import pytest
 
 import kdsearch
 from kdsearch.errors import SpaceError
-from kdsearch.space.dimensions import Choice, FloatRange, IntRange
+from kdsearch.space.datasets import DATASETS
+from kdsearch.space.dimensions import Choice, Dimension, FloatRange, IntRange, cardinality
 from kdsearch.space.file import load_space, parse_sets, parse_space
-from kdsearch.space.specs import TrialSpec
+from kdsearch.space.search_space import Budget, EarlyStopping, Resources, SearchSettings
+from kdsearch.space.specs import SEED_MAX, DataSpec, RecipeSpec, TeacherSpec, TrainSpec, TrialSpec
 from tests.helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def searched(dim: Dimension) -> bool:
+    """A dimension the sampler chooses in: more than one value (a float range: low < high)."""
+    return cardinality(dim) > 1
 
 
 def test_bundled_spaces_are_there() -> None:
@@ -45,7 +52,7 @@ def test_every_sampled_config_is_consistent_and_replays(path: Path, sampler: typ
         fc = kdsearch.count_flops(spec.student)
         study.tell(trial, [float(i % 7), fc.flops])
     # the sampler saw only searched dimensions, under their dotted names
-    assert set(study.trials[0].params) == {k for k, d in space.dims.items() if d.searched}
+    assert set(study.trials[0].params) == {k for k, d in space.dims.items() if searched(d)}
 
 
 def test_budget_is_told_to_optuna_as_constraints() -> None:
@@ -168,3 +175,25 @@ def test_space_show_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["space", "show", str(ROOT / "search_spaces/imagenet_deit_tiny.yaml")]) == 0
     out = capsys.readouterr().out
     assert "student.pos_embed" in out and "architectures: 576" in out and "GFLOPs" in out
+
+
+def test_left_out_sections_take_their_dataclass_defaults() -> None:
+    """A section's defaults are its dataclass's: a space stating only a student gets each one."""
+    space = parse_space({"student": {"embed_dim": 64}})
+    assert space.budget == Budget()
+    assert space.resources == Resources()
+    assert space.early_stopping == EarlyStopping()
+    assert space.search == SearchSettings()
+    assert space.teacher == TeacherSpec()
+    assert space.data == DataSpec(num_classes=DATASETS["digits"].num_classes)
+    assert space.default_spec().train == TrainSpec()
+    assert space.default_spec().recipe == RecipeSpec()
+
+
+@pytest.mark.parametrize("key", ["train.seed", "search.seed"])
+def test_every_seed_a_space_allows_is_in_seed_range(key: str) -> None:
+    section, _, name = key.partition(".")
+    parse_space({"student": {"embed_dim": 64}, section: {name: SEED_MAX}})
+    for bad in (-1, SEED_MAX + 1):
+        with pytest.raises(SpaceError, match=f"{key}: must be an integer from 0 to "):
+            parse_space({"student": {"embed_dim": 64}, section: {name: bad}})

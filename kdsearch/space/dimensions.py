@@ -45,10 +45,6 @@ class Fixed:
     def describe(self) -> str:
         return f"{self.value!r} (fixed)"
 
-    @property
-    def searched(self) -> bool:
-        return False
-
 
 @dataclass(frozen=True)
 class Choice:
@@ -70,10 +66,6 @@ class Choice:
 
     def describe(self) -> str:
         return "one of " + ", ".join(repr(c) for c in self.choices)
-
-    @property
-    def searched(self) -> bool:
-        return len(self.choices) > 1
 
 
 @dataclass(frozen=True)
@@ -117,10 +109,6 @@ class IntRange:
         step = f" step {self.step}" if self.step != 1 else ""
         return f"int {self.low}..{self.high}{step}{' (log)' if self.log else ''}"
 
-    @property
-    def searched(self) -> bool:
-        return self.high > self.low
-
 
 @dataclass(frozen=True)
 class FloatRange:
@@ -158,10 +146,6 @@ class FloatRange:
     def describe(self) -> str:
         step = f" step {self.step}" if self.step is not None else ""
         return f"float {self.low}..{self.high}{step}{' (log)' if self.log else ''}"
-
-    @property
-    def searched(self) -> bool:
-        return self.high > self.low
 
 
 Dimension = Fixed | Choice | IntRange | FloatRange

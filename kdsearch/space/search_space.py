@@ -3,6 +3,8 @@
 `kdsearch.space.file` reads a YAML file into a `SearchSpace` (all validation happens there);
 this module is the model: the dimensions, the fixed data and teacher, the objectives, the
 budgets, the resources and the search settings, and the ways to make trial specs from them.
+Each key of the `budget`, `resources`, `early_stopping` and `search` sections is a `setting`
+field of its dataclass here: its type, default and allowed values, stated once.
 
 `SearchSpace.suggest(trial)` is define-by-run: it only calls `trial.suggest_*` (and
 `trial.set_constraint` for the budgets), so Optuna's samplers, Ray Tune's OptunaSearch and
@@ -24,7 +26,9 @@ from kdsearch.space import objectives as objective_table
 from kdsearch.space.datasets import DATASETS
 from kdsearch.space.dimensions import Dimension, Fixed, SuggestTrial, cardinality
 from kdsearch.space.flops import count_flops
+from kdsearch.space.samplers import SAMPLERS
 from kdsearch.space.specs import (
+    SEED_MAX,
     DataSpec,
     RecipeSpec,
     StudentSpec,
@@ -32,6 +36,7 @@ from kdsearch.space.specs import (
     TeacherSpec,
     TrainSpec,
     TrialSpec,
+    setting,
     teacher_source,
 )
 
@@ -40,8 +45,8 @@ from kdsearch.space.specs import (
 class Budget:
     """Limits a config must meet before it may train; None means no limit."""
 
-    max_gflops: float | None = None
-    max_params: int | None = None
+    max_gflops: float | None = setting(None, "a number of GFLOPs > 0, or null", lambda v: v > 0)
+    max_params: int | None = setting(None, "a parameter count > 0, or null", lambda v: v > 0)
 
     def violations(self, student: StudentSpec) -> dict[str, float]:
         """Optuna-style constraint values: feasible when every value is <= 0 (relative excess)."""
@@ -67,30 +72,40 @@ class Budget:
 
 @dataclass(frozen=True)
 class Resources:
-    cpus: float = 1.0
-    gpus: float = 0.0
+    """What one trial asks of Ray."""
+
+    cpus: float = setting(1.0, "a number > 0", lambda v: v > 0)
+    gpus: float = setting(0.0, "a number >= 0 (fractions share a GPU)", lambda v: v >= 0)
 
 
 @dataclass(frozen=True)
 class EarlyStopping:
     """The space's `early_stopping` section: kdsearch.search.early_stopping's rule reads it."""
 
-    enabled: bool = True
-    grace_epochs: int = 5
-    reduction_factor: int = 2
-    beaten_by: int = 2
+    enabled: bool = setting(True)
+    grace_epochs: int = setting(5, "an integer >= 1", lambda v: v >= 1)
+    reduction_factor: int = setting(2, "an integer >= 2", lambda v: v >= 2)
+    beaten_by: int = setting(2, "an integer >= 1", lambda v: v >= 1)
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    trials: int = 16
-    population_size: int | None = None
-    sampler: str = "nsga2"
-    seed: int = 0
-    max_failures: int = 1
-    max_concurrent: int | None = None
-    enqueue: tuple[dict[str, Any], ...] = ()  # configs tried first (dotted dimension names -> values)
-    checkpoint_every: int = 1  # a trial checkpoints every this many epochs (0: never); a retry continues from it
+    """The space's `search` section: how many trials, chosen by which sampler, run how."""
+
+    trials: int = setting(16, "an integer >= 1", lambda v: v >= 1)
+    population_size: int | None = setting(None, "an integer >= 2 (NSGA-II), or null", lambda v: v >= 2)
+    sampler: str = setting("nsga2", "one of " + ", ".join(SAMPLERS), lambda v: v in SAMPLERS)
+    seed: int = setting(
+        0, f"an integer from 0 to {SEED_MAX} (2**{SEED_MAX.bit_length()} - 1)", lambda v: 0 <= v <= SEED_MAX
+    )
+    max_failures: int = setting(1, "an integer >= 0", lambda v: v >= 0)
+    # a trial checkpoints every this many epochs (0: never); a retry continues from it
+    checkpoint_every: int = setting(
+        1, "an integer >= 0 (epochs between a trial's checkpoints; 0: none)", lambda v: v >= 0
+    )
+    max_concurrent: int | None = setting(None, "an integer >= 1, or null", lambda v: v >= 1)
+    # configs tried first (dotted dimension names -> values); the space file's parser checks them
+    enqueue: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

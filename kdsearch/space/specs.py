@@ -13,16 +13,40 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+from kdsearch.space.datasets import DATASETS
 from kdsearch.space.encodings import ENCODINGS
 
 POS_EMBEDS: tuple[str, ...] = tuple(ENCODINGS)
 """Positional encodings a student can use: the names of kdsearch.space.encodings' table."""
 
 
+def setting(
+    default: Any, allowed: str = "", check: Callable[[Any], bool] | None = None, *, optional: bool = False
+) -> Any:
+    """A field a space file may set: the one statement of its key's schema.
+
+    The space file's schema (kdsearch.space.schema) is read from these fields: the key's type
+    is the field's annotation, and null is allowed where the annotation is `X | None` or
+    `optional` is set.
+
+    Args:
+        default: The value a space file that leaves the key out gets (None where `optional`).
+        allowed: The values the key may take, in the words of the space file's errors
+            ("an integer >= 1"); empty for a bool.
+        check: True for an allowed value of the key's type; None: every value of the type.
+        optional: Null is allowed although the type is not `X | None`: the space file then
+            leaves the value to the data (`data.img_size`: the dataset's image size).
+
+    Returns:
+        A dataclass field.
+    """
+    return field(default=default, metadata={"allowed": allowed, "check": check, "optional": optional})
+
+
 def searchable(default: Any, allowed: str = "", check: Callable[[Any], bool] | None = None) -> Any:
-    """A field a space file may fix or search: its default and, in words and as a test, the
-    values it may take. The space file's schema (kdsearch.space.file) is read from these."""
-    return field(default=default, metadata={"allowed": allowed, "check": check})
+    """A `setting` of `student`, `recipe` or `train`, which a space file may fix or search
+    (a choice list or a range of values each `check` allows)."""
+    return setting(default, allowed, check)
 
 
 def _int_at_least(n: int) -> dict[str, Any]:
@@ -31,6 +55,12 @@ def _int_at_least(n: int) -> dict[str, Any]:
 
 _POSITIVE = {"allowed": "a number > 0", "check": lambda v: v > 0}
 _NON_NEGATIVE = {"allowed": "a number >= 0", "check": lambda v: v >= 0}
+_FRACTION = {"allowed": "a number strictly between 0 and 1", "check": lambda v: 0 < v < 1}
+_NO_NUL = {"check": lambda v: "\0" not in v}  # a path the OS can open
+
+SEED_MAX = 2**32 - 1
+"""Seeds run from 0 to SEED_MAX (2**32 - 1): Optuna's samplers and NumPy take no other; every
+seed a space allows (`train.seed`, `search.seed`) and every seed derived from them is in range."""
 
 
 class Problem(str):
@@ -191,7 +221,7 @@ class TrainSpec:
     lr: float = searchable(1e-3, **_POSITIVE)
     weight_decay: float = searchable(0.05, **_NON_NEGATIVE)
     warmup_epochs: int = searchable(1, **_int_at_least(0))
-    seed: int = searchable(0, "an integer from 0 to 2**32 - 1", lambda v: 0 <= v < 2**32)
+    seed: int = searchable(0, f"an integer from 0 to 2**{SEED_MAX.bit_length()} - 1", lambda v: 0 <= v <= SEED_MAX)
     compile: bool = searchable(False)  # torch.compile the training step (worth it on GPUs, for long trials)
     # an attempt that trains longer fails with TrialTimedOut at the next batch boundary (None: no limit)
     max_minutes: float | None = searchable(None, "a number of minutes > 0, or null", lambda v: v > 0)
@@ -210,31 +240,33 @@ def out_of_range(spec: Any, section: str) -> list[str]:
 class DataSpec:
     """Where the images come from. `root` is absolute once a space is loaded (None for digits)."""
 
-    name: str = "digits"
-    img_size: int = 16
-    root: str | None = None
-    num_classes: int | None = None
-    val_fraction: float = 0.2  # of the training data, carved out (stratified, fixed) to select on
-    augment: bool = False
-    test_fraction: float = 0.2  # of all images, held out as the test split where the dataset has none (digits)
+    name: str = setting("digits", "one of " + ", ".join(DATASETS), lambda v: v in DATASETS)
+    img_size: int = setting(16, **_int_at_least(1), optional=True)  # null in a space file: the dataset's size
+    root: str | None = setting(None, "a folder's path", **_NO_NUL)
+    num_classes: int | None = setting(None, **_int_at_least(2))
+    val_fraction: float = setting(0.2, **_FRACTION)  # of the training data, carved out (stratified, fixed) to select on
+    augment: bool = setting(False)
+    # of all images, held out as the test split where the dataset has none (digits)
+    test_fraction: float = setting(0.2, **_FRACTION)
 
 
 BUILTIN_TEACHER = "kdsearch/digits_cnn"
 """The teacher kdsearch trains itself (kdsearch.models.digits_cnn), for the embedded digits."""
+
+SPARSE_ABOVE = 100
+"""Above this many classes the teacher caches keep each image's top-k logits only (TinyViT)."""
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
     """A timm model name (or `kdsearch/digits_cnn`) plus where its weights come from."""
 
-    model: str = BUILTIN_TEACHER
-    checkpoint: str | None = None
-    pretrained: bool = False
-    cache_topk: int = 10  # logits kept per image in the teacher caches when the classes are many
-
-
-SPARSE_ABOVE = 100
-"""Above this many classes the teacher caches keep each image's top-k logits only (TinyViT)."""
+    model: str = setting(BUILTIN_TEACHER, f"a timm model name or {BUILTIN_TEACHER}", lambda v: bool(v.strip()))
+    checkpoint: str | None = setting(None, "a file's path", **_NO_NUL)
+    pretrained: bool = setting(False)
+    cache_topk: int = setting(
+        10, f"an integer >= 1 (logits kept per image above {SPARSE_ABOVE} classes)", lambda v: v >= 1
+    )
 
 
 def logit_bytes_per_image(num_classes: int, topk: int) -> int:
