@@ -1,0 +1,100 @@
+"""Reading a run: `kdsearch status` (progress and the front so far), `kdsearch pareto` (the
+front, its hypervolume, pictures) and `kdsearch report` (one HTML page and its Markdown)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from kdsearch.cli.console import Format, wide_console, write_csv
+from kdsearch.errors import KdsearchError
+
+
+def status(
+    run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
+) -> None:
+    """Progress and the front so far, from a run's files (while it runs or after)."""
+    from kdsearch.results.hypervolume import run_reference
+    from kdsearch.results.status import render_status, status_dict
+    from kdsearch.results.tables import RunPaths, open_run
+
+    paths = open_run(run)
+    meta = paths.meta()
+    if not {"objectives", "trials", "started"} <= set(meta):
+        raise KdsearchError(
+            f"{paths.store.uri_of(RunPaths.META)}: missing or incomplete; status reads the run's total and start"
+        )
+    trials, epochs = paths.rows(RunPaths.TRIALS), paths.rows(RunPaths.EPOCHS)
+    objectives = [tuple(o) for o in meta["objectives"]]
+    reference, why = run_reference(paths, meta, objectives)
+    args = (trials, epochs, objectives, meta["trials"], meta["started"])
+    if as_json:
+        typer.echo(json.dumps(status_dict(*args, reference=reference, why_no_reference=why), default=str))
+        return
+    wide_console().print(render_status(*args, reference=reference, why_no_reference=why))
+
+
+def pareto(
+    run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
+    fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
+    plot: Path = typer.Option(None, "--plot", help="Write a PNG of all trials and the front."),
+    html_out: Path = typer.Option(None, "--html", help="Write an interactive HTML plot (a trial's config on hover)."),
+    objectives: str = typer.Option(
+        None, "--objectives", help="Comma-separated, e.g. val_acc,params or val_acc,params:min [default: the run's]."
+    ),
+) -> None:
+    """The front of a run: its members, their architecture and recipe, and the hypervolume."""
+    from kdsearch.results.plots import plot_front
+    from kdsearch.results.report import front_table, hypervolume, write_front_html
+    from kdsearch.results.status import render_front
+    from kdsearch.results.tables import load_run, require_finished
+    from kdsearch.space import objectives as objective_table
+
+    r = load_run(run, objectives.split(",") if objectives else None)
+    require_finished(r)
+    rows = front_table(r)
+    hv = hypervolume(r)
+    if plot:
+        plot_front(r.trials, r.objectives, plot, title=r.name)
+    if html_out:
+        write_front_html(r, html_out)
+    if fmt is Format.json:
+        units = {c: objective_table.get(c).unit for c in rows[0] if c in objective_table.OBJECTIVES}
+        out = {
+            "run": r.paths.uri,
+            "objectives": r.objectives,
+            "units": units,
+            "hypervolume": hv.as_json(),
+            "front": rows,
+        }
+        typer.echo(json.dumps(out, default=str))
+    elif fmt is Format.csv:
+        write_csv(rows, list(rows[0]))
+    else:
+        console = wide_console()
+        console.print(
+            render_front(rows, f"Pareto front of {r.name}: " + ", ".join(f"{m} ({d})" for m, d in r.objectives))
+        )
+        console.print(hv.describe())
+
+
+def report(
+    run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        help="Folder for report.html, report.md and pictures [default: RUN/report; NAME-report for a URI].",
+    ),
+) -> None:
+    """One self-contained HTML page (and the same as Markdown): the front, hypervolume over time,
+    each encoding's front, parameter importances, failed and stopped trials."""
+    from kdsearch.results.report import write_report
+    from kdsearch.results.tables import load_run
+
+    r = load_run(run)
+    local = r.paths.store.local_path()
+    page, md = write_report(r, out or (local / "report" if local else Path(f"{r.name}-report")))
+    wide_console().print(f"report: {page}  markdown: {md}")
