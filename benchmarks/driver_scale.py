@@ -3,7 +3,7 @@ Tune + OptunaSearch, both around trials that train nothing (issue 12).
 
     .venv/bin/python benchmarks/driver_scale.py [--trials 300] [--epochs 3] [--sampler nsga2] [--json]
 
-Each trial reports `--epochs` epochs at once (`kdsearch.search.run.noop_trial`: the student's
+Each trial reports `--epochs` epochs at once (`kdsearch.search.trainable.noop_trial`: the student's
 exact costs, a made-up accuracy), so all that is measured is the driver: Ray Tune's loop, the
 searcher, and for kdsearch its scheduler, recorder (trials and epochs tables), study mirror
 and searcher reconciliation. kdsearch runs through `run_search(..., trial=noop_trial)` (the
@@ -154,9 +154,10 @@ def run_kdsearch(space: Path, storage: Path) -> dict:
 
     from kdsearch.results.tables import RunPaths
     from kdsearch.search.callbacks import ResultsRecorder
-    from kdsearch.search.run import noop_trial, run_search
+    from kdsearch.search.run import run_search
     from kdsearch.search.scheduler import ParetoHalving
     from kdsearch.search.searcher import KdsearchOptunaSearch
+    from kdsearch.search.trainable import noop_trial
 
     methods = [(KdsearchOptunaSearch, m) for m in ("suggest", "on_trial_result", "on_trial_complete")]
     methods += [(ResultsRecorder, m) for m in ("on_trial_result", "on_trial_complete", "on_trial_error")]
@@ -183,8 +184,8 @@ def run_plain_tune(space_path: Path, storage: Path) -> dict:
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.search.optuna import OptunaSearch
 
-    from kdsearch.search.run import noop_trial
     from kdsearch.search.searcher import DefineByRun
+    from kdsearch.search.trainable import noop_trial
     from kdsearch.space.file import load_space
     from kdsearch.space.samplers import make_sampler
     from kdsearch.space.specs import TrialSpec
@@ -254,9 +255,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import os
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    from kdsearch.search.run import _init_ray
+    from kdsearch.search.ray_session import init_ray
 
-    _init_ray(None)
+    init_ray(None)
     with tempfile.TemporaryDirectory() as tmp:
         space = space_file(Path(tmp), args.trials, args.epochs, args.sampler)
         rows = [run_plain_tune(space, Path(tmp) / "plain"), run_kdsearch(space, Path(tmp) / "runs")]

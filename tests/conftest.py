@@ -66,9 +66,9 @@ def shared_ray():
     and never beside `--address` (run_search would use this Ray instead)."""
     import ray
 
-    from kdsearch.search.run import _init_ray
+    from kdsearch.search.ray_session import init_ray
 
-    _init_ray(None)
+    init_ray(None)
     try:
         yield
     finally:

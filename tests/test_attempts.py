@@ -49,10 +49,10 @@ def test_a_node_lives_while_its_raylet_answers() -> None:
     import ray
 
     from kdsearch.search.attempts import node_alive
-    from kdsearch.search.run import _init_ray
+    from kdsearch.search.ray_session import init_ray
 
     owns = not ray.is_initialized()
-    _init_ray(None)
+    init_ray(None)
     try:
         assert node_alive(ray.get_runtime_context().get_node_id())
         assert not node_alive("f" * 56)

@@ -194,7 +194,7 @@ def test_a_process_given_gpus_torch_cannot_see_says_so_once(monkeypatch: pytest.
 
 
 def test_trial_slots_count_what_the_cluster_fits() -> None:
-    from kdsearch.search.run import trial_slots
+    from kdsearch.search.ray_session import trial_slots
     from kdsearch.space.search_space import Resources
 
     cluster = {"CPU": 5.0, "GPU": 4.0}  # the module's cluster: a 1-CPU head, two workers of 2 CPUs and 2 GPUs

@@ -86,7 +86,7 @@ def test_the_embedded_ray_never_joins_a_cluster_it_finds_on_the_machine() -> Non
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         command = (
-            "import ray; from kdsearch.search.run import _init_ray; _init_ray(None); "
+            "import ray; from kdsearch.search.ray_session import init_ray; init_ray(None); "
             "print(ray.get_runtime_context().gcs_address)"
         )
         joined = subprocess.run(

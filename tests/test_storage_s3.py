@@ -254,7 +254,7 @@ def test_a_data_root_missing_on_a_node_names_the_node_and_the_path(tmp_path: Pat
     import socket
 
     from kdsearch.errors import KdsearchError
-    from kdsearch.search.run import require_data_here
+    from kdsearch.search.trainable import require_data_here
     from kdsearch.space.specs import DataSpec
 
     require_data_here(DataSpec(), "n1")  # digits: no root to look for

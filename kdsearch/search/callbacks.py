@@ -128,14 +128,14 @@ class ResultsRecorder(tune.Callback):
 
     @_keeps_storage_failure
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._row(trial, Status.FAILED, error=_error_text(trial))
+        self._row(trial, Status.FAILED, error=trial_error_text(trial))
         self.flush(epochs=False)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """A failed attempt that Tune starts again (a lost node's, always; the trial's own, up to the space's
         max_failures: kdsearch.search.attempts)."""
         self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
-        log.warning("trial %s failed (%s); retrying", trial.trial_id, _error_text(trial))
+        log.warning("trial %s failed (%s); retrying", trial.trial_id, trial_error_text(trial))
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         """The search stops at the loop's next step once a hook met the storage failing. Tune's
@@ -226,7 +226,7 @@ class ResultsRecorder(tune.Callback):
         self._writer(RunPaths.TRIALS).append(trials)
 
 
-def _error_text(trial: Any) -> str:
+def trial_error_text(trial: Any) -> str:
     """The exception line of a failed trial's error file (what the user needs to see)."""
     try:
         text = Path(trial.error_file).read_text()

@@ -66,7 +66,8 @@ def run_confirm(
 ) -> list[dict[str, Any]]:
     """Retrain the chosen members of the run at `location` with `seeds` seeds each; returns every
     row of its confirm.parquet (those of earlier confirmations included)."""
-    from kdsearch.search.run import _check_reachable, _init_ray, _load_once, cluster_address, reuse_on
+    from kdsearch.search.ray_session import check_reachable, cluster_address, init_ray, reuse_on
+    from kdsearch.search.run_folder import load_data_and_teacher
 
     if seeds < 1:
         raise KdsearchError(f"--seeds {seeds}: must be at least 1")
@@ -93,11 +94,11 @@ def run_confirm(
         return list(done.values())
     address = cluster_address(address)
     if address:
-        _check_reachable(address)
+        check_reachable(address)
     owns_ray = not ray.is_initialized()
-    _init_ray(address)
+    init_ray(address)
     try:
-        data, cached, teacher = _load_once(space, store.parent.child("cache"), say)
+        data, cached, teacher = load_data_and_teacher(space, store.parent.child("cache"), say)
         recorder = ConfirmRecorder(paths, done, [name for name, _ in run.objectives])
         trainable = tune.with_resources(
             tune.with_parameters(
@@ -201,9 +202,9 @@ class ConfirmRecorder(tune.Callback):
         self._row(trial, Status.COMPLETED)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from kdsearch.search.callbacks import _error_text
+        from kdsearch.search.callbacks import trial_error_text
 
-        self._row(trial, Status.FAILED, _error_text(trial))
+        self._row(trial, Status.FAILED, trial_error_text(trial))
 
     def _row(self, trial: Any, status: Status, error: str | None = None) -> None:
         member, last = trial.config["member"], trial.last_result or {}
