@@ -154,10 +154,32 @@ def test_feature_mse_constant_map_with_learned_projector() -> None:
 
 
 def test_feature_mse_downsizes_student_grid_larger_than_teacher() -> None:
+    # student 8x8 grid -> teacher 2x2 map. Bilinear, align_corners=False, no antialias, 8 -> 2:
+    # source x = (i + 0.5) * 4 - 0.5 = 1.5, 5.5, so output (a, b) is the mean of the 2x2 block
+    # at rows and columns {4a + 1, 4a + 2} x {4b + 1, 4b + 2}; an antialiased resize, an area mean
+    # over the 4x4 block or a nearest pick give other values on a grid of random numbers.
     torch.manual_seed(6)
-    proj = nn.Linear(8, 5)
-    got = feature_mse(torch.randn(3, 64, 8), torch.randn(3, 5, 2, 2), proj)
-    assert got.dim() == 0 and torch.isfinite(got)
+    b, dt, g = 3, 2, 8
+    st = torch.randn(b, g * g, dt, dtype=torch.float64)
+    teacher = torch.randn(b, dt, 2, 2, dtype=torch.float64)
+    s, tv = st.tolist(), teacher.tolist()
+    squares = []
+    for n in range(b):
+        for c in range(dt):
+            for a in range(2):
+                for col in range(2):
+                    block = [s[n][r * g + q][c] for r in (4 * a + 1, 4 * a + 2) for q in (4 * col + 1, 4 * col + 2)]
+                    squares.append((sum(block) / 4 - tv[n][c][a][col]) ** 2)
+    expected = sum(squares) / len(squares)
+    got = feature_mse(st, teacher, identity_linear(dt))
+    assert got.dim() == 0 and got.item() == pytest.approx(expected, rel=1e-12)
+    # a learned projector is applied to every token before the resize (both are linear: the same as after)
+    torch.manual_seed(7)
+    proj = nn.Linear(5, dt).double()
+    tokens = torch.randn(b, g * g, 5, dtype=torch.float64)
+    assert feature_mse(tokens, teacher, proj).item() == pytest.approx(
+        feature_mse(proj(tokens).detach(), teacher, identity_linear(dt)).item(), rel=1e-12
+    )
 
 
 def test_feature_mse_rejects_bad_shapes() -> None:
