@@ -34,7 +34,6 @@ from kdsearch.space.flops import count_flops
 from kdsearch.space.objectives import DEFAULT_OBJECTIVES, MODES, OBJECTIVES
 from kdsearch.space.schema import (
     PLAIN,
-    PLAIN_SPECS,
     SEARCHABLE,
     TOP_LEVEL,
     Key,
@@ -43,7 +42,14 @@ from kdsearch.space.schema import (
     type_name,
     value_key,
 )
-from kdsearch.space.search_space import SearchSpace, iter_architectures
+from kdsearch.space.search_space import (
+    Budget,
+    EarlyStopping,
+    Resources,
+    SearchSettings,
+    SearchSpace,
+    iter_architectures,
+)
 from kdsearch.space.specs import BUILTIN_TEACHER, DataSpec, StudentSpec, TeacherSpec
 from kdsearch.space.yaml_loader import parse_value, read_yaml
 
@@ -106,8 +112,7 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
         )
     objectives = _parse_objectives(source, raw.get("objectives"))
     reference = _parse_hypervolume(source, raw.get("hypervolume"), dict(objectives))
-    sections = {s: PLAIN_SPECS[s](**plain[s]) for s in ("budget", "resources", "early_stopping")}
-    search = PLAIN_SPECS["search"](**plain["search"], enqueue=_parse_enqueue(source, enqueue, dims))
+    search = SearchSettings(**plain["search"], enqueue=_parse_enqueue(source, enqueue, dims))
     space = SearchSpace(
         name=name,
         source=source,
@@ -115,11 +120,13 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
         data=data,
         teacher=teacher,
         objectives=objectives,
+        budget=Budget(**plain["budget"]),
+        resources=Resources(**plain["resources"]),
         search=search,
+        early_stopping=EarlyStopping(**plain["early_stopping"]),
         description=description,
         reference=reference,
         raw=raw,
-        **sections,
     )
     _check_budget_meetable(source, space)
     return space
