@@ -85,7 +85,7 @@ def main() -> None:
     from kdsearch.train.data import load_data
     from kdsearch.train.logit_cache import cache_key
     from kdsearch.train.replay_cache import ReplayCache, build_replay_cache
-    from kdsearch.train.trial import run_trial
+    from kdsearch.train.trial import TrialSetup, run_trial
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -119,7 +119,7 @@ def main() -> None:
             best, result = float("inf"), {}
             for _ in range(args.repeats):  # the fastest of a few: the first run pays one-time warm-ups
                 t = time.perf_counter()
-                result = run_trial(trial_spec, lambda m: None, tmp / name, data=data, **kw)
+                result = run_trial(trial_spec, TrialSetup(workdir=tmp / name, data=data, **kw), lambda m: None)
                 best = min(best, time.perf_counter() - t)
             return name, best, result
 

@@ -41,12 +41,12 @@ def cli_trial(*extra: str) -> tuple[dict, float]:
 def live_baseline() -> tuple[dict, float]:
     """The same trial with the teacher run live on every batch (no cache)."""
     from kdsearch.space.file import load_space
-    from kdsearch.train.trial import run_trial
+    from kdsearch.train.trial import TrialSetup, run_trial
 
     space = load_space(SPACE)
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.perf_counter()
-        result = run_trial(space.default_spec(), lambda m: None, workdir, live_teacher=True)
+        result = run_trial(space.default_spec(), TrialSetup(workdir=workdir, live_teacher=True), lambda m: None)
         return result, time.perf_counter() - t0
 
 

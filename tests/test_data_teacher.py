@@ -17,6 +17,7 @@ from kdsearch.errors import KdsearchError
 from kdsearch.space.file import load_space
 from kdsearch.train.data import load_data, load_test
 from kdsearch.train.logit_cache import TeacherLogits
+from kdsearch.train.setup import TrialSetup
 from kdsearch.train.teacher import load_teacher
 from kdsearch.train.trial import run_trial
 
@@ -78,7 +79,8 @@ def test_image_folder_with_a_timm_teacher_runs_live(folder: Path, teacher_checkp
     teacher = load_teacher(space, data=data)
     assert not any(p.requires_grad for p in teacher.parameters())
     reports: list[dict] = []
-    run_trial(space.default_spec(), reports.append, tmp_path / "w", data=data, teacher=teacher, loader_workers=1)
+    setup = TrialSetup(workdir=tmp_path / "w", data=data, teacher=teacher, loader_workers=1)
+    run_trial(space.default_spec(), setup, reports.append)
     # feature distillation needs the teacher live: every batch went through it
     assert reports[0]["teacher_images"] == 32 and reports[-1]["teacher_images"] == 64
     assert reports[-1]["loss_feature"] > 0  # resnet features (B, C, 1, 1) at 32px, matched by resizing

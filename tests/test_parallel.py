@@ -3,6 +3,7 @@ same global batch, and save the same student."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 
 from kdsearch.errors import KdsearchError
 from kdsearch.train.data import load_data
+from kdsearch.train.setup import TrialSetup
 from kdsearch.train.teacher import load_teacher
 from kdsearch.train.trial import run_trial
 
@@ -22,10 +24,9 @@ def test_two_processes_follow_the_one_process_curve(digits_space, tmp_path: Path
     spec = digits_space.default_spec()
     one: list[dict] = []
     two: list[dict] = []
-    run_trial(spec, one.append, tmp_path / "one", data=data, teacher=teacher, cache_dir=tmp_path / "cache")
-    run_trial(
-        spec, two.append, tmp_path / "two", data=data, teacher=teacher, cache_dir=tmp_path / "cache", world_size=2
-    )
+    setup = TrialSetup(workdir=tmp_path / "one", data=data, teacher=teacher, cache_dir=tmp_path / "cache")
+    run_trial(spec, setup, one.append)
+    run_trial(spec, replace(setup, workdir=tmp_path / "two", world_size=2), two.append)
     assert [r["epoch"] for r in two] == [r["epoch"] for r in one] == list(range(1, spec.train.epochs + 1))
     for a, b in zip(one, two):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=TOLERANCE)
@@ -40,9 +41,7 @@ def test_two_processes_follow_the_one_process_curve(digits_space, tmp_path: Path
 
 
 def test_a_global_batch_must_split_evenly(digits_space, tmp_path: Path) -> None:
-    from dataclasses import replace
-
     spec = digits_space.default_spec()
     spec = replace(spec, train=replace(spec.train, batch_size=63))
     with pytest.raises(KdsearchError, match="train.batch_size 63 must divide evenly over 2 processes"):
-        run_trial(spec, lambda m: None, tmp_path, world_size=2)
+        run_trial(spec, TrialSetup(workdir=tmp_path, world_size=2), lambda m: None)

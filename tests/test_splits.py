@@ -11,7 +11,7 @@ import torch
 
 from kdsearch.space.specs import DataSpec
 from kdsearch.train.data import count_test_images_read, load_data, load_test
-from kdsearch.train.loop import evaluate_test
+from kdsearch.train.evaluation import evaluate_test
 
 
 def _rows(x: torch.Tensor) -> set[bytes]:

@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 from kdsearch.models.student import build_student
 from kdsearch.space.specs import RecipeSpec, TrainSpec, TrialSpec
 from kdsearch.train.data import load_data
+from kdsearch.train.evaluation import evaluate
 from kdsearch.train.logit_cache import teacher_logits
-from kdsearch.train.loop import TrialDiverged, evaluate
+from kdsearch.train.loop import TrialDiverged
+from kdsearch.train.setup import TrialSetup
 from kdsearch.train.teacher import load_teacher, run_teacher
 from kdsearch.train.trial import run_trial
 from tests.helpers import run_cli
@@ -49,11 +51,12 @@ def test_cached_and_live_teacher_give_the_same_loss(digits_space, data, teacher,
     spec = digits_space.default_spec({"recipe.alpha": 0.8})
     spec = replace(spec, train=TrainSpec(epochs=1, lr=0.0, warmup_epochs=0))
     cached, live = [], []
-    run_trial(spec, cached.append, tmp_path / "a", data=data, teacher=teacher, cache_dir=tmp_path / "cache")
+    setup = TrialSetup(workdir=tmp_path / "a", data=data, teacher=teacher, cache_dir=tmp_path / "cache")
+    run_trial(spec, setup, cached.append)
     # a second cached trial finds the cache: no image goes through the teacher
     again = []
-    run_trial(spec, again.append, tmp_path / "b", data=data, teacher=teacher, cache_dir=tmp_path / "cache")
-    run_trial(spec, live.append, tmp_path / "c", data=data, teacher=teacher, live_teacher=True)
+    run_trial(spec, replace(setup, workdir=tmp_path / "b"), again.append)
+    run_trial(spec, replace(setup, workdir=tmp_path / "c", cache_dir=None, live_teacher=True), live.append)
     assert cached[0]["teacher_images"] == data.num_train  # this trial computed the cache
     assert again[0]["teacher_images"] == 0
     assert live[0]["teacher_images"] == data.num_train // 64 * 64  # every training batch, live
@@ -71,7 +74,8 @@ def test_first_batch_loss_is_identical(digits_space, data, teacher, tmp_path: Pa
 def test_reports_every_epoch_and_saves_weights(digits_space, data, teacher, tmp_path: Path) -> None:
     spec = digits_space.default_spec({"student.distill_token": True, "student.pos_embed": "rope"})
     reports: list[dict] = []
-    result = run_trial(spec, reports.append, tmp_path, data=data, teacher=teacher, cache_dir=tmp_path / "cache")
+    setup = TrialSetup(workdir=tmp_path, data=data, teacher=teacher, cache_dir=tmp_path / "cache")
+    result = run_trial(spec, setup, reports.append)
     assert [r["epoch"] for r in reports] == [1, 2]
     assert METRICS <= set(reports[-1])
     for r in reports:  # throughput, measured: no device memory or MFU on a CPU
@@ -88,10 +92,10 @@ def test_reports_every_epoch_and_saves_weights(digits_space, data, teacher, tmp_
 def test_deterministic_for_a_seed(digits_space, data, teacher, tmp_path: Path) -> None:
     spec = digits_space.default_spec({"student.pos_embed": "relpos"})
     a, b, c = [], [], []
-    run_trial(spec, a.append, tmp_path / "a", data=data, teacher=teacher, cache_dir=tmp_path)
-    run_trial(spec, b.append, tmp_path / "b", data=data, teacher=teacher, cache_dir=tmp_path)
+    run_trial(spec, TrialSetup(workdir=tmp_path / "a", data=data, teacher=teacher, cache_dir=tmp_path), a.append)
+    run_trial(spec, TrialSetup(workdir=tmp_path / "b", data=data, teacher=teacher, cache_dir=tmp_path), b.append)
     other = replace(spec, train=TrainSpec(**{**spec.train.__dict__, "seed": 1}))
-    run_trial(other, c.append, tmp_path / "c", data=data, teacher=teacher, cache_dir=tmp_path)
+    run_trial(other, TrialSetup(workdir=tmp_path / "c", data=data, teacher=teacher, cache_dir=tmp_path), c.append)
     assert [(r["train_loss"], r["val_acc"]) for r in a] == [(r["train_loss"], r["val_acc"]) for r in b]
     assert a[-1]["train_loss"] != c[-1]["train_loss"]
 
@@ -100,7 +104,7 @@ def test_divergence_raises_with_the_epoch(digits_space, data, teacher, tmp_path:
     spec = replace(digits_space.default_spec(), train=TrainSpec(epochs=3, lr=1e6, warmup_epochs=0))
     reports: list[dict] = []
     with pytest.raises(TrialDiverged) as info:
-        run_trial(spec, reports.append, tmp_path, data=data, teacher=teacher, cache_dir=tmp_path)
+        run_trial(spec, TrialSetup(workdir=tmp_path, data=data, teacher=teacher, cache_dir=tmp_path), reports.append)
     assert info.value.epoch == 1 and not math.isfinite(info.value.loss)
     assert reports == []
 
@@ -108,14 +112,14 @@ def test_divergence_raises_with_the_epoch(digits_space, data, teacher, tmp_path:
 def test_no_teacher_needed_without_distillation(digits_space, data, tmp_path: Path) -> None:
     spec = digits_space.default_spec({"recipe.alpha": 0.0})
     reports: list[dict] = []
-    run_trial(spec, reports.append, tmp_path, data=data, teacher=None)
+    run_trial(spec, TrialSetup(workdir=tmp_path, data=data, teacher=None), reports.append)
     assert reports[-1]["teacher_images"] == 0 and "loss_soft" not in reports[-1]
 
 
 def test_feature_distillation_from_the_cnn_runs_live(digits_space, data, teacher, tmp_path: Path) -> None:
     spec = replace(digits_space.default_spec(), recipe=RecipeSpec(alpha=0.5, feature_weight=1.0))
     reports: list[dict] = []
-    run_trial(spec, reports.append, tmp_path, data=data, teacher=teacher)
+    run_trial(spec, TrialSetup(workdir=tmp_path, data=data, teacher=teacher), reports.append)
     assert reports[0]["teacher_images"] > 0 and reports[-1]["loss_feature"] > 0
 
 
@@ -131,7 +135,7 @@ def test_attention_distillation_from_a_timm_vit(digits_space, data, tmp_path: Pa
         recipe=RecipeSpec(alpha=0.5, attention_weight=1.0, feature_weight=0.5),
     )
     reports: list[dict] = []
-    run_trial(spec, reports.append, tmp_path, data=data, teacher=vit)
+    run_trial(spec, TrialSetup(workdir=tmp_path, data=data, teacher=vit), reports.append)
     assert reports[-1]["loss_attention"] > 0 and reports[-1]["loss_feature"] > 0
 
 

@@ -17,9 +17,11 @@ from safetensors.torch import load_file
 from kdsearch.space import objectives
 from kdsearch.space.objectives import Objective
 from kdsearch.space.specs import TrainSpec
+from kdsearch.train.checkpoint import STUDENT_FILES, TRAINING_STATE
 from kdsearch.train.data import load_data
+from kdsearch.train.setup import TrialSetup
 from kdsearch.train.teacher import load_teacher
-from kdsearch.train.trial import TRAINING_STATE, run_trial
+from kdsearch.train.trial import run_trial
 from tests.helpers import run_cli, run_dir, write_space
 
 
@@ -47,7 +49,8 @@ def test_a_trial_continued_from_its_checkpoint_ends_as_an_uninterrupted_one(
     spec = digits_space.default_spec({"recipe.alpha": 0.5, "recipe.feature_weight": 1.0})
     spec = replace(spec, train=TrainSpec(epochs=3, batch_size=64, lr=2e-3, warmup_epochs=1))
     whole: list[dict] = []
-    run_trial(spec, whole.append, tmp_path / "whole", data=data, teacher=teacher, device="cpu")
+    setup = TrialSetup(workdir=tmp_path / "whole", data=data, teacher=teacher, device="cpu")
+    run_trial(spec, setup, whole.append)
 
     saved = tmp_path / "saved"
     first: list[dict] = []
@@ -61,12 +64,12 @@ def test_a_trial_continued_from_its_checkpoint_ends_as_an_uninterrupted_one(
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        run_trial(spec, report, tmp_path / "first", data=data, teacher=teacher, device="cpu", checkpoint_every=1)
-    assert sorted(p.name for p in saved.iterdir()) == sorted(["model.safetensors", "trial_spec.json", TRAINING_STATE])
+        run_trial(spec, replace(setup, workdir=tmp_path / "first", checkpoint_every=1), report)
+    assert sorted(p.name for p in saved.iterdir()) == sorted([*STUDENT_FILES, TRAINING_STATE])
     assert torch.load(saved / TRAINING_STATE, weights_only=True)["epoch"] == 2
 
     rest: list[dict] = []
-    run_trial(spec, rest.append, tmp_path / "rest", data=data, teacher=teacher, device="cpu", resume_from=saved)
+    run_trial(spec, replace(setup, workdir=tmp_path / "rest", resume_from=saved), rest.append)
     assert [r["epoch"] for r in first] == [1, 2] and [r["epoch"] for r in rest] == [3]
     assert rest[0]["train_loss"] == whole[2]["train_loss"] and rest[0]["lr"] == whole[2]["lr"]
     a, b = (
@@ -80,7 +83,7 @@ def test_a_trial_continued_from_its_checkpoint_ends_as_an_uninterrupted_one(
 
     other = digits_space.default_spec({"recipe.alpha": 0.0})
     with pytest.raises(ValueError, match="another trial spec"):
-        run_trial(other, rest.append, tmp_path / "other", data=data, resume_from=saved)
+        run_trial(other, TrialSetup(workdir=tmp_path / "other", data=data, resume_from=saved), rest.append)
 
 
 # --------------------------------------------------------------------------- in a search

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from kdsearch.models.digits_cnn import DigitsCNN
 from kdsearch.train.data import Data
-from kdsearch.train.loop import evaluate
+from kdsearch.train.evaluation import evaluate
 
 
 def train_digits_teacher(

@@ -1,7 +1,8 @@
-"""The pieces of the training loop `run_trial` is made of: one epoch, evaluation, the
-optimizer and its schedule, and the teacher's signal for a batch.
+"""The pieces of the training loop `run_trial` is made of: one epoch, the optimizer and its
+schedule, throughput, and the teacher's signal for a batch (evaluation is
+kdsearch.train.evaluation's).
 
-Plain torch, no Ray; the built-in teacher's training (kdsearch.train.digits_teacher) uses `evaluate` too.
+Plain torch, no Ray.
 """
 
 from __future__ import annotations
@@ -9,18 +10,18 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from kdsearch.space.specs import TeacherSource, TrainSpec
-from kdsearch.train.data import Batch, Data, read_test_batches
+from kdsearch.train.data import Data
 from kdsearch.train.faults import TrialFault
+from kdsearch.train.teacher import TeacherOutput, run_teacher
 
 
 class TrialDiverged(TrialFault):
@@ -54,6 +55,12 @@ class TeacherSignal:
     def num_features(self) -> int | None:
         return getattr(self.teacher, "num_features", None)
 
+    @property
+    def cache(self) -> Any:
+        """The cache it reads from: the replay cache under augmentation, else the logit cache
+        (None when the teacher runs live or there is none)."""
+        return self.replay if self.replay is not None else self.cached
+
     def begin_epoch(self, epoch: int) -> None:
         """Read this epoch's seeds and logits from the replay cache (one epoch in memory at a time)."""
         if self.replay is not None:
@@ -61,8 +68,6 @@ class TeacherSignal:
             self.seeds, self.cached = replayed.seeds, replayed.logits
 
     def __call__(self, x: Tensor, idx: Tensor) -> Any:
-        from kdsearch.train.teacher import TeacherOutput, run_teacher
-
         if self.source is TeacherSource.LIVE:
             self.images += len(x)
             return run_teacher(self.teacher, x, features=self.features, attn=self.attn)
@@ -181,38 +186,6 @@ def efficiency(flops_per_image: int, images: int, train_seconds: float, data_wai
         "peak_memory": float(peak_memory),
         "mfu": 3 * flops_per_image * ips / device_peak_flops(device),
     }
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, data: Data, device: str | torch.device = "cpu", batch_size: int = 512, workers: int = 0
-) -> float:
-    """Top-1 accuracy of `model` on the val split (see `accuracy`)."""
-    return accuracy(model, data.val_batches(batch_size, workers), device)
-
-
-def evaluate_test(
-    model: nn.Module, test: Dataset, device: str | torch.device = "cpu", batch_size: int = 512, workers: int = 0
-) -> float:
-    """Top-1 accuracy of `model` on the held-out test split (`kdsearch.train.data.load_test`);
-    every image read is counted there. Only `eval`, `export` and `confirm` call this."""
-    return accuracy(model, read_test_batches(test, batch_size, workers), device)
-
-
-def accuracy(model: nn.Module, batches: Iterable[Batch], device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy of `model` (in eval mode: a DeiT student averages its two heads) over
-    `batches`; in bf16 autocast on CUDA, as it trains."""
-    model.eval()
-    device = torch.device(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    correct = total = 0
-    with torch.no_grad():  # not inference_mode: a module may cache a tensor that training then uses
-        for x, y, _ in batches:
-            with autocast:
-                logits = model(x.to(device))
-            correct += int((logits.argmax(-1).cpu() == y).sum())
-            total += len(y)
-    return correct / max(total, 1)
 
 
 def make_optimizer(

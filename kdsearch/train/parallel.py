@@ -1,26 +1,32 @@
 """Data-parallel trials: one trial trained in several processes with DistributedDataParallel.
 
-A trial that asks for N >= 2 GPUs (`resources.gpus`) trains in N processes, one GPU each
-(NCCL); on CPUs the same path runs with the gloo backend (how the tests check it). This
-process is rank 0: it prepares the data and the teacher's signal once (the cache is filled
-here, never N times), starts ranks 1..N-1 as fresh processes, trains its own share, and alone
-evaluates, reports, checkpoints and saves; a trial continued from a checkpoint loads it in
-every process (each holds the same optimizer state, as gradients are averaged). The global batch is `train.batch_size` images, each process
-taking every N-th image of it, so the trial follows the same curve as on one device.
+A trial that asks for N >= 2 GPUs (`resources.gpus`, `TrialSetup.world_size`) trains in N
+processes, one GPU each (NCCL); on CPUs the same path runs with the gloo backend (how the tests
+check it). This process is rank 0: it prepares the data and the teacher's signal once (the
+cache is filled here, never N times), starts ranks 1..N-1 as fresh processes, each handed the
+trial's setup with that signal in it, trains its own share, and alone evaluates, reports,
+checkpoints and saves; a trial continued from a checkpoint loads it in every process (each
+holds the same optimizer state, as gradients are averaged). The global batch is
+`train.batch_size` images, each process taking every N-th image of it, so the trial follows
+the same curve as on one device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import socket
 from datetime import timedelta
-from pathlib import Path
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import torch
 
 from kdsearch.errors import KdsearchError
+from kdsearch.space.specs import TeacherSource, TrialSpec
+from kdsearch.train.setup import Report, TrialSetup, quiet
+from kdsearch.train.training import teacher_signal, train_trial
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)  # a rank that died leaves the others waiting at most this long
 
@@ -53,97 +59,85 @@ def _join(rank: int, world: int, port: int) -> torch.device:
     return device
 
 
-def _rank_main(rank: int, world: int, port: int, threads: int, job: dict[str, Any]) -> None:
+def _rank_main(rank: int, port: int, threads: int, spec: TrialSpec, setup: TrialSetup) -> None:
     """A process of ranks 1..N-1: train its share, report nothing, save nothing."""
     import torch.distributed as dist
 
-    from kdsearch.train.loop import TeacherSignal
-    from kdsearch.train.trial import train_trial
-
     torch.set_num_threads(threads)
-    device = _join(rank, world, port)
+    device = _join(rank, setup.world_size, port)
     try:
-        signal = TeacherSignal(**job["signal"])
-        if signal.teacher is not None and signal.source.value == "live":
-            signal.teacher = signal.teacher.to(device)
-        train_trial(
-            job["spec"], lambda m, **_: None, None, job["data"], signal, device, job["loader_workers"], (),
-            (rank, world), 0, job["resume"],
-        )  # fmt: skip
+        signal = teacher_signal(spec, setup, device)  # the setup carries rank 0's cache or teacher: nothing loads
+        train_trial(spec, setup, lambda m, **_: None, signal=signal, device=device, shard=(rank, setup.world_size))
     finally:
         dist.destroy_process_group()
 
 
-def run_data_parallel(
-    world: int,
-    spec: Any,
-    report: Any,
-    workdir: Path,
-    *,
-    data: Any,
-    teacher: Any,
-    cached_logits: Any,
-    cache_dir: Any,
-    live_teacher: bool,
-    loader_workers: int,
-    objectives: Any,
-    log: Any,
-    checkpoint_every: int = 0,
-    resume_from: Any = None,
-) -> dict[str, Any]:
-    """`run_trial` in `world` processes; returns rank 0's last metrics (see the module doc)."""
-    import torch.distributed as dist
-
-    from kdsearch.space.specs import teacher_source
-    from kdsearch.train.trial import teacher_signal, train_trial
-
+def check_fits(spec: TrialSpec, world: int) -> None:
+    """Raise KdsearchError when `spec` cannot train in `world` processes here: its global batch
+    does not split evenly, or CUDA shows fewer GPUs than processes."""
     if spec.train.batch_size % world:
         raise KdsearchError(f"train.batch_size {spec.train.batch_size} must divide evenly over {world} processes")
     if torch.cuda.is_available() and torch.cuda.device_count() < world:
         raise KdsearchError(f"a data-parallel trial over {world} GPUs sees {torch.cuda.device_count()}")
-    source = teacher_source(spec.recipe, live=live_teacher)
-    signal = teacher_signal(
-        spec, source, data, torch.device("cpu"), teacher, cached_logits, Path(cache_dir or workdir / "cache"), log
-    )
-    shared = {k: getattr(signal, k) for k in ("source", "teacher", "cached", "replay", "features", "attn")}
-    resume = Path(resume_from) if resume_from is not None else None
-    job = {"spec": spec, "data": data, "signal": shared, "loader_workers": loader_workers, "resume": resume}
-    port, threads = _free_port(), max(1, torch.get_num_threads() // world)
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked CUDA or Ray state
+
+
+def start_ranks(spec: TrialSpec, setup: TrialSetup, port: int, threads: int) -> list[BaseProcess]:
+    """Start ranks 1..N-1 as fresh interpreters (spawn: no forked CUDA or Ray state), each
+    handed `spec` and `setup`."""
+    context = multiprocessing.get_context("spawn")
     others = [
-        context.Process(target=_rank_main, args=(r, world, port, threads, job), daemon=True) for r in range(1, world)
+        context.Process(target=_rank_main, args=(r, port, threads, spec, setup), daemon=True)
+        for r in range(1, setup.world_size)
     ]
     for p in others:
         p.start()
+    return others
+
+
+def end_ranks(others: list[BaseProcess]) -> None:
+    """Wait for the other ranks, a minute each at most, then kill them."""
+    for p in others:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+
+
+def check_ranks(others: list[BaseProcess]) -> None:
+    """Raise RuntimeError when any of the other ranks failed."""
+    failed = [p.exitcode for p in others if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(
+            f"data-parallel trial: {len(failed)} of its {len(others)} other processes failed (exit codes {failed})"
+        )
+
+
+def run_data_parallel(spec: TrialSpec, setup: TrialSetup, report: Report) -> dict[str, Any]:
+    """`run_trial` in `setup.world_size` processes (see the module doc); `setup.data` must be loaded.
+
+    Returns:
+        Rank 0's last metrics, as `run_trial` returns them.
+    """
+    import torch.distributed as dist
+
+    world = setup.world_size
+    check_fits(spec, world)
+    signal = teacher_signal(spec, setup, torch.device("cpu"))
+    # the other ranks train with this signal and measure, log and save nothing
+    shared = dataclasses.replace(
+        setup, teacher=signal.teacher, cached_logits=signal.cache, objectives=(), log=quiet, device=None
+    )
+    port, threads = _free_port(), max(1, torch.get_num_threads() // world)
+    others = start_ranks(spec, shared, port, threads)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     device = _join(0, world, port)
     try:
-        if signal.teacher is not None and source.value == "live":
+        if signal.teacher is not None and signal.source is TeacherSource.LIVE:
             signal.teacher = signal.teacher.to(device)
-        result = train_trial(
-            spec,
-            report,
-            workdir,
-            data,
-            signal,
-            device,
-            loader_workers,
-            objectives,
-            (0, world),
-            checkpoint_every,
-            resume,
-        )
+        result = train_trial(spec, setup, report, signal=signal, device=device, shard=(0, world))
     finally:
         dist.destroy_process_group()
         torch.set_num_threads(saved_threads)
-        for p in others:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    failed = [p.exitcode for p in others if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(
-            f"data-parallel trial: {len(failed)} of its {world - 1} other processes failed (exit codes {failed})"
-        )
+        end_ranks(others)
+    check_ranks(others)
     return result
