@@ -16,7 +16,6 @@ from scipy import stats
 
 from kdsearch.errors import KdsearchError
 from kdsearch.results.confirm import (
-    compare_encodings,
     confirm_summary,
     confirmed_front,
     encoding_table,
@@ -28,7 +27,7 @@ from kdsearch.results.confirm import (
 )
 from kdsearch.results.tables import CONFIRM_COLUMNS, RunPaths, load_run, write_json, write_table
 from kdsearch.space.specs import StudentSpec
-from tests.helpers import run_cli
+from tests.helpers import needs, run_cli
 from tests.test_inspect import CHROMIUM, render
 
 OBJECTIVES = [("val_acc", "max"), ("flops", "min")]
@@ -209,25 +208,6 @@ def test_seeds_that_agree_exactly_differ_without_noise() -> None:
 # ---- per encoding ----------------------------------------------------------------------------
 
 
-def test_is_one_encoding_better_than_another(members) -> None:
-    # at <= 2e5 FLOPs: rope's b (0.91) against learned's a (0.81): a real gain
-    yes = compare_encodings(members, "rope", "learned", 2e5, OBJECTIVES)
-    assert (yes["a_trial"], yes["b_trial"], yes["better"]) == ("b", "a", True)
-    assert yes["diff"] == pytest.approx(0.10) and yes["answer"].startswith("yes (+0.1000")
-    assert yes["question"] == "is rope better than learned at <= 0.200 MFLOPs?"
-    back = compare_encodings(members, "learned", "rope", 2e5, OBJECTIVES)
-    assert back["better"] is False and back["answer"].startswith("no: rope is better (-0.1000")
-    # at <= 3e5 learned's best is c (0.92): 0.01 ahead of rope, within noise, either way round
-    for a, b in (("learned", "rope"), ("rope", "learned")):
-        noise = compare_encodings(members, a, b, 3e5, OBJECTIVES)
-        assert noise["better"] is False and noise["within_noise"] is True
-        assert noise["answer"].startswith("no: within noise") and noise["diff_low"] < 0 < noise["diff_high"]
-    assert compare_encodings(members, "none", "learned", 1e5, OBJECTIVES)["answer"].startswith("cannot tell: ")
-    assert compare_encodings(members, "sincos", "rope", 1e5, OBJECTIVES)["answer"] == (
-        "cannot tell: no confirmed sincos member there"
-    )
-
-
 def test_encoding_table(members) -> None:
     rows = encoding_table(members, OBJECTIVES)
     at = {}
@@ -246,6 +226,18 @@ def test_encoding_table(members) -> None:
     best = at[3e5][0]
     assert best["diff"] is None and best["test_acc_mean"] == pytest.approx(0.92)
     assert best["test_acc_high"] - 0.92 == pytest.approx(T_2DOF * 0.04 / math.sqrt(3), rel=2e-4)
+    # at <= 2e5 learned's a (0.81) trails rope's b (0.91) by 0.10, its whole interval below 0
+    learned = at[2e5][1]
+    assert (learned["trial_id"], learned["vs"], learned["within_noise"]) == ("a", "rope", False)
+    assert learned["diff"] == pytest.approx(-0.10) and learned["diff_high"] < 0
+    # at <= 3e5 rope's b is 0.01 behind learned's c: the interval holds 0
+    rope = at[3e5][1]
+    assert rope["diff"] == pytest.approx(-0.01) and rope["diff_low"] < 0 < rope["diff_high"]
+    # at <= 1e5 none's e has one seed (no verdict), and sincos has no member at all
+    assert [(r["pos_embed"], r["verdict"]) for r in at[1e5]] == [
+        ("learned", "best"),
+        ("none", "cannot tell against learned (needs 2 seeds each)"),
+    ]
 
 
 # ---- on disk: the loader, the summary, the report -------------------------------------------
@@ -322,7 +314,7 @@ def test_the_report_shows_the_confirmed_section(tmp_path) -> None:
     assert not (out / "confirm_front.png").exists()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (.ci/run installs Debian's chromium package)")
+@needs(None if CHROMIUM else "no Chromium found (.ci/run installs Debian's chromium package)")
 def test_the_confirmed_report_renders_in_headless_chromium(tmp_path) -> None:
     """The confirm figure comes first and carries plotly's script: every figure after it draws."""
     paths = make_run(tmp_path)

@@ -411,10 +411,10 @@ def test_the_live_view_draws_the_runs_hypervolume(tmp_path) -> None:
 def test_the_front_sweep_agrees_with_the_pairwise_definition() -> None:
     """non_dominated_mask (a sweep in 2-D, a pass against the front in more) against every pair
     compared, on small integer grids full of ties, duplicates, NaN and infinities."""
-    from kdsearch.results.pareto import _as_min, hypervolume_history, non_dominated_mask, normalized_hypervolume
+    from kdsearch.results.pareto import hypervolume_history, non_dominated_mask, normalized_hypervolume
 
     def pairwise(points: np.ndarray, maximize: list[bool]) -> np.ndarray:
-        pts = _as_min(points, maximize)
+        pts = np.where(maximize, -points, points)  # every objective minimized
         valid = ~np.isnan(pts).any(axis=1)
         mask, v = valid.copy(), pts[valid]
         if len(v):
@@ -445,5 +445,5 @@ def test_the_front_of_10000_trials_takes_milliseconds() -> None:
     pts = np.random.default_rng(1).random((10_000, 2))
     t0 = time.perf_counter()
     mask = non_dominated_mask(pts, [True, False])
-    assert time.perf_counter() - t0 < 0.5  # the pairwise version took 2.3 s at 5,000
+    assert time.perf_counter() - t0 < 0.5  # comparing every pair takes seconds at this size
     assert 1 <= mask.sum() < 100

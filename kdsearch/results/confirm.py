@@ -222,52 +222,6 @@ def _noise_note(cheap: dict[str, Any], dear: dict[str, Any], w: dict[str, Any], 
     return f"{head}: {gap}: a real difference"
 
 
-def compare_encodings(
-    members: Sequence[dict[str, Any]], a: str, b: str, max_cost: float, objectives: Pairs = DEFAULT_OBJECTIVES
-) -> dict[str, Any]:
-    """Is encoding `a` better than `b` at a cost (the first minimized objective) of at most
-    `max_cost`? Each encoding's best confirmed member there (highest mean test accuracy) and
-    a's minus b's mean with its 95% Welch interval; `better` is True (a is better), False (b is,
-    or within noise) or None (a side has no member there, or fewer than 2 seeds), and `answer`
-    says it in words ("within noise" when the interval holds 0)."""
-    _, cost = accuracy_and_cost(objectives)
-    ma, mb = _best_under(members, a, max_cost, cost), _best_under(members, b, max_cost, cost)
-    question = f"is {a} better than {b} at <= {_cost(cost, max_cost)}?"
-    out: dict[str, Any] = {
-        "question": question,
-        "a": a,
-        "b": b,
-        f"max_{cost}": max_cost,
-        "a_trial": ma and ma["trial_id"],
-        "b_trial": mb and mb["trial_id"],
-    }
-    if ma is None or mb is None:
-        missing = a if ma is None else b
-        return {
-            **out,
-            **welch(_EMPTY, _EMPTY),
-            "better": None,
-            "answer": f"cannot tell: no confirmed {missing} member there",
-        }
-    w = welch(ma, mb)
-    out.update(w)
-    if w["within_noise"] is None:
-        return {
-            **out,
-            "better": None,
-            "answer": f"cannot tell: {_signed(w['diff'])} from n = {ma['n']} and {mb['n']} seeds (needs 2 each)",
-        }
-    gap = f"{_signed(w['diff'])}, 95% interval [{_signed(w['diff_low'])}, {_signed(w['diff_high'])}], Welch p = {w['p']:.3g}"
-    if w["within_noise"]:
-        return {**out, "better": False, "answer": f"no: within noise ({gap})"}
-    if w["diff"] > 0:
-        return {**out, "better": True, "answer": f"yes ({gap})"}
-    return {**out, "better": False, "answer": f"no: {b} is better ({gap})"}
-
-
-_EMPTY = {"n": 0, "test_acc_mean": None, "test_acc_std": None}
-
-
 def encoding_table(members: Sequence[dict[str, Any]], objectives: Pairs = DEFAULT_OBJECTIVES) -> list[dict[str, Any]]:
     """At every distinct cost of a confirmed member (`THRESHOLDS`), the best confirmed member of
     each encoding at or under it, best first, with its mean test accuracy and 95% interval, and

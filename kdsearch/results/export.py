@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -31,9 +31,12 @@ from kdsearch.results.outcomes import Status
 from kdsearch.results.pareto import front_rows
 from kdsearch.results.tables import RunPaths
 from kdsearch.space.datasets import DATASETS
-from kdsearch.space.flops import count_flops
+from kdsearch.space.flops import FlopCount, count_flops
 from kdsearch.space.objectives import FLOPS_COUNTED, Pairs
 from kdsearch.space.specs import DataSpec, RecipeSpec, StudentSpec, TeacherSpec, TrainSpec, TrialSpec, out_of_range
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def select_trial(
@@ -102,15 +105,22 @@ ONNX_CHECK_IMAGES = 8  # val images the exported graph is checked on (a batch un
 
 
 def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, objectives: Pairs = ()) -> Path:
-    """Write student.yaml, model.safetensors, model.onnx and README.md for a trials.parquet row
-    of `run` (a folder or a bucket: the weights are read from its storage); the card's metrics
-    hold val_acc, best_val_acc, epochs and every one of the run's `objectives`. KdsearchError
-    when onnxruntime's logits differ from PyTorch's by more than ONNX_ATOL."""
-    import timm
-    import torch
+    """Export one trial: student.yaml, model.safetensors, model.onnx and README.md.
 
-    from kdsearch import __version__
+    Args:
+        row: The trial's trials.parquet row (completed, or stopped early with a checkpoint).
+        out: The folder to write to (made if missing; its files of these names replaced).
+        run: The run holding the trial (a folder or a bucket: the weights are read from its storage).
+        objectives: The run's objectives; the card's metrics hold each of them, val_acc,
+            test_acc, best_val_acc and epochs.
 
+    Returns:
+        The folder `out`.
+
+    Raises:
+        KdsearchError: The row's FLOPs are not its spec's, its weights are missing, or
+            onnxruntime's logits differ from PyTorch's by more than ONNX_ATOL.
+    """
     out = Path(out)
     spec = spec_of(row)
     fc = count_flops(spec.student)
@@ -127,7 +137,33 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, o
     with atomic_path(out / "model.onnx") as tmp:
         opset = write_onnx(model, tmp)
         diff = check_onnx(tmp, model, images)
-    card = {
+    checked = {"images": len(images), "of": where, "max_abs_diff": diff, "tolerance": ONNX_ATOL}
+    card = _card(spec, row, fc, test, opset, checked, run, objectives)
+    write_text_atomic(out / "student.yaml", yaml.safe_dump(card, sort_keys=False))
+    with atomic_path(out / "model.safetensors") as tmp:
+        tmp.write_bytes(weights)
+    write_text_atomic(out / "README.md", model_card(card))
+    return out
+
+
+def _card(
+    spec: TrialSpec,
+    row: dict[str, Any],
+    fc: FlopCount,
+    test: dict[str, Any],
+    opset: int,
+    checked: dict[str, Any],
+    run: RunPaths,
+    objectives: Pairs,
+) -> dict[str, Any]:
+    """student.yaml's content (format kdsearch-student/1): the spec, metrics, cost, the ONNX
+    graph and how it was checked, the trial it came from, the versions that made it."""
+    import timm
+    import torch
+
+    from kdsearch import __version__
+
+    return {
         "format": "kdsearch-student/1",
         "student": asdict(spec.student),
         "recipe": asdict(spec.recipe),
@@ -154,23 +190,18 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, o
             "opset": opset,
             "input": "images: float32 (batch, channels, height, width), normalized as in training; batch is dynamic",
             "output": "logits: float32 (batch, classes)",
-            "checked": {"images": len(images), "of": where, "max_abs_diff": diff, "tolerance": ONNX_ATOL},
+            "checked": checked,
         },
         "source": {"run": run.uri, "trial_id": row["trial_id"]},
         "versions": {"kdsearch": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__)},
     }
-    write_text_atomic(out / "student.yaml", yaml.safe_dump(card, sort_keys=False))
-    with atomic_path(out / "model.safetensors") as tmp:
-        tmp.write_bytes(weights)
-    write_text_atomic(out / "README.md", model_card(card))
-    return out
 
 
 def test_accuracy(spec: TrialSpec, model: Any) -> dict[str, Any]:
     """The student's accuracy on its data's held-out test split (which the search never read),
     with the split's size and origin; None with the reason when the data is not on this machine."""
     from kdsearch.train.data import load_test
-    from kdsearch.train.loop import evaluate_test
+    from kdsearch.train.evaluation import evaluate_test
 
     try:
         test = load_test(spec.data)
@@ -289,6 +320,7 @@ def _float(v: Any) -> float | None:
 
 
 def model_card(card: dict[str, Any]) -> str:
+    """README.md of an exported student, in Markdown, from its card (student.yaml's content)."""
     s, c, m, r = card["student"], card["cost"], card["metrics"], card["recipe"]
     token = ", with DeiT's distillation token (the two heads are averaged at inference)" if s["distill_token"] else ""
     return f"""# kdsearch student {card["source"]["trial_id"]}
@@ -332,6 +364,8 @@ def _test_line(card: dict[str, Any]) -> str:
 
 
 def read_card(folder: str | os.PathLike) -> dict[str, Any]:
+    """The card (student.yaml) of an exported student's folder; KdsearchError when the folder
+    holds none, or one that is not valid YAML or lacks a section of the spec or the metrics."""
     path = Path(folder) / "student.yaml"
     if not path.is_file():
         raise KdsearchError(f"{folder}: no student.yaml; not an exported kdsearch student")
@@ -345,7 +379,7 @@ def read_card(folder: str | os.PathLike) -> dict[str, Any]:
     return card
 
 
-def load_student(folder: str | os.PathLike):
+def load_student(folder: str | os.PathLike) -> nn.Module:
     """Rebuild an exported student from its folder alone; returns the model in eval mode."""
     from safetensors.torch import load_file
 

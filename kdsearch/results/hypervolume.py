@@ -45,6 +45,7 @@ class Hypervolume:
         )
 
     def as_json(self) -> dict[str, Any]:
+        """Plain JSON data (`pareto --format json`'s `hypervolume`); `from_json` reads it back."""
         return {
             "value": self.value,
             "reference": self.reference,
@@ -55,6 +56,7 @@ class Hypervolume:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Hypervolume:
+        """The Hypervolume `as_json` wrote."""
         return cls(d["value"], dict(d["reference"]), dict(d["ideal"]), why_not=d["why_not"] or "")
 
 
@@ -70,8 +72,8 @@ def _num(v: float) -> str:
 def run_reference(paths: RunPaths, meta: Mapping[str, Any], objectives: Pairs) -> tuple[dict[str, float], str]:
     """The reference point for `objectives` and, where an objective has none, why.
 
-    run.json's (written when the run started) for the run's own objectives; for a run older
-    than that key, or objectives given with `--objectives`, the space's, from the run's space.yaml.
+    run.json's (written when the run started) for the run's own objectives; for a run.json
+    without that key, or objectives given with `--objectives`, the space's, from the run's space.yaml.
     """
     own = {tuple(o) for o in meta.get("objectives", [])}
     stated = meta.get(REFERENCE_KEY) or {}

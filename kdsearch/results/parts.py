@@ -1,11 +1,11 @@
 """A table written by appending parts: `NAME.parquet` (the compacted table, one file) plus
 `NAME.parts/part-SEQ-LEVEL.parquet` (rows appended since), so the driver's cost per row stays
-flat however long the run (issue 12: rewriting a 10,000-row table on every trial end was not).
+flat however long the run (rewriting the whole table on every trial end would grow with it).
 
 The layout, and what every reader sees at any moment:
 
 - `NAME.parquet` is always a whole table (written then renamed locally, one PUT in a bucket):
-  pandas, pyarrow and DuckDB read it as before; during a run it may lag the parts. Read by
+  pandas, pyarrow and DuckDB read it as one Parquet file; during a run it may lag the parts. Read by
   path during a run, pyarrow (and pandas through it) opens the file twice, for its footer
   then for its pages, and a compaction that replaces the file in between makes that read fail
   ("Page was smaller than expected"): read again, or read the bytes once (as kdsearch does).
@@ -56,6 +56,7 @@ def parts_dir(name: str) -> str:
 
 
 def part_name(name: str, seq: int, level: int) -> str:
+    """The path of table `name`'s part with sequence number `seq` at `level`, relative to the store."""
     return f"{parts_dir(name)}/part-{seq:09d}-{level}.parquet"
 
 
@@ -112,6 +113,7 @@ class PartsWriter:
 
     @property
     def parts(self) -> int:
+        """How many parts the table has now (0 right after a full compaction)."""
         return len(self._parts)
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdsearch.atomic import atomic_path
 from kdsearch.results.outcomes import Status
@@ -23,6 +23,9 @@ from kdsearch.results.tables import ARCH_COLUMNS, RECIPE_COLUMNS
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import Pairs, accuracy_and_cost
 from kdsearch.space.specs import POS_EMBEDS
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 PNG_SIZE = (800, 560)  # pixels of every picture: 8 x 5.6 inches at 100 dpi
 # matplotlib's tab10, so a positional encoding has the same colour in every picture
@@ -33,6 +36,8 @@ HOVER_KEYS = ("trial_id", "status", "epochs", *ARCH_COLUMNS, *RECIPE_COLUMNS, "t
 
 @dataclass
 class Series:
+    """One set of points or one step line of a chart, drawn alike by matplotlib and plotly."""
+
     name: str
     x: list[float]
     y: list[float]
@@ -47,6 +52,8 @@ class Series:
 
 @dataclass
 class Chart:
+    """A chart as plain data: `save_png` draws it with matplotlib, `to_plotly` with plotly."""
+
     title: str
     x_label: str
     y_label: str
@@ -232,7 +239,7 @@ def save_png(chart: Chart, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def to_plotly(chart: Chart, height: int = 520):
+def to_plotly(chart: Chart, height: int = 520) -> go.Figure:
     """The same chart as an interactive plotly figure (hover shows each trial's config)."""
     import plotly.graph_objects as go
 

@@ -15,7 +15,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.results.confirm import display_tables, load_confirm, summarize
@@ -34,6 +34,9 @@ from kdsearch.results.tables import Run, RunPaths, front_records, require_finish
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import accuracy_and_cost
 from kdsearch.space.specs import POS_EMBEDS
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 # --------------------------------------------------------------------------------------
 # Analyses (plain data)
@@ -165,7 +168,9 @@ def front_table(run: Run) -> list[dict[str, Any]]:
     return front_records(front_rows(run.trials, run.objectives), run.objectives)
 
 
-def importance_figure(imp: dict[str, float], title: str):
+def importance_figure(imp: dict[str, float], title: str) -> go.Figure:
+    """A horizontal bar per parameter of `imp` (one of `importances`), least important at the
+    bottom; parameters whose importance is NaN are left out."""
     import plotly.graph_objects as go
 
     items = sorted(((k, v) for k, v in imp.items() if not math.isnan(v)), key=lambda kv: kv[1])
@@ -275,6 +280,18 @@ def _summary(run: Run) -> str:
 def write_html(
     run: Run, hv: Hypervolume, imp: dict[str, Any], path: Path, confirm: dict[str, Any] | None = None
 ) -> Path:
+    """report.html at `path`: one self-contained page (plotly's script inlined once).
+
+    Args:
+        run: The run.
+        hv: Its hypervolume (`hypervolume`).
+        imp: Its parameter importances (`importances`).
+        path: Where the page goes.
+        confirm: The summary of its confirm.parquet (`confirmed`), or None without one.
+
+    Returns:
+        `path`.
+    """
     figures = [(title, to_plotly(chart)) for title, _, chart in _charts(run, hv)]
     for name, title in (
         ("accuracy", "Parameter importance for accuracy"),
@@ -328,6 +345,8 @@ def _table_md(rows: Sequence[dict[str, Any]]) -> str:
 def write_markdown(
     run: Run, hv: Hypervolume, imp: dict[str, Any], out: Path, confirm: dict[str, Any] | None = None
 ) -> Path:
+    """report.md in the folder `out`, its pictures as PNGs beside it; the arguments as
+    `write_html`'s. Returns the path of report.md."""
     md = [
         f"# kdsearch report: {run.name}\n",
         _summary(run) + "\n",

@@ -35,8 +35,24 @@ def status_dict(
     reference: Mapping[str, float] | None = None,
     why_no_reference: str = "",
 ) -> dict[str, Any]:
-    """The numbers behind the view, JSON-ready. `reference` is the run's hypervolume reference
-    point (kdsearch.results.hypervolume.run_reference); the hypervolume is absent without one."""
+    """The numbers behind the status view, JSON-ready (`kdsearch status --json`).
+
+    Args:
+        trials: trials.parquet's rows.
+        epochs: epochs.parquet's rows.
+        objectives: The run's objectives, (name, "min" or "max") each.
+        total: The trials the run is to have (run.json's `trials`).
+        started: When the run started, in seconds since the epoch (run.json's `started`).
+        running: How many trials run now; None counts those with epochs and no final row.
+        now: The time to measure elapsed time to [default: now].
+        reference: The run's hypervolume reference point
+            (kdsearch.results.hypervolume.run_reference); the hypervolume is absent without one.
+        why_no_reference: Why there is no reference point, said where the hypervolume would be.
+
+    Returns:
+        The throughput, total, finished and running trials, the count of each status, elapsed
+        and expected remaining seconds, the objectives, the front so far and its hypervolume.
+    """
     now = now or time.time()
     c = counts([r["status"] for r in trials])
     finished = sum(c.values())
@@ -118,6 +134,8 @@ def render_status(
     reference: Mapping[str, float] | None = None,
     why_no_reference: str = "",
 ) -> Group:
+    """`status_dict` (same arguments) for a terminal: a headline of counts and times, then
+    the front so far with its hypervolume, throughput and memory."""
     s = status_dict(trials, epochs, objectives, total, started, running, None, reference, why_no_reference)
     head = Text.assemble(
         (f"{s['finished']}/{s['total']} trials", "bold"),

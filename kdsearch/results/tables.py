@@ -110,22 +110,27 @@ class RunPaths:
 
     @classmethod
     def at(cls, location: str | os.PathLike | Storage) -> RunPaths:
+        """The run at `location` (a folder, a URI or an opened Storage); nothing is read."""
         return cls(location if isinstance(location, Storage) else Storage.open(location))
 
     @property
     def name(self) -> str:
+        """The run's name: the last part of its location."""
         return self.store.name
 
     @property
     def uri(self) -> str:
+        """The run's location as the user gives it (a folder or a URI)."""
         return self.store.uri
 
     @staticmethod
     def trial_dir(trial_id: str) -> str:
+        """A trial's folder, relative to the run."""
         return f"trials/{trial_id}"
 
     @staticmethod
     def checkpoint(trial_id: str) -> str:
+        """A trial's weights, relative to the run."""
         return f"trials/{trial_id}/model.safetensors"
 
     def rows(self, name: str) -> list[dict[str, Any]]:
@@ -211,6 +216,7 @@ def read_rows(store: Storage, name: str) -> list[dict[str, Any]]:
 
 
 def write_json(store: Storage, name: str, obj: Any) -> None:
+    """Write `obj` as indented JSON to `name` in `store` (whole; values JSON lacks as str)."""
     store.write_text(name, json.dumps(obj, indent=2, default=str))
 
 
@@ -236,6 +242,7 @@ class Run:
 
     @property
     def name(self) -> str:
+        """The run's name."""
         return self.paths.name
 
 
@@ -265,6 +272,7 @@ def load_run(path: str | os.PathLike, objectives: Sequence[str] | None = None) -
 
 
 def require_finished(run: Run) -> None:
+    """KdsearchError, saying how many trials are recorded, when no trial of `run` has completed."""
     if not any(r["status"] == Status.COMPLETED for r in run.trials):
         raise KdsearchError(
             f"{run.paths.uri}: no finished trial yet ({len(run.trials)} recorded); wait for one or check `kdsearch status`"
