@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import pytest
 from torch import nn
@@ -38,6 +41,43 @@ GRID = [
     )
     for size, pe, dt in itertools.product(SIZES, POS_EMBEDS, (False, True))
 ]
+
+
+Test = TypeVar("Test", bound=Callable[..., object])
+
+
+def in_ci() -> bool:
+    """Whether the tests run in CI: `CI` set to anything but "", "0" or "false" (.ci/run sets
+    CI=true, as GitHub Actions, GitLab CI and most services do)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def missing(reason: str) -> NoReturn:
+    """End the running test because a tool or permission it needs is missing here (`reason` says
+    which): a skip on a developer's machine, a failure in CI, where .ci/run installs every such
+    tool and runs as root, so CI never passes with the test unrun."""
+    if in_ci():
+        pytest.fail(f"{reason}; CI is set, so this test must run here (.ci/run installs what it needs)", pytrace=False)
+    pytest.skip(reason)
+
+
+def needs(reason: str | None) -> Callable[[Test], Test]:
+    """A test's decorator: the test runs when `reason` is None (what it needs is here); otherwise
+    it ends as `missing(reason)` says (skipped before its fixtures, or failed in CI)."""
+
+    def decorate(test: Test) -> Test:
+        if reason is None:
+            return test
+        if not in_ci():
+            return pytest.mark.skip(reason=reason)(test)
+
+        @functools.wraps(test)
+        def refused(*args: object, **kwargs: object) -> NoReturn:
+            missing(reason)
+
+        return refused  # type: ignore[return-value]
+
+    return decorate
 
 
 def run_cli(args: list[str]) -> int:

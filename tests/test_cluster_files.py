@@ -22,6 +22,8 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.helpers import needs
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 
@@ -523,7 +525,7 @@ def test_script_parses(name):
     assert run.returncode == 0, run.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (Debian: shellcheck)")
+@needs(None if shutil.which("shellcheck") else "shellcheck is not installed (Debian: shellcheck)")
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_script_passes_shellcheck(name):
     run = subprocess.run(["shellcheck", "--shell=bash", str(CLUSTER / name)], capture_output=True, text=True)

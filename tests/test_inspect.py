@@ -19,7 +19,7 @@ import kdsearch
 from kdsearch.models.student import build_student
 from kdsearch.results.export import spec_of
 from kdsearch.train.data import count_test_images_read, load_data, load_test
-from tests.helpers import run_cli
+from tests.helpers import needs, run_cli
 from tests.helpers import run_dir as local_run_dir
 
 
@@ -218,7 +218,7 @@ def render(page: Path) -> tuple[str, list[str]]:
     return proc.stdout, errors
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (.ci/run installs Debian's chromium package)")
+@needs(None if CHROMIUM else "no Chromium found (.ci/run installs Debian's chromium package)")
 def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
     assert run_cli(["report", str(run_dir), "--out", str(tmp_path)]) == 0
     assert {"report.html", "report.md", "front.png", "pe_fronts.png"} <= {p.name for p in tmp_path.iterdir()}

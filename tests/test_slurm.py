@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_space
+from tests.helpers import needs, write_space
 from tests.s3 import environment, free_port, make_bucket, s3_server
 from tests.slurm import alive, slurm_cluster, unavailable
 
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "cluster" / "slurm.sbatch"
 BUCKET = "kdslurm"
 UNAVAILABLE = unavailable()
-needs_slurm = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
+needs_slurm = needs(UNAVAILABLE)
 
 
 @pytest.fixture
