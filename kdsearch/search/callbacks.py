@@ -23,6 +23,7 @@ from kdsearch.space import objectives as objective_table
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import TrialSpec
 from kdsearch.storage import StorageError
+from kdsearch.train.checkpoint import STUDENT_FILES
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class ResultsRecorder(tune.Callback):
             return None
         ckpt, rel = saved.checkpoint, RunPaths.trial_dir(trial.trial_id)
         try:
-            for name in ("trial_spec.json", "model.safetensors"):  # the weights last: their presence means complete
+            for name in STUDENT_FILES:  # the weights last: their presence means complete
                 with ckpt.filesystem.open_input_stream(posixpath.join(ckpt.path, name)) as f:
                     self.paths.store.write_bytes(f"{rel}/{name}", f.read())
         except OSError as e:

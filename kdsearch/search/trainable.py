@@ -154,8 +154,9 @@ class SearchTrainable:
     ) -> None:
         """Train in a local temporary folder under the watchdog of `train.max_minutes`, then
         upload the weights to the run."""
+        from kdsearch.train.checkpoint import STUDENT_FILES
         from kdsearch.train.faults import TrialFault, Watchdog, hang_grace_minutes
-        from kdsearch.train.trial import run_trial
+        from kdsearch.train.trial import TrialSetup, run_trial
 
         def report(metrics: dict[str, Any], checkpoint: Path | None = None) -> None:
             saved = tune.Checkpoint.from_directory(checkpoint) if checkpoint is not None else None
@@ -170,10 +171,8 @@ class SearchTrainable:
         )
         with tempfile.TemporaryDirectory(prefix=f"kdsearch-{trial_id}-") as workdir, guard:
             try:
-                run_trial(
-                    spec,
-                    report,
-                    workdir,
+                setup = TrialSetup(
+                    workdir=Path(workdir),
                     data=self.data,
                     teacher=self.teacher.build() if self.teacher is not None else None,
                     cached_logits=self.cached_logits,
@@ -184,13 +183,14 @@ class SearchTrainable:
                     checkpoint_every=self.checkpoint_every,
                     resume_from=_restored_checkpoint(Path(workdir) / "restored"),
                 )
+                run_trial(spec, setup, report)
             except TrialFault as e:
                 # its own fault (diverged, out of memory, past train.max_minutes): the same config would fail
                 # again, so the trial ends here with the reason in its last result (kdsearch.results.outcomes:
                 # failed) instead of raising, which would be retried up to max_failures times
                 tune.report({**untrained, FAILURE: e.line()})
                 return
-            for name in ("trial_spec.json", "model.safetensors"):  # the weights last: their presence means complete
+            for name in STUDENT_FILES:  # the weights last: their presence means complete
                 self.run.store.upload(Path(workdir) / name, f"{RunPaths.trial_dir(trial_id)}/{name}")
 
 
