@@ -128,9 +128,22 @@ def test_status_command_reads_the_files(local_search, capsys: pytest.CaptureFixt
     assert "front so far" in out and "images/s, waiting for data" in out
 
 
-def test_existing_run_needs_resume(local_search, capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_run_needs_resume(
+    local_search, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from kdsearch.search.run import run_search
+
     result, space = local_search
     storage = run_dir(result).parent
+    # resuming the finished run starts Ray, loads the data and the teacher's logits, and trains nothing;
+    # Ray's environment switches apply only while it runs, and one the caller set keeps its value
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "1")
+    before, said = dict(os.environ), []
+    again = run_search(space, storage=storage, resume=True, say=said.append)
+    assert dict(os.environ) == before
+    assert len(again.trials) == 8 and any("already has 8 trials" in line for line in said), said
     assert run_cli(["search", str(space), "--storage", str(storage)]) == 2
     assert "use --resume" in capsys.readouterr().err
     assert run_cli(["search", str(space), "--storage", str(storage), "--name", "nothing", "--resume"]) == 2

@@ -19,13 +19,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import tune
 
 from kdsearch.errors import KdsearchError
 from kdsearch.results.outcomes import Status
 from kdsearch.results.pareto import front_rows
-from kdsearch.results.tables import CONFIRM_COLUMNS, RunPaths, load_run, write_table
+from kdsearch.results.tables import CONFIRM_COLUMNS, Run, RunPaths, load_run, write_table
 from kdsearch.space.file import parse_space_text
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import TrialSpec
@@ -64,72 +63,90 @@ def run_confirm(
     address: str | None = None,
     say: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Retrain the chosen members of the run at `location` with `seeds` seeds each; returns every
-    row of its confirm.parquet (those of earlier confirmations included)."""
-    from kdsearch.search.ray_session import check_reachable, cluster_address, init_ray, reuse_on
-    from kdsearch.search.run_folder import load_data_and_teacher
+    """Retrain the chosen members of the run at `location` with `seeds` seeds each.
+
+    Args:
+        location: the run (a folder or a URI).
+        seeds: retrainings per member, with seeds its own + 1 .. + `seeds`.
+        top: the front's `top` most accurate members (all of the front when None).
+        trial_ids: the members to confirm instead of the front's (completed trials).
+        address: the Ray cluster to join (`kdsearch.search.ray_session.cluster_address`).
+        say: where the one-line plan goes.
+
+    Returns:
+        Every row of the run's confirm.parquet, those of earlier confirmations included.
+
+    Raises:
+        KdsearchError: a bad `seeds`, a member that is not a completed trial, a run without
+            its space or without a completed trial, or a cluster that cannot be joined.
+    """
+    from kdsearch.search.ray_session import check_reachable, cluster_address, ray_session
 
     if seeds < 1:
         raise KdsearchError(f"--seeds {seeds}: must be at least 1")
     run = load_run(location)
-    paths, store = run.paths, run.paths.store
     space = _run_space(run.paths, run.meta)
     members = choose_members(run.trials, run.objectives, top, trial_ids)
-    done = {(r["trial_id"], int(r["seed"])): r for r in paths.rows(RunPaths.CONFIRM)}
+    done = {(r["trial_id"], int(r["seed"])): r for r in run.paths.rows(RunPaths.CONFIRM)}
     todo = [
         {"trial_id": m["trial_id"], "seed": seed, "row": _plain(m)}
         for m in members
         for seed in _seeds(m, seeds)
         if done.get((m["trial_id"], seed), {}).get("status") != Status.COMPLETED
     ]
+    kept = len(members) * seeds - len(todo)
     say(
         f"confirming {len(members)} trials x {seeds} seeds: {len(todo)} to train"
-        + (
-            f", {len(members) * seeds - len(todo)} already in {RunPaths.CONFIRM}"
-            if len(todo) < len(members) * seeds
-            else ""
-        )
+        + (f", {kept} already in {RunPaths.CONFIRM}" if kept else "")
     )
     if not todo:
         return list(done.values())
     address = cluster_address(address)
     if address:
         check_reachable(address)
-    owns_ray = not ray.is_initialized()
-    init_ray(address)
-    try:
-        data, cached, teacher = load_data_and_teacher(space, store.parent.child("cache"), say)
-        recorder = ConfirmRecorder(paths, done, [name for name, _ in run.objectives])
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                _confirm_trainable,
-                data=data,
-                cached_logits=cached,
-                teacher=teacher,
-                threads=max(1, int(space.resources.cpus)),
-            ),
-            {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"member": tune.grid_search(todo)},
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=space.search.max_concurrent, reuse_actors=reuse_on(address)
-            ),
-            run_config=tune.RunConfig(
-                name=CONFIRM_EXPERIMENT,
-                storage_path=store.path(),
-                storage_filesystem=store.fs,
-                failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
-                callbacks=[recorder],
-                verbose=0,
-            ),
-        )
-        tuner.fit()
-    finally:
-        if owns_ray:
-            ray.shutdown()
-    return paths.rows(RunPaths.CONFIRM)
+    with ray_session(address):  # Ray's environment switches too, only until it returns
+        _tuner(space, run, done, todo, address, say).fit()
+    return run.paths.rows(RunPaths.CONFIRM)
+
+
+def _tuner(
+    space: SearchSpace,
+    run: Run,
+    done: dict[tuple[str, int], dict[str, Any]],
+    todo: list[dict[str, Any]],
+    address: str | None,
+    say: Callable[[str], None],
+) -> tune.Tuner:
+    """The confirmation's Ray Tune experiment: one trial per retraining in `todo`, each with the
+    data and teacher signal the driver loads once here."""
+    from kdsearch.search.ray_session import reuse_on
+    from kdsearch.search.run_folder import load_data_and_teacher
+
+    store = run.paths.store
+    data, cached, teacher = load_data_and_teacher(space, store.parent.child("cache"), say)
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _confirm_trainable,
+            data=data,
+            cached_logits=cached,
+            teacher=teacher,
+            threads=max(1, int(space.resources.cpus)),
+        ),
+        {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
+    )
+    return tune.Tuner(
+        trainable,
+        param_space={"member": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=space.search.max_concurrent, reuse_actors=reuse_on(address)),
+        run_config=tune.RunConfig(
+            name=CONFIRM_EXPERIMENT,
+            storage_path=store.path(),
+            storage_filesystem=store.fs,
+            failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
+            callbacks=[ConfirmRecorder(run.paths, done, [name for name, _ in run.objectives])],
+            verbose=0,
+        ),
+    )
 
 
 def _seeds(member: dict[str, Any], n: int) -> list[int]:
@@ -161,9 +178,10 @@ def _confirm_trainable(config: dict[str, Any], data: Any, cached_logits: Any, te
 
     from kdsearch.models.student import build_student
     from kdsearch.results.export import spec_of
+    from kdsearch.train.checkpoint import WEIGHTS_FILE
     from kdsearch.train.data import load_test
-    from kdsearch.train.loop import evaluate_test
-    from kdsearch.train.trial import run_trial
+    from kdsearch.train.evaluation import evaluate_test
+    from kdsearch.train.trial import TrialSetup, run_trial
 
     torch.set_num_threads(threads)
     member = config["member"]
@@ -176,17 +194,16 @@ def _confirm_trainable(config: dict[str, Any], data: Any, cached_logits: Any, te
         tune.report(dict(metrics))
 
     with tempfile.TemporaryDirectory(prefix="kdsearch-confirm-") as workdir:
-        run_trial(
-            spec,
-            report,
-            workdir,
+        setup = TrialSetup(
+            workdir=Path(workdir),
             data=data,
             teacher=teacher.build() if teacher is not None else None,
             cached_logits=cached_logits,
             loader_workers=max(0, threads - 1),
         )
+        run_trial(spec, setup, report)
         model = build_student(spec.student)
-        model.load_state_dict(load_file(str(Path(workdir) / "model.safetensors")))
+        model.load_state_dict(load_file(str(Path(workdir) / WEIGHTS_FILE)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     test_acc = evaluate_test(model.to(device), load_test(spec.data), device, workers=max(0, threads - 1))
     tune.report({**last, "test_acc": test_acc})

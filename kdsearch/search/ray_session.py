@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ray
@@ -26,6 +26,50 @@ from kdsearch.storage import StorageError, first_line
 # (tests/test_ray_sockets.py test_embedded_search_listens_on_loopback_only)
 _TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 _TOKEN_AUTH_ON = "Token authentication is enabled for this Ray cluster"
+
+
+# Ray's and Ray Tune's environment switches while a search or a confirmation runs (`switched`)
+RAY_SWITCHES = {
+    "RAY_DEDUP_LOGS": "0",  # a Ray started here (its processes inherit the driver's environment) dedups no log
+    "RAY_AIR_NEW_OUTPUT": "0",  # with verbose=0: Tune prints nothing; LiveView shows progress
+    # Tune warns whenever checkpoints force several experiment snapshots within 5 s: with short epochs
+    # they do, by design (two checkpoints kept per trial, search/run.py), so the warning is off
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+
+
+@contextlib.contextmanager
+def switched(values: Mapping[str, str] = RAY_SWITCHES) -> Iterator[None]:
+    """`values` in os.environ while the block runs, each one the caller has not set; afterwards the
+    caller's environment as it was: a variable the caller set keeps the caller's value throughout
+    (tests/test_search.py test_existing_run_needs_resume)."""
+    added = {name: value for name, value in values.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, say: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Ray for one search or confirmation: `RAY_SWITCHES` set (`switched`) and Ray joined or
+    started (`init_ray`) unless it already runs; on the way out, a Ray started here is shut down
+    and the environment is the caller's again.
+
+    Args:
+        address: the cluster to join; None for RAY_ADDRESS, else the embedded Ray.
+        say: where the one-line notice of `init_ray` goes (stderr when None).
+    """
+    with switched():
+        owns_ray = not ray.is_initialized()
+        init_ray(address, say)
+        try:
+            yield
+        finally:
+            if owns_ray:
+                ray.shutdown()
 
 
 def _to_stderr(line: str) -> None:
@@ -94,7 +138,8 @@ def accepts_unauthenticated(address: str) -> bool:
 
 def init_ray(address: str | None, say: Callable[[str], None] | None = None) -> None:
     """Join the Ray cluster at `address` (or RAY_ADDRESS: `cluster_address`), or start the embedded
-    one with every listener on loopback. Nothing when Ray is already initialized.
+    one with every listener on loopback. Nothing when Ray is already initialized. `RAY_SWITCHES`
+    are set while Ray starts (the processes of a Ray started here inherit them), not after.
 
     ray.init turns `_node_ip_address="127.0.0.1"` into the machine's network address
     (ray/_private/worker.py: services.resolve_ip_for_localhost), and Ray's GCS, raylet, workers
@@ -116,11 +161,14 @@ def init_ray(address: str | None, say: Callable[[str], None] | None = None) -> N
     if ray.is_initialized():
         return
     address = cluster_address(address)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing; LiveView shows progress
-    if address:
-        _join(address, say or _to_stderr)
-        return
+    with switched():
+        if address:
+            _join(address, say or _to_stderr)
+        else:
+            _start_embedded()
+
+
+def _start_embedded() -> None:
     from ray._private import ray_constants
 
     notice = _DropTokenAuthNotice()

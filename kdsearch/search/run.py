@@ -37,10 +37,11 @@ from kdsearch.search.ray_session import (
     check_local_gpus,
     check_reachable,
     cluster_address,
-    init_ray,
     one_line_sync_errors,
     quiet,
+    ray_session,
     reuse_on,
+    switched,
     trial_slots,
 )
 from kdsearch.search.run_folder import earlier_trials, load_data_and_teacher, prepare_run, torn_tune_state
@@ -112,19 +113,12 @@ def run_search(
     meta = prepare_run(space_file, space, paths, resume, trials, address, None if from_run is None else str(from_run))
     total = trials or int(meta["trials"])
 
-    owns_ray = not ray.is_initialized()
-    init_ray(address, say)
-    try:
+    with ray_session(address, say):  # Ray's environment switches too, only until it returns
         loaded = load_data_and_teacher(space, root.child("cache"), say) if trial is None else (None, None, None)
         trainable = SearchTrainable.of(space, paths, loaded, trial)
         reuse = reuse_on(address) if reuse_actors is None else reuse_actors
         search = _Search(space, paths, meta, console, say, reuse, trainable)
-        if not resume:
-            return search.start(total, earlier)
-        return search.resume(total)
-    finally:
-        if owns_ray:
-            ray.shutdown()
+        return search.start(total, earlier) if not resume else search.resume(total)
 
 
 class _Search:
@@ -266,9 +260,6 @@ class _Search:
         )
 
     def _fit(self, tuner: tune.Tuner, total: int) -> SearchResult:
-        # Tune warns whenever checkpoints force several experiment snapshots within 5 s: with short
-        # epochs they do, by design (above), and a search printed the warning ~200 times
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         try:
             with quiet(*TUNE_ADVICE), one_line_sync_errors(), self._pending_trials():
                 grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
@@ -289,17 +280,15 @@ class _Search:
 
         NOTE: with a searcher and no `search.max_concurrent`, Ray Tune 2.60 keeps one trial pending
         (tune_controller.py `_get_max_pending_trials`), so trials start one after another; a fresh
-        worker per trial (`reuse_on`) then took ~10-20 s each to fill a cluster. Tune reads
+        worker per trial (`reuse_on`) then takes seconds each to fill a cluster. Tune reads
         TUNE_MAX_PENDING_TRIALS_PG when fit() builds its controller; one the user set is kept.
         """
         if self.reuse_actors or self.space.search.max_concurrent or "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:
             yield
             return
-        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(trial_slots(self.space.resources, ray.cluster_resources()))
-        try:
+        slots = trial_slots(self.space.resources, ray.cluster_resources())
+        with switched({"TUNE_MAX_PENDING_TRIALS_PG": str(slots)}):
             yield
-        finally:
-            del os.environ["TUNE_MAX_PENDING_TRIALS_PG"]
 
     def _storage_failed(self, error: StorageError) -> str:
         """The one line a storage failure stops the search with: what failed and where, that the
