@@ -14,7 +14,7 @@ from kdsearch.results.export import spec_of
 from kdsearch.results.tables import RunPaths
 from kdsearch.search.confirm import run_confirm
 from kdsearch.train.data import TEST_READ_LOG, load_data
-from kdsearch.train.trial import run_trial
+from kdsearch.train.trial import TrialSetup, run_trial
 from tests.helpers import run_cli
 
 
@@ -57,7 +57,7 @@ def test_same_seed_same_numbers(confirmed, tmp_path: Path) -> None:
     spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, seed=row["seed"]))
     reports: list[dict] = []
     cache = Path(result.paths.uri).parent / "cache"  # the run's teacher cache, as the retraining read it
-    run_trial(spec, reports.append, tmp_path / "w", data=load_data(spec.data), cache_dir=cache)
+    run_trial(spec, TrialSetup(workdir=tmp_path / "w", data=load_data(spec.data), cache_dir=cache), reports.append)
     assert reports[-1]["val_acc"] == row["val_acc"]
 
 
