@@ -2,7 +2,7 @@
 # A Ray cluster of separate processes on this machine: the way to try kdsearch's cluster path
 # (`kdsearch search SPACE --address ...`) on a laptop, without a cloud.
 #
-#   cluster/local.sh [--dir DIR] start N [--gpus G] [--worker-cpus C] [--head-cpus C] [--timeout S]
+#   cluster/local.sh [--dir DIR] start N [--gpus G] [--worker-cpus C] [--head-cpus C] [--no-token] [--timeout S]
 #   cluster/local.sh [--dir DIR] status
 #   cluster/local.sh [--dir DIR] env        # the export lines a driver needs: eval "$(cluster/local.sh env)"
 #   cluster/local.sh [--dir DIR] stop [--timeout S]
@@ -33,6 +33,9 @@
 # take precedence). A driver needs the same two variables: an explicit address
 # (--address 127.0.0.1:PORT, RAY_ADDRESS) never turns token mode on by itself, and
 # ~/.ray/auth_token (Ray's default) is not this cluster's token. STATE/env holds the lines.
+# `--no-token` starts the nodes with RAY_AUTH_MODE=disabled instead (no STATE/auth_token; STATE/env
+# says RAY_AUTH_MODE=disabled): a cluster anyone who reaches its ports can use, for trying what a
+# driver says on one (tests/test_token_probe.py).
 #
 # The dashboard listens on 127.0.0.1 only (--dashboard-host 127.0.0.1); Ray's gRPC servers
 # (GCS, raylets) listen on every interface whatever --node-ip-address says (ray start also
@@ -60,6 +63,7 @@ TIMEOUT=60
 HEAD_CPUS=0
 WORKER_CPUS=1
 WORKER_GPUS="" # empty: the GPUs Ray detects on this machine
+TOKEN=1        # 0 (--no-token): the nodes start with RAY_AUTH_MODE=disabled
 # Ray's unix socket paths are TEMP_DIR/session_<date>_<pid>/sockets/plasma_store and must fit in
 # 107 bytes: a temp dir longer than this goes to a short folder under /tmp instead.
 MAX_TEMP_DIR_LEN=40
@@ -277,6 +281,7 @@ cmd_start() {
     --head-cpus) HEAD_CPUS="${2:?}" && shift 2 ;;
     --worker-cpus) WORKER_CPUS="${2:?}" && shift 2 ;;
     --gpus) WORKER_GPUS="${2:?}" && shift 2 ;;
+    --no-token) TOKEN=0 && shift ;;
     --timeout) TIMEOUT="${2:?}" && shift 2 ;;
     *) usage ;;
     esac
@@ -295,9 +300,14 @@ cmd_start() {
   rm -rf "$STATE/nodes" "$STATE/tmp"
   trap on_start_exit EXIT
 
-  # The token: fresh for each cluster, readable by this user only.
-  (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$STATE/auth_token")
-  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/auth_token"
+  if [[ "$TOKEN" == 1 ]]; then
+    # The token: fresh for each cluster, readable by this user only.
+    (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$STATE/auth_token")
+    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/auth_token"
+  else
+    export RAY_AUTH_MODE=disabled
+    unset RAY_AUTH_TOKEN_PATH
+  fi
   unset RAY_AUTH_TOKEN RAY_ADDRESS RAY_API_SERVER_ADDRESS
   export RAY_USAGE_STATS_ENABLED=0
   # The nodes (and the jobs `ray job submit` starts on them) find kdsearch beside their ray
@@ -356,9 +366,14 @@ write_env() {
   local q
   printf 'export RAY_ADDRESS=%s\n' "$(cat "$STATE/address")"
   printf 'export RAY_API_SERVER_ADDRESS=%s\n' "$(cat "$STATE/dashboard")"
-  printf 'export RAY_AUTH_MODE=token\n'
-  printf -v q '%q' "$STATE/auth_token"
-  printf 'export RAY_AUTH_TOKEN_PATH=%s\n' "$q"
+  if [[ -f "$STATE/auth_token" ]]; then
+    printf 'export RAY_AUTH_MODE=token\n'
+    printf -v q '%q' "$STATE/auth_token"
+    printf 'export RAY_AUTH_TOKEN_PATH=%s\n' "$q"
+  else
+    printf 'export RAY_AUTH_MODE=disabled\n'
+    printf 'unset RAY_AUTH_TOKEN_PATH\n'
+  fi
   printf 'unset RAY_AUTH_TOKEN\n'
 }
 
