@@ -81,20 +81,27 @@ def run_search(
     reuse_actors: bool | None = None,
     trial: Callable[..., None] | None = None,
 ) -> SearchResult:
-    """Run (or resume, or extend) a search; returns the trials table and the front.
+    """Run (or resume, or extend) a search.
 
-    `storage` is where runs live: a local or NFS path, or a URI (s3://, gs://, any pyarrow
-    filesystem); the run is `storage/name`, the teacher-logit cache `storage/cache`.
-    `resume` continues a run whose driver died; with `trials` above the run's total it then
-    extends the run to that many trials (a finished run too), rerunning none.
-    `from_run` (a new run only) starts the sampler from an earlier run's trials of the same
-    data, as if this search had run them (kdsearch.search.warm_start).
-    `console` (a rich Console) gets a live view of the search; `say` its one-line messages.
-    `reuse_actors` (default: `reuse_on`, by where the search runs) keeps a trial's worker for
-    the next trial; `False` is Ray's default, kept as a baseline for benchmarks: every trial
-    then pays a fresh worker's imports and data loading.
-    `trial` (benchmarks only) replaces training in the workers: `noop_trial` reports epochs
-    at once, so a benchmark measures the driver's own cost per trial; no data or teacher loads.
+    Args:
+        space_file: the space file (search_spaces/NAME.yaml).
+        trials: the run's total (default: the space's `search.trials`); on `resume`, above the
+            run's total it extends the run (a finished one too), rerunning none.
+        address: the Ray cluster to join (`ray_session.cluster_address`); else the embedded Ray.
+        name: the run's name under `storage` (default: the space's name).
+        storage: where runs live: a local or NFS path, or a URI (s3://, gs://, any pyarrow
+            filesystem); the run is `storage/name`, the teacher-logit cache `storage/cache`.
+        resume: continue the run whose driver died.
+        from_run: (a new run only) start the sampler from an earlier run's trials of the same
+            data, as if this search had run them (kdsearch.search.warm_start).
+        console: a rich Console for the live view; `say` gets the one-line messages.
+        reuse_actors: keep a trial's worker for the next trial (default: `reuse_on`); False,
+            Ray's default, is a benchmarks' baseline: every trial loads imports and data afresh.
+        trial: (benchmarks only) replaces training in the workers: `noop_trial` reports epochs
+            at once, so a benchmark measures the driver's own cost; no data or teacher loads.
+
+    Returns:
+        The run, its trials table, its front, and whether it stopped before its total.
     """
     from kdsearch.train.faults import hang_grace_minutes
 
@@ -281,7 +288,10 @@ class _Search:
         NOTE: with a searcher and no `search.max_concurrent`, Ray Tune 2.60 keeps one trial pending
         (tune_controller.py `_get_max_pending_trials`), so trials start one after another; a fresh
         worker per trial (`reuse_on`) then takes seconds each to fill a cluster. Tune reads
-        TUNE_MAX_PENDING_TRIALS_PG when fit() builds its controller; one the user set is kept.
+        TUNE_MAX_PENDING_TRIALS_PG when fit() builds its controller; one the user set is kept
+        (tests/test_gpu_scheduling.py
+        test_trials_share_declared_gpus_train_data_parallel_and_the_cache_runs_on_gpu_nodes: two
+        trials at once on one GPU).
         """
         if self.reuse_actors or self.space.search.max_concurrent or "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:
             yield
