@@ -28,7 +28,15 @@ from kdsearch.space.search_space import SearchSpace
 
 
 def enqueue_configs(study: optuna.Study, space: SearchSpace) -> int:
-    """Enqueue the space's `search.enqueue` configs (dimensions they leave out are sampled)."""
+    """Enqueue the space's `search.enqueue` configs (dimensions they leave out are sampled).
+
+    Args:
+        study: the searcher's study (`KdsearchSearcher.study`).
+        space: the search space, whose `search.enqueue` lists the configs.
+
+    Returns:
+        How many configs were enqueued.
+    """
     for config in space.search.enqueue:
         study.enqueue_trial(dict(config))
     return len(space.search.enqueue)
@@ -36,6 +44,8 @@ def enqueue_configs(study: optuna.Study, space: SearchSpace) -> int:
 
 @dataclass(frozen=True)
 class WarmStart:
+    """What `add_earlier_trials` added, and the rows it skipped by reason."""
+
     added: int
     skipped: dict[str, int]  # why -> how many rows
 
@@ -54,6 +64,16 @@ def add_earlier_trials(
     early-stopped ones as PRUNED; failed ones are left out. For a genetic sampler (NSGA-II) the
     added trials form generation 0, so its first new generation is bred from them rather than
     drawn at random.
+
+    Args:
+        study: the searcher's study (`KdsearchSearcher.study`), before its first trial.
+        space: this run's search space; a row it does not hold is skipped.
+        rows: trials.parquet rows (of an earlier run, or of this one when it is extended).
+        objectives: this run's objectives, in the study's order.
+        sampler: the study's sampler.
+
+    Returns:
+        How many trials were added, and how many rows were skipped and why.
     """
     generation_key = getattr(sampler, "_get_generation_key", None)  # optuna's BaseGASampler
     added = 0
