@@ -140,6 +140,8 @@ def test_existing_run_needs_resume(
     # resuming the finished run starts Ray, loads the data and the teacher's logits, and trains nothing;
     # Ray's environment switches apply only while it runs, and one the caller set keeps its value
     monkeypatch.setenv("RAY_DEDUP_LOGS", "1")
+    for name in ("RAY_AIR_NEW_OUTPUT", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"):
+        monkeypatch.delenv(name, raising=False)  # unset, whatever an earlier search in this process left
     before, said = dict(os.environ), []
     again = run_search(space, storage=storage, resume=True, say=said.append)
     assert dict(os.environ) == before
