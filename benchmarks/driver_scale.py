@@ -1,5 +1,5 @@
 """The search driver's cost per trial as a run grows: kdsearch's search loop against plain Ray
-Tune + OptunaSearch, both around trials that train nothing (issue 12).
+Tune + OptunaSearch, both around trials that train nothing.
 
     .venv/bin/python benchmarks/driver_scale.py [--trials 300] [--epochs 3] [--sampler nsga2] [--json]
 

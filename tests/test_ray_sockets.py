@@ -1,4 +1,4 @@
-"""While an embedded search runs, every socket its Ray listens on is on loopback (issue 12).
+"""While an embedded search runs, every socket its Ray listens on is on loopback.
 
 The search runs as `kdsearch search` in a subprocess; the test polls psutil over that process's
 whole tree (the driver, gcs_server, raylet, the dashboard and autoscaler heads, the agents, the

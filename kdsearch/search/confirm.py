@@ -161,7 +161,7 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
 
 def _run_space(paths: RunPaths, meta: dict[str, Any]) -> SearchSpace:
     """The space the run was started with (its stored space.yaml; relative paths in it resolve
-    against the folder of the file it was started from, as they did then)."""
+    against the folder of the file the run was started from)."""
     if not paths.store.exists(RunPaths.SPACE):
         raise KdsearchError(f"{paths.uri}: the run has no {RunPaths.SPACE}; it cannot be retrained")
     base = Path(meta.get("space_file") or ".").parent
