@@ -1,0 +1,92 @@
+"""`kdsearch search --resume` on a run whose Ray Tune state is torn or missing: torn (the storage
+failed while Tune wrote it), the search says so in one line and continues with a new experiment
+started from the recorded trials; missing (the driver died before Tune's first save), it says so
+in one line and exits 2. Both from a run stopped by Ctrl-C with trials left to run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kdsearch.results.tables import RunPaths
+from tests.helpers import run_cli, train_every_trial, write_space
+
+KDSEARCH = [sys.executable, "-c", "from kdsearch.cli import main; main()"]
+TOTAL = 4
+
+
+@pytest.fixture(scope="module")
+def stopped(digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
+    """A run of TOTAL trials stopped by Ctrl-C after its first: (space, storage, trials recorded)."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    space = train_every_trial(write_space(tmp, digits_teacher_path, trials=TOTAL, epochs=1, max_concurrent=1))
+    storage = tmp / "runs"
+    args = [*KDSEARCH, "search", str(space), "--storage", str(storage), "--name", "r"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = RunPaths.at(storage / "r")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not run.rows(RunPaths.TRIALS) and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the search ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    finished = len(run.rows(RunPaths.TRIALS))
+    assert 1 <= finished < TOTAL and f"stopped with {finished} of {TOTAL} trials finished" in err, err
+    return space, storage, finished
+
+
+def copy_of(stopped: tuple[Path, Path, int], tmp_path: Path) -> Path:
+    """The stopped run's storage (the run and the teacher-logit cache), copied: each test breaks its own."""
+    storage = tmp_path / "runs"
+    shutil.copytree(stopped[1], storage)
+    return storage
+
+
+def test_a_torn_tune_state_resumes_from_the_recorded_trials(
+    stopped: tuple[Path, Path, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space, _, finished = stopped
+    storage = copy_of(stopped, tmp_path)
+    run = storage / "r"
+    (state,) = (run / RunPaths.TUNE).glob("experiment_state-*.json")
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # the storage failed mid-write
+    before = pd.read_parquet(run / RunPaths.TRIALS).set_index("trial_id")
+
+    assert run_cli(["search", str(space), "--storage", str(storage), "--name", "r", "--resume"]) == 0
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps a long line at its width
+    said = (
+        f"--resume: Ray Tune's saved state {state} is torn (the storage failed while it was written); "
+        f"continuing with a new experiment started from the {finished} recorded trials"
+    )
+    assert err.count(said) == 1 and err.count("is torn") == 1, err
+    after = pd.read_parquet(run / RunPaths.TRIALS).set_index("trial_id")
+    assert len(after) == TOTAL and after.index.is_unique  # the run's own total, every trial once
+    assert (after.loc[before.index, "status"] == before.status).all()  # the recorded trials kept as they were
+    assert json.loads((run / RunPaths.META).read_text())["tune"] == f"{RunPaths.TUNE}-2"  # a new experiment
+
+
+def test_a_missing_tune_state_says_so_in_one_line(
+    stopped: tuple[Path, Path, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space, _, finished = stopped
+    storage = copy_of(stopped, tmp_path)
+    run = storage / "r"
+    shutil.rmtree(run / RunPaths.TUNE)  # the driver died before Tune's first save
+
+    assert run_cli(["search", str(space), "--storage", str(storage), "--name", "r", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1:] == [
+        f"kdsearch: error: --resume: {run / RunPaths.TUNE} holds no Ray Tune state "
+        "(the search died before its first checkpoint); start it again"
+    ], err
+    assert len(pd.read_parquet(run / RunPaths.TRIALS)) == finished  # nothing ran
