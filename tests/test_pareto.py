@@ -312,7 +312,7 @@ def test_a_bad_reference_is_one_line(section, message) -> None:
 
 def test_every_view_reads_the_runs_reference(tmp_path, capsys) -> None:
     """run.json's reference wins over the space's (a run keeps the point it started with);
-    a run without one (older than the key) falls back to its space.yaml; pareto, status and
+    a run.json without one falls back to the run's space.yaml; pareto, status and
     the report say the same value."""
     from kdsearch.results.report import hypervolume
     from kdsearch.results.tables import RunPaths, load_run, write_json, write_table
@@ -344,7 +344,7 @@ def test_every_view_reads_the_runs_reference(tmp_path, capsys) -> None:
     ]
     write_table(rows, paths.store, RunPaths.TRIALS, ("trial_id",))
     meta = {"name": "run", "objectives": [["val_acc", "max"], ["flops", "min"], ["params", "min"]], "trials": 3}
-    write_json(paths.store, RunPaths.META, {**meta, "started": 10.0})  # an older run: no reference in run.json
+    write_json(paths.store, RunPaths.META, {**meta, "started": 10.0})  # a run.json without a reference
 
     from kdsearch.space.file import parse_space
 

@@ -1,6 +1,6 @@
-"""study.db is synced in a thread of the driver, not inside Tune's hooks (issue 12: one searcher
-on_trial_result took 46.7 s at ~5,000 trials, with the sync running inside it), and the copy
-the dashboard reads is complete at the end of the search."""
+"""study.db is synced in a thread of the driver, not inside Tune's hooks (a sync inside the
+searcher's on_trial_result grows with the study and holds up every result behind it), and the
+copy the dashboard reads is complete at the end of the search."""
 
 from __future__ import annotations
 
