@@ -54,6 +54,10 @@ class Interrupt(tune.Callback):
 
 @pytest.fixture(scope="module")
 def embedded_ray():
+    """An embedded Ray of 2 CPUs for this module, or the one a search of the session left running."""
+    if ray.is_initialized():
+        yield
+        return
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     try:
         yield
