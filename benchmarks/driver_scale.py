@@ -156,10 +156,10 @@ def run_kdsearch(space: Path, storage: Path) -> dict:
     from kdsearch.search.callbacks import ResultsRecorder
     from kdsearch.search.run import run_search
     from kdsearch.search.scheduler import ParetoHalving
-    from kdsearch.search.searcher import KdsearchOptunaSearch
+    from kdsearch.search.searcher import KdsearchSearcher
     from kdsearch.search.trainable import noop_trial
 
-    methods = [(KdsearchOptunaSearch, m) for m in ("suggest", "on_trial_result", "on_trial_complete")]
+    methods = [(KdsearchSearcher, m) for m in ("suggest", "on_trial_result", "on_trial_complete")]
     methods += [(ResultsRecorder, m) for m in ("on_trial_result", "on_trial_complete", "on_trial_error")]
     methods += [(ParetoHalving, "on_trial_result")]
     methods += [(TuneController, "save_to_dir")]  # Ray Tune's experiment snapshot (same in both)
@@ -172,7 +172,7 @@ def run_kdsearch(space: Path, storage: Path) -> dict:
     epochs = result.paths.rows(RunPaths.EPOCHS)
     read_s = time.perf_counter() - t0
     finished = hooks.starts("ResultsRecorder.on_trial_complete")
-    out = summary("kdsearch", wall, finished, hooks.seconds("KdsearchOptunaSearch.suggest"), hooks, rss, read_s)
+    out = summary("kdsearch", wall, finished, hooks.seconds("KdsearchSearcher.suggest"), hooks, rss, read_s)
     out["trial rows"], out["epoch rows"] = len(trials), len(epochs)
     out["hooks by method"] = {k: (len(v), 1e3 * sum(d for _, d in v)) for k, v in hooks.calls.items()}
     return out

@@ -11,23 +11,16 @@ from pathlib import Path
 import optuna
 
 from kdsearch.results.tables import RunPaths
-from kdsearch.search.searcher import DefineByRun, KdsearchOptunaSearch
+from kdsearch.search.searcher import KdsearchSearcher
 from kdsearch.space.file import load_space
 from kdsearch.space.samplers import make_sampler
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _searcher(tmp_path: Path) -> KdsearchOptunaSearch:
+def _searcher(tmp_path: Path) -> KdsearchSearcher:
     space = load_space(REPO / "search_spaces/digits_quick.yaml")
-    return KdsearchOptunaSearch(
-        space=DefineByRun(space),
-        metric=["val_acc", "flops"],
-        mode=["max", "min"],
-        sampler=make_sampler(space.search),
-        run=RunPaths.at(tmp_path / "run"),
-        total=3,
-    )
+    return KdsearchSearcher(space, space.objectives, make_sampler(space.search), RunPaths.at(tmp_path / "run"), total=3)
 
 
 def test_a_slow_sync_does_not_hold_up_the_hooks(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from kdsearch.results.outcomes import FAILURE, RETRY_REFUSED, Status
 from kdsearch.results.parts import PartsWriter
 from kdsearch.results.status import render_status
 from kdsearch.results.tables import EPOCH_COLUMNS, MERGE_RULES, TRIAL_COLUMNS, RunPaths
-from kdsearch.search.searcher import KdsearchOptunaSearch, outcome
+from kdsearch.search.searcher import KdsearchSearcher, outcome
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import TrialSpec
@@ -53,7 +53,7 @@ class ResultsRecorder(tune.Callback):
     each trial (what the live view shows) and the curves of the trials still running: never
     every epoch of the run."""
 
-    def __init__(self, paths: RunPaths, searcher: KdsearchOptunaSearch, flush_seconds: float = 2.0):
+    def __init__(self, paths: RunPaths, searcher: KdsearchSearcher, flush_seconds: float = 2.0):
         self.paths = paths
         self.searcher = searcher
         self.flush_seconds = flush_seconds

@@ -3,7 +3,7 @@
 `run_search` is the entry point; `_Search` builds and runs its Ray Tune experiments. The parts
 are adapters around plain pieces:
 
-    SearchSpace.suggest   -> DefineByRun, the space of Ray's OptunaSearch (budgets as constraints)  searcher.py
+    SearchSpace.suggest   -> DefineByRun, asked by KdsearchSearcher over Optuna's ask and tell     searcher.py
     run_trial             -> SearchTrainable, the trainable (reports through ray.tune.report)      trainable.py
     ParetoHalvingRule     -> ParetoHalving, a Ray Tune TrialScheduler                              scheduler.py
     results tables        -> ResultsRecorder, a Ray Tune Callback writing Parquet atomically       callbacks.py
@@ -44,15 +44,22 @@ from kdsearch.search.ray_session import (
     switched,
     trial_slots,
 )
-from kdsearch.search.run_folder import earlier_trials, load_data_and_teacher, prepare_run, torn_tune_state
+from kdsearch.search.run_folder import (
+    earlier_trials,
+    load_data_and_teacher,
+    prepare_run,
+    torn_tune_state,
+    unpickling_missed_a_name,
+)
 from kdsearch.search.scheduler import ParetoHalving
-from kdsearch.search.searcher import DefineByRun, KdsearchOptunaSearch
+from kdsearch.search.searcher import KdsearchSearcher, SearcherStateError
 from kdsearch.search.trainable import SearchTrainable
 from kdsearch.search.warm_start import add_earlier_trials, enqueue_configs
 from kdsearch.space.file import load_space
 from kdsearch.space.objectives import accuracy_and_cost
 from kdsearch.space.samplers import TPE_SLOW_AFTER, make_sampler
 from kdsearch.space.search_space import SearchSpace
+from kdsearch.space.specs import SEED_MAX
 from kdsearch.storage import Storage, StorageError
 
 
@@ -168,31 +175,13 @@ class _Search:
         """Continue the run's current experiment where the driver left it; then, when `total`
         is above what the run has, extend it with a new experiment warm-started from every
         recorded trial."""
-        store, experiment = self.paths.store, self.meta.get("tune", RunPaths.TUNE)
+        experiment = self.meta.get("tune", RunPaths.TUNE)
         recorded = self.paths.rows(RunPaths.TRIALS)
         result = None
         if len(recorded) < int(self.meta["trials"]):  # the experiment has trials left to run
-            tune_dir = store.path(experiment)
-            if not tune.Tuner.can_restore(tune_dir, storage_filesystem=store.fs):
-                raise KdsearchError(
-                    f"--resume: {store.uri_of(experiment)} holds no Ray Tune state (the search died before its first checkpoint); start it again"
-                )
-            torn = torn_tune_state(store, experiment)
-            if torn is not None:
-                # the storage failed while Tune copied its state (its copies are not written then renamed):
-                # what remains is the recorded trials, and a new experiment continues from them
-                self.say(
-                    f"--resume: Ray Tune's saved state {store.uri_of(torn)} is torn (the storage failed while it "
-                    f"was written); continuing with a new experiment started from the {len(recorded)} recorded trials"
-                )
+            tuner = self._restored(experiment, len(recorded))
+            if tuner is None:
                 return self._extend(max(total, int(self.meta["trials"])), recorded)
-            tuner = tune.Tuner.restore(
-                tune_dir,
-                trainable=self._tune_trainable(),
-                resume_unfinished=True,
-                resume_errored=False,
-                storage_filesystem=store.fs,
-            )
             self.say(f"resuming {self.paths.uri}")
             result = self._fit(tuner, int(self.meta["trials"]))
             if result.interrupted:
@@ -204,34 +193,61 @@ class _Search:
             return result or self._result(total, None)
         return self._extend(total, recorded)
 
+    def _restored(self, experiment: str, recorded: int) -> tune.Tuner | None:
+        """Ray Tune's saved experiment, ready to fit; None, said in one line, when a new experiment
+        must continue from the recorded trials instead: the state is torn (the storage failed while
+        Tune copied it: its copies are not written then renamed), or it holds a searcher this
+        kdsearch cannot read (another version's class or save format)."""
+        store = self.paths.store
+        tune_dir = store.path(experiment)
+        if not tune.Tuner.can_restore(tune_dir, storage_filesystem=store.fs):
+            raise KdsearchError(
+                f"--resume: {store.uri_of(experiment)} holds no Ray Tune state (the search died before its first checkpoint); start it again"
+            )
+        instead = f"continuing with a new experiment started from the {recorded} recorded trials"
+        torn = torn_tune_state(store, experiment)
+        if torn is not None:
+            self.say(
+                f"--resume: Ray Tune's saved state {store.uri_of(torn)} is torn (the storage failed while it was written); {instead}"
+            )
+            return None
+        try:
+            return tune.Tuner.restore(
+                tune_dir,
+                trainable=self._tune_trainable(),
+                resume_unfinished=True,
+                resume_errored=False,
+                storage_filesystem=store.fs,
+            )
+        except (AttributeError, ModuleNotFoundError, SearcherStateError) as e:
+            if not isinstance(e, SearcherStateError) and not unpickling_missed_a_name(e):
+                raise
+            self.say(
+                f"--resume: Ray Tune's saved state in {store.uri_of(experiment)} was written by another kdsearch ({str(e).split(' on <module')[0]}); {instead}"
+            )
+            return None
+
     def _extend(self, total: int, recorded: list[dict[str, Any]]) -> SearchResult:
         current = str(self.meta.get("tune", RunPaths.TUNE))
         n = int(current.rpartition("-")[2]) if current != RunPaths.TUNE else 1  # experiments so far
         experiment = f"{RunPaths.TUNE}-{n + 1}"
         # a sampler seeded afresh for each extension: the first one's draws would repeat the run's start
-        searcher = self._searcher(total, (self.space.search.seed + n) % 2**32)
+        searcher = self._searcher(total, (self.space.search.seed + n) % (SEED_MAX + 1))
         warm = add_earlier_trials(searcher.study, self.space, recorded, self.space.objectives, searcher.study.sampler)
         self.meta.update(trials=total, tune=experiment)
         write_json(self.paths.store, RunPaths.META, self.meta)
         self.say(f"extending {self.paths.uri} from {len(recorded)} to {total} trials; {warm.describe('this run')}")
         return self._fit(self._tuner(searcher, total - len(recorded), experiment), total)
 
-    def _searcher(self, total: int, seed: int) -> KdsearchOptunaSearch:
+    def _searcher(self, total: int, seed: int) -> KdsearchSearcher:
         space = self.space
         settings = dataclasses.replace(space.search, seed=seed)
-        return KdsearchOptunaSearch(
-            space=DefineByRun(space),
-            metric=[name for name, _ in space.objectives],
-            mode=[mode for _, mode in space.objectives],
-            sampler=make_sampler(settings),
-            run=self.paths,
-            total=total,
-        )
+        return KdsearchSearcher(space, space.objectives, make_sampler(settings), run=self.paths, total=total)
 
     def _tune_trainable(self) -> Any:
         return self.trainable.for_tune(self.space.resources.cpus, self.space.resources.gpus)
 
-    def _tuner(self, searcher: KdsearchOptunaSearch, num_samples: int, experiment: str) -> tune.Tuner:
+    def _tuner(self, searcher: KdsearchSearcher, num_samples: int, experiment: str) -> tune.Tuner:
         space, store = self.space, self.paths.store
         acc, _ = accuracy_and_cost(space.objectives)
         costs = tuple(name for name, mode in space.objectives if mode == "min")

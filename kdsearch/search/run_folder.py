@@ -103,7 +103,10 @@ def _check_resumable(
 def torn_tune_state(store: Storage, experiment: str) -> str | None:
     """The first of a Tune experiment's saved state files (its experiment_state JSON, the
     searcher's and the tuner's pickles, at the experiment's top level) that is torn, or None.
-    JSON is parsed, a pickle only walked opcode by opcode (pickletools: nothing is unpickled)."""
+    JSON is parsed, a pickle only walked opcode by opcode (pickletools: nothing is unpickled).
+
+    NOTE: a file is a pickle by its first byte (PROTO, 0x80), whatever its name: Ray Tune 2.60
+    writes `search_gen_state-*.json` as a cloudpickle."""
     import json
     import pickletools
 
@@ -113,7 +116,7 @@ def torn_tune_state(store: Storage, experiment: str) -> str | None:
         rel = f"{experiment}/{name}"
         data = store.read_bytes(rel)
         try:
-            if name.endswith(".json"):
+            if not data.startswith(b"\x80"):
                 json.loads(data)
             else:
                 for _ in pickletools.genops(data):
@@ -121,6 +124,16 @@ def torn_tune_state(store: Storage, experiment: str) -> str | None:
         except ValueError:  # JSONDecodeError; a pickle without its STOP opcode
             return rel
     return None
+
+
+def unpickling_missed_a_name(error: BaseException) -> bool:
+    """Whether `error` is pickle's for a kdsearch class or module that this kdsearch does not
+    have: Tune's saved state was written by another version."""
+    if isinstance(error, ModuleNotFoundError):
+        return (error.name or "").split(".")[0] == "kdsearch"
+    return (
+        isinstance(error, AttributeError) and str(error).startswith("Can't get attribute") and "'kdsearch" in str(error)
+    )
 
 
 def earlier_trials(location: str | os.PathLike) -> list[dict[str, Any]]:
