@@ -26,6 +26,7 @@ from kdsearch.results.outcomes import Status
 from kdsearch.results.pareto import front_rows
 from kdsearch.results.tables import CONFIRM_COLUMNS, Run, RunPaths, load_run, write_table
 from kdsearch.space.file import parse_space_text
+from kdsearch.space.objectives import accuracy_and_cost
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import TrialSpec
 
@@ -49,7 +50,7 @@ def choose_members(
     front = front_rows(trials, objectives)
     if not front:
         raise KdsearchError("the run has no completed trial to confirm yet")
-    acc = next((name for name, mode in objectives if mode == "max"), "val_acc")
+    acc, _ = accuracy_and_cost(objectives)
     front = sorted(front, key=lambda r: -(r.get(acc) or 0.0))
     return front if top is None else front[:top]
 
