@@ -75,6 +75,12 @@ def test_from_starts_the_sampler_from_an_earlier_run(spaces, first_run, tmp_path
         return {k: spec[k] for k in keys if k in spec}
 
     got = {k: new[0][k] for k in keys if k in new[0]}
+    # the earlier trials are NSGA-II's generation 0 (its parents), told through its generation key
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=make_sampler(space.search))
+    add_earlier_trials(study, space, earlier.trials, space.objectives, study.sampler)
+    assert isinstance(study.sampler, optuna.samplers.NSGAIISampler)
+    generations = [{k: v for k, v in t.system_attrs.items() if k.endswith("generation")} for t in study.trials]
+    assert len(generations) == 4 and all(list(g.values()) == [0] for g in generations), generations
     assert got == first_suggestion(warm=True)  # what a study that knows the earlier trials asks first...
     assert got != first_suggestion(warm=False)  # ...is not what a fresh run with the same seed asks first
     assert RunPaths.at(storage / "second").meta()["from"] == earlier.paths.uri
