@@ -1,5 +1,6 @@
-"""A data-parallel trial: two gloo processes on the CPU follow the one-process curve on the
-same global batch, and save the same student."""
+"""A data-parallel trial: two processes (gloo on the CPU, NCCL on two GPUs) follow the
+one-process curve on the same global batch, and save the same student; with one GPU, two
+ranks are refused."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from kdsearch.errors import KdsearchError
@@ -26,6 +28,10 @@ def test_two_processes_follow_the_one_process_curve(digits_space, tmp_path: Path
     two: list[dict] = []
     setup = TrialSetup(workdir=tmp_path / "one", data=data, teacher=teacher, cache_dir=tmp_path / "cache")
     run_trial(spec, setup, one.append)
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:  # CUDA ranks need a GPU each
+        with pytest.raises(KdsearchError, match=f"over 2 GPUs sees {torch.cuda.device_count()}"):
+            run_trial(spec, replace(setup, workdir=tmp_path / "two", world_size=2), two.append)
+        return
     run_trial(spec, replace(setup, workdir=tmp_path / "two", world_size=2), two.append)
     assert [r["epoch"] for r in two] == [r["epoch"] for r in one] == list(range(1, spec.train.epochs + 1))
     for a, b in zip(one, two):
