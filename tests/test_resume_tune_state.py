@@ -1,6 +1,7 @@
-"""`kdsearch search --resume` on a run whose Ray Tune state is torn or missing: torn (the storage
+"""`kdsearch search --resume` on a run whose Ray Tune state is torn, foreign or missing: torn (the storage
 failed while Tune wrote it), the search says so in one line and continues with a new experiment
-started from the recorded trials; missing (the driver died before Tune's first save), it says so
+started from the recorded trials, as it does when the state holds a searcher of another kdsearch;
+missing (the driver died before Tune's first save), it says so
 in one line and exits 2. Both from a run stopped by Ctrl-C with trials left to run."""
 
 from __future__ import annotations
@@ -90,3 +91,27 @@ def test_a_missing_tune_state_says_so_in_one_line(
         "(the search died before its first checkpoint); start it again"
     ], err
     assert len(pd.read_parquet(run / RunPaths.TRIALS)) == finished  # nothing ran
+
+
+def test_a_tune_state_of_another_kdsearch_resumes_from_the_recorded_trials(
+    stopped: tuple[Path, Path, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tune's state pickles the searcher by its class's name: a kdsearch without that class (as
+    this one lacks the OptunaSearch subclass runs were made with before) cannot restore it."""
+    space, _, finished = stopped
+    storage = copy_of(stopped, tmp_path)
+    run = storage / "r"
+    tuner = run / RunPaths.TUNE / "tuner.pkl"
+    assert b"KdsearchSearcher" in tuner.read_bytes()
+    tuner.write_bytes(tuner.read_bytes().replace(b"KdsearchSearcher", b"KdsearchSearchex"))  # a class gone
+
+    assert run_cli(["search", str(space), "--storage", str(storage), "--name", "r", "--resume"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    said = (
+        f"--resume: Ray Tune's saved state in {run / RunPaths.TUNE} was written by another kdsearch "
+        f"(Can't get attribute 'KdsearchSearchex'); continuing with a new experiment started from the "
+        f"{finished} recorded trials"
+    )
+    assert err.count(said) == 1, err
+    assert len(pd.read_parquet(run / RunPaths.TRIALS)) == TOTAL
+    assert json.loads((run / RunPaths.META).read_text())["tune"] == f"{RunPaths.TUNE}-2"
