@@ -28,8 +28,10 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 PNG_SIZE = (800, 560)  # pixels of every picture: 8 x 5.6 inches at 100 dpi
-# matplotlib's tab10, so a positional encoding has the same colour in every picture
-COLORS = dict(zip(POS_EMBEDS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")))
+# matplotlib's tab10, so a positional encoding has the same colour in every picture; every
+# encoding of the table has one (the palette repeats past ten)
+TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+COLORS = {name: TAB10[i % len(TAB10)] for i, name in enumerate(POS_EMBEDS)}
 MARKERS = {Status.COMPLETED: "circle", Status.STOPPED_EARLY: "triangle-down"}  # failed/infeasible: no accuracy
 HOVER_KEYS = ("trial_id", "status", "epochs", *ARCH_COLUMNS, *RECIPE_COLUMNS, "train.lr", "train.epochs")
 
