@@ -27,6 +27,7 @@ _EXPORTS = {
     "count_flops": "kdsearch.space.flops",
     "FlopCount": "kdsearch.space.flops",
     "run_trial": "kdsearch.train.trial",
+    "TrialSetup": "kdsearch.train.setup",
     "TrialDiverged": "kdsearch.train.loop",
     "Objective": "kdsearch.space.objectives",
     "load_run": "kdsearch.results.tables",
