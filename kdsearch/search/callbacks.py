@@ -218,7 +218,7 @@ class ResultsRecorder(tune.Callback):
 
         A trial's row is written when it ends (resume reconciles from it: see the searcher's
         `suggest`); the epochs every `flush_seconds` (`epochs=False` leaves them for then),
-        so a driver killed loses at most that much of the curves, as before parts."""
+        so a driver killed loses at most that much of the curves."""
         if epochs:
             self._last_flush = time.monotonic()
             pending, self._pending_epochs = self._pending_epochs, []
