@@ -48,11 +48,9 @@ from kdsearch.search.run_folder import (
     earlier_trials,
     load_data_and_teacher,
     prepare_run,
-    torn_tune_state,
-    unpickling_missed_a_name,
 )
 from kdsearch.search.scheduler import ParetoHalving
-from kdsearch.search.searcher import KdsearchSearcher, SearcherStateError
+from kdsearch.search.searcher import KdsearchSearcher
 from kdsearch.search.trainable import SearchTrainable
 from kdsearch.search.warm_start import add_earlier_trials, enqueue_configs
 from kdsearch.space.file import load_space
@@ -172,60 +170,30 @@ class _Search:
         return self._fit(self._tuner(searcher, total, RunPaths.TUNE), total)
 
     def resume(self, total: int) -> SearchResult:
-        """Continue the run's current experiment where the driver left it; then, when `total`
-        is above what the run has, extend it with a new experiment warm-started from every
-        recorded trial."""
+        """Continue the run: a new experiment warm-started from every recorded trial, up to the
+        run's own total (or `total`, when above it).
+
+        NOTE: Ray Tune's saved experiment is not restored; the recorded trials are the run's
+        state. Tune's state reaches a remote storage after the trial checkpoints it names can be
+        rotated away, so a driver killed in between leaves a trial that Tune, with no failure
+        limit, retries forever; and a restored experiment ran one trial past its total on S3
+        (both met by tests/test_storage_s3.py's SIGKILL test). Every recorded trial is kept, the
+        sampler starts from them, and a trial that was running starts again as a new one.
+        """
         experiment = self.meta.get("tune", RunPaths.TUNE)
         recorded = self.paths.rows(RunPaths.TRIALS)
-        result = None
-        if len(recorded) < int(self.meta["trials"]):  # the experiment has trials left to run
-            tuner = self._restored(experiment, len(recorded))
-            if tuner is None:
-                return self._extend(max(total, int(self.meta["trials"])), recorded)
-            self.say(f"resuming {self.paths.uri}")
-            result = self._fit(tuner, int(self.meta["trials"]))
-            if result.interrupted:
-                return result
-            recorded = result.trials
+        if len(recorded) < int(self.meta["trials"]):  # the run has trials left to run
+            store = self.paths.store
+            if not tune.Tuner.can_restore(store.path(experiment), storage_filesystem=store.fs):
+                raise KdsearchError(
+                    f"--resume: {store.uri_of(experiment)} holds no Ray Tune state (the search died before its first checkpoint); start it again"
+                )
+            self.say(f"resuming {self.paths.uri}: a new experiment starts from its {len(recorded)} recorded trials")
+            return self._extend(max(total, int(self.meta["trials"])), recorded)
         if total <= len(recorded):
-            if result is None:
-                self.say(f"{self.paths.uri} already has {len(recorded)} trials; --trials N above that extends it")
-            return result or self._result(total, None)
+            self.say(f"{self.paths.uri} already has {len(recorded)} trials; --trials N above that extends it")
+            return self._result(total, None)
         return self._extend(total, recorded)
-
-    def _restored(self, experiment: str, recorded: int) -> tune.Tuner | None:
-        """Ray Tune's saved experiment, ready to fit; None, said in one line, when a new experiment
-        must continue from the recorded trials instead: the state is torn (the storage failed while
-        Tune copied it: its copies are not written then renamed), or it holds a searcher this
-        kdsearch cannot read (another version's class or save format)."""
-        store = self.paths.store
-        tune_dir = store.path(experiment)
-        if not tune.Tuner.can_restore(tune_dir, storage_filesystem=store.fs):
-            raise KdsearchError(
-                f"--resume: {store.uri_of(experiment)} holds no Ray Tune state (the search died before its first checkpoint); start it again"
-            )
-        instead = f"continuing with a new experiment started from the {recorded} recorded trials"
-        torn = torn_tune_state(store, experiment)
-        if torn is not None:
-            self.say(
-                f"--resume: Ray Tune's saved state {store.uri_of(torn)} is torn (the storage failed while it was written); {instead}"
-            )
-            return None
-        try:
-            return tune.Tuner.restore(
-                tune_dir,
-                trainable=self._tune_trainable(),
-                resume_unfinished=True,
-                resume_errored=False,
-                storage_filesystem=store.fs,
-            )
-        except (AttributeError, ModuleNotFoundError, SearcherStateError) as e:
-            if not isinstance(e, SearcherStateError) and not unpickling_missed_a_name(e):
-                raise
-            self.say(
-                f"--resume: Ray Tune's saved state in {store.uri_of(experiment)} was written by another kdsearch ({str(e).split(' on <module')[0]}); {instead}"
-            )
-            return None
 
     def _extend(self, total: int, recorded: list[dict[str, Any]]) -> SearchResult:
         current = str(self.meta.get("tune", RunPaths.TUNE))

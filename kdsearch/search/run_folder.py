@@ -1,5 +1,5 @@
-"""A run folder's life around a search: created (or checked, on resume), Ray Tune's saved state
-checked for tears, an earlier run's trials read for `--from`, and the inputs every trial shares
+"""A run folder's life around a search: created (or checked, on resume), an earlier run's trials
+read for `--from`, and the inputs every trial shares
 (the data, the teacher's logits and its weights) loaded once by the driver.
 
 A run directory holds the space as run (space.yaml), run.json, trials.parquet, epochs.parquet,
@@ -98,42 +98,6 @@ def _check_resumable(
             f"--trials {trials}: the run was started for {meta['trials']} trials; --resume can only extend it"
         )
     return meta
-
-
-def torn_tune_state(store: Storage, experiment: str) -> str | None:
-    """The first of a Tune experiment's saved state files (its experiment_state JSON, the
-    searcher's and the tuner's pickles, at the experiment's top level) that is torn, or None.
-    JSON is parsed, a pickle only walked opcode by opcode (pickletools: nothing is unpickled).
-
-    NOTE: a file is a pickle by its first byte (PROTO, 0x80), whatever its name: Ray Tune 2.60
-    writes `search_gen_state-*.json` as a cloudpickle."""
-    import json
-    import pickletools
-
-    for name in store.files(experiment):
-        if not name.endswith((".json", ".pkl")) or name.startswith("."):
-            continue
-        rel = f"{experiment}/{name}"
-        data = store.read_bytes(rel)
-        try:
-            if not data.startswith(b"\x80"):
-                json.loads(data)
-            else:
-                for _ in pickletools.genops(data):
-                    pass
-        except ValueError:  # JSONDecodeError; a pickle without its STOP opcode
-            return rel
-    return None
-
-
-def unpickling_missed_a_name(error: BaseException) -> bool:
-    """Whether `error` is pickle's for a kdsearch class or module that this kdsearch does not
-    have: Tune's saved state was written by another version."""
-    if isinstance(error, ModuleNotFoundError):
-        return (error.name or "").split(".")[0] == "kdsearch"
-    return (
-        isinstance(error, AttributeError) and str(error).startswith("Can't get attribute") and "'kdsearch" in str(error)
-    )
 
 
 def earlier_trials(location: str | os.PathLike) -> list[dict[str, Any]]:
