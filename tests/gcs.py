@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 def gcs_server(folder: Path, bucket: str) -> Iterator[tuple[dict[str, str], str]]:
     """Start the emulator with `bucket` in it; yield the environment a client needs and the
     query (`endpoint_override=...&scheme=http`) a gs:// URI carries to reach it."""
+    from tests.helpers import stop_session  # here: the emulator's own process (`-m tests.gcs`) needs none of it
+
     port, token_port = free_port(), free_port()
     credentials = folder / "credentials.json"
     credentials.write_text(
@@ -67,15 +69,7 @@ def gcs_server(folder: Path, bucket: str) -> Iterator[tuple[dict[str, str], str]
                 time.sleep(0.2)
         yield {"GOOGLE_APPLICATION_CREDENTIALS": str(credentials)}, f"endpoint_override=127.0.0.1:{port}&scheme=http"
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_session(proc)
         out.close()
 
 

@@ -8,7 +8,11 @@ import functools
 import itertools
 import logging
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -18,6 +22,7 @@ from torch import nn
 
 from kdsearch.cli import main
 from kdsearch.models.student import Attention
+from kdsearch.results.tables import RunPaths
 from kdsearch.space.specs import POS_EMBEDS, StudentSpec
 
 # Three student sizes, tiny to DeiT-Tiny at 224px, and every pos_embed x distillation token of each
@@ -224,3 +229,37 @@ class _Formatted(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.texts.append(self.format(record))
+
+
+KDSEARCH = [sys.executable, "-c", "from kdsearch.cli import main; main()"]
+
+
+def interrupt_search(args: list[str], run: RunPaths) -> tuple[str, str]:
+    """Run `kdsearch ARGS` (a search writing `run`), press Ctrl-C once its first trial is
+    recorded (SIGINT to the driver only, as a terminal's Ctrl-C reaches it), and return its
+    stdout and stderr after it exits 0."""
+    proc = subprocess.Popen(
+        [*KDSEARCH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not run.rows(RunPaths.TRIALS) and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the search ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    return out, err
+
+
+def stop_session(proc: subprocess.Popen, grace: float = 10) -> None:
+    """Stop a server started with `start_new_session=True`: SIGTERM to its process group, then
+    SIGKILL after `grace` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

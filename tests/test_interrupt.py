@@ -4,32 +4,18 @@ trials than its space says, finishes at its own total without calling itself sto
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 from kdsearch.results.tables import RunPaths
-from tests.helpers import write_space
-
-KDSEARCH = [sys.executable, "-c", "from kdsearch.cli import main; main()"]
+from tests.helpers import KDSEARCH, interrupt_search, write_space
 
 
 def test_ctrl_c_says_what_finished_and_how_to_resume(digits_teacher_path: Path, tmp_path: Path) -> None:
     space = write_space(tmp_path, digits_teacher_path, trials=8, epochs=2, max_concurrent=1)
     storage = tmp_path / "runs"
-    args = [*KDSEARCH, "search", str(space), "--storage", str(storage), "--name", "r", "--trials", "3"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     run = RunPaths.at(storage / "r")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not run.rows(RunPaths.TRIALS) and proc.poll() is None:
-        time.sleep(0.5)
-    assert proc.poll() is None, "the search ended before it could be interrupted"
-    os.kill(proc.pid, signal.SIGINT)  # the driver only, as a terminal's Ctrl-C reaches it
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err
+    out, err = interrupt_search(["search", str(space), "--storage", str(storage), "--name", "r", "--trials", "3"], run)
     finished = len(run.rows(RunPaths.TRIALS))
     assert 1 <= finished < 3
     line = f"stopped with {finished} of 3 trials finished"

@@ -7,21 +7,15 @@ so in one line and exits 2. From a run stopped by Ctrl-C with trials left to run
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from kdsearch.results.tables import RunPaths
-from tests.helpers import run_cli, train_every_trial, write_space
+from tests.helpers import interrupt_search, run_cli, train_every_trial, write_space
 
-KDSEARCH = [sys.executable, "-c", "from kdsearch.cli import main; main()"]
 TOTAL = 4
 
 
@@ -31,16 +25,8 @@ def stopped(digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactory)
     tmp = tmp_path_factory.mktemp("stopped")
     space = train_every_trial(write_space(tmp, digits_teacher_path, trials=TOTAL, epochs=1, max_concurrent=1))
     storage = tmp / "runs"
-    args = [*KDSEARCH, "search", str(space), "--storage", str(storage), "--name", "r"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     run = RunPaths.at(storage / "r")
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not run.rows(RunPaths.TRIALS) and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the search ended before it could be interrupted"
-    os.kill(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err
+    _, err = interrupt_search(["search", str(space), "--storage", str(storage), "--name", "r"], run)
     finished = len(run.rows(RunPaths.TRIALS))
     assert 1 <= finished < TOTAL and f"stopped with {finished} of {TOTAL} trials finished" in err, err
     return space, storage, finished
