@@ -2,10 +2,11 @@
 the teacher and the CLI.
 
 Each entry says the images' channels, the class count (None: read from the files), the image
-size a space gets by default, whether it needs a local `data.root` (nothing is ever
-downloaded) and where its held-out test split comes from. The functions that load it are
-registered under the same name in kdsearch.train.data's `LOADERS` (a test holds the two tables'
-names equal): this table imports nothing, and no part below train/ names a part above it.
+size a space gets by default, whether it needs a local `data.root`, its public archive when it
+has one (URL, md5 and folder: fetched on first use by kdsearch.train.fetch into `data.root`, or
+the per-user cache when the space gives none) and where its held-out test split comes from.
+The functions that load it are registered under the same name in kdsearch.train.data's
+`LOADERS` (a test holds the two tables' names equal): this table imports nothing, and no part below train/ names a part above it.
 
 Every dataset has three splits. `train` and `val` are carved from the training data (fixed,
 stratified, the same in every trial): a search trains on one and selects on the other. The
@@ -20,14 +21,29 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Archive:
+    """A dataset's public archive (kdsearch.train.fetch fetches it once per node): where it is,
+    its md5, and the folder it extracts to (which then holds the dataset's files)."""
+
+    url: str
+    md5: str
+    folder: str
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
     name: str
     in_chans: int
     num_classes: int | None  # None: counted from the class folders (data.num_classes must say it)
     img_size: int  # the default data.img_size
-    needs_root: bool  # read from a local folder given as data.root
+    needs_root: bool  # read from a local folder the space must give as data.root
     root_holds: str  # what that folder must hold (the error when it does not), or where the data comes from
     test_split: str  # where the held-out test images come from, said in full
+    archive: Archive | None = None  # a public archive fetched on first use into data.root (default: the cache)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -47,18 +63,28 @@ DATASETS: dict[str, DatasetInfo] = {
             3,
             10,
             32,
-            True,
-            "the CIFAR python files (cifar-10-batches-py/)",
+            False,
+            "the CIFAR python files (cifar-10-batches-py/), fetched there on first use",
             "the official 10,000-image test set",
+            Archive(  # torchvision's
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                "c58f30108f718f92721af3b95e74349a",
+                "cifar-10-batches-py",
+            ),
         ),
         DatasetInfo(
             "cifar100",
             3,
             100,
             32,
-            True,
-            "the CIFAR python files (cifar-100-python/)",
+            False,
+            "the CIFAR python files (cifar-100-python/), fetched there on first use",
             "the official 10,000-image test set",
+            Archive(  # torchvision's
+                "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                "eb9058c3a382ffc7106e4002c42a8d85",
+                "cifar-100-python",
+            ),
         ),
         DatasetInfo(
             "imagefolder",
