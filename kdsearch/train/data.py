@@ -316,7 +316,9 @@ def _cifar(spec: DataSpec, train: bool, transform: Any) -> Dataset:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls, folder = (CIFAR10, "cifar-10-batches-py") if spec.name == "cifar10" else (CIFAR100, "cifar-100-python")
-    root = _require_root(spec)
+    from kdsearch.train.fetch import dataset_root
+
+    root = dataset_root(spec)  # fetched into the per-user cache (or data.root) on first use, once per node
     try:
         return cls(str(root), train=train, transform=transform, download=False)
     except RuntimeError:
