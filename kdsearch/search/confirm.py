@@ -122,13 +122,14 @@ def _tuner(
     data and teacher signal the driver loads once here."""
     from kdsearch.search.ray_session import reuse_on
     from kdsearch.search.run_folder import load_data_and_teacher
+    from kdsearch.search.worker_data import shipped
 
     store = run.paths.store
     data, cached, teacher = load_data_and_teacher(space, store.parent.child("cache"), say)
     trainable = tune.with_resources(
         tune.with_parameters(
             _confirm_trainable,
-            data=data,
+            data=shipped(data),  # a DataSpec when read from files: each worker loads (and fetches) it
             cached_logits=cached,
             teacher=teacher,
             threads=max(1, int(space.resources.cpus)),
@@ -179,6 +180,7 @@ def _confirm_trainable(config: dict[str, Any], data: Any, cached_logits: Any, te
 
     from kdsearch.models.student import build_student
     from kdsearch.results.export import spec_of
+    from kdsearch.search.worker_data import worker_data
     from kdsearch.train.checkpoint import WEIGHTS_FILE
     from kdsearch.train.data import load_test
     from kdsearch.train.evaluation import evaluate_test
@@ -197,7 +199,7 @@ def _confirm_trainable(config: dict[str, Any], data: Any, cached_logits: Any, te
     with tempfile.TemporaryDirectory(prefix="kdsearch-confirm-") as workdir:
         setup = TrialSetup(
             workdir=Path(workdir),
-            data=data,
+            data=worker_data(data),
             teacher=teacher.build() if teacher is not None else None,
             cached_logits=cached_logits,
             loader_workers=max(0, threads - 1),

@@ -2,7 +2,8 @@
 
 The tasks ask for the space's accelerator (a whole GPU each when trials use GPUs, even a
 fraction of one), so they run only on nodes that declare GPUs and a CPU-only head is fine; each
-task loads the data on its own node, rebuilds the teacher from the weights the driver ships
+task loads the data on its own node (once per worker process, kdsearch.search.worker_data; a
+public archive is fetched there on first use), rebuilds the teacher from the weights the driver ships
 (`ShippedTeacher`: no node needs the checkpoint file) and returns its shard with where it ran
 (its node and Ray's GPU ids), which the driver's line names.
 The driver writes the cache under the storage root, content-addressed (teacher weights, data,
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+
+from kdsearch.search.worker_data import worker_data
 
 SHARD_IMAGES = 10_000  # a shard is at least this many images: below it, starting a task costs more than it saves
 
@@ -36,10 +39,9 @@ def placed(places: list[tuple[str, str]]) -> str:
 
 @ray.remote
 def _logits_shard(shipped: Any, dspec: Any, start: int, stop: int) -> tuple[tuple[str, str], Any]:
-    from kdsearch.train.data import load_data
     from kdsearch.train.logit_cache import compute_logits
 
-    return _here(), compute_logits(shipped.build(), load_data(dspec), start, stop).numpy()
+    return _here(), compute_logits(shipped.build(), worker_data(dspec), start, stop).numpy()
 
 
 def shard_bounds(num_images: int, workers: int) -> list[tuple[int, int]]:
@@ -86,10 +88,9 @@ def cached_teacher_logits(
 def _views_shard(
     shipped: Any, dspec: Any, epochs: list[int], start: int, stop: int
 ) -> tuple[tuple[str, str], list[tuple[int, Any, Any]]]:
-    from kdsearch.train.data import load_data
     from kdsearch.train.replay_cache import teacher_views
 
-    teacher, data = shipped.build(), load_data(dspec)
+    teacher, data = shipped.build(), worker_data(dspec)
     out = []
     for epoch in epochs:
         seeds, logits = teacher_views(teacher, data, epoch, start, stop)

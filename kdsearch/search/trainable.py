@@ -28,10 +28,12 @@ from kdsearch.errors import KdsearchError
 from kdsearch.results.outcomes import FAILURE, RETRY_REFUSED
 from kdsearch.results.tables import RunPaths
 from kdsearch.search.attempts import Attempts
+from kdsearch.search.worker_data import shipped, worker_data
 from kdsearch.space import objectives as objective_table
+from kdsearch.space.datasets import DATASETS
 from kdsearch.space.objectives import Objective, Pairs, values_for_sampler
 from kdsearch.space.search_space import SearchSpace
-from kdsearch.space.specs import TrialSpec
+from kdsearch.space.specs import DataSpec, TrialSpec
 from kdsearch.storage import StorageError, first_line
 
 
@@ -39,10 +41,11 @@ from kdsearch.storage import StorageError, first_line
 class SearchTrainable:
     """What every trial of one search runs with; called once per trial in a Ray worker.
 
-    `data`, `cached_logits`, the teacher's weights (`ShippedTeacher`, when some trial runs it
-    live) and the run's measured objectives (their definitions) are the driver's, through the
-    object store (`for_tune`): a measured objective a user registered in the driver needs no
-    registration in the worker.
+    `data` (loaded, or its DataSpec when read from files: each worker process loads that itself,
+    kdsearch.search.worker_data), `cached_logits`, the teacher's weights (`ShippedTeacher`, when
+    some trial runs it live) and the run's measured objectives (their definitions) are the
+    driver's, through the object store (`for_tune`): a measured objective a user registered in
+    the driver needs no registration in the worker.
 
     Every `checkpoint_every` epochs a trial's report carries a checkpoint, which Tune copies to
     the run's storage (tune/TRIAL/checkpoint_N, the latest two kept); a retried or resumed trial
@@ -92,7 +95,7 @@ class SearchTrainable:
             world_size=int(space.resources.gpus) if space.resources.gpus >= 2 else 1,
             checkpoint_every=space.search.checkpoint_every,
             max_failures=space.search.max_failures,
-            data=data,
+            data=shipped(data),  # a DataSpec when read from files: each worker loads (and fetches) it
             cached_logits=cached_logits,
             teacher=teacher,
             trial=trial,
@@ -162,7 +165,8 @@ class SearchTrainable:
             saved = tune.Checkpoint.from_directory(checkpoint) if checkpoint is not None else None
             tune.report({**metrics, **where}, checkpoint=saved)
 
-        require_data_here(self.data.spec, where["node_id"])
+        require_data_here(self.data if isinstance(self.data, DataSpec) else self.data.spec, where["node_id"])
+        data = worker_data(self.data)  # loaded once per worker process (a public archive fetched once per node)
         limit, grace = spec.train.max_minutes, hang_grace_minutes()
         guard = (
             Watchdog((limit + grace) * 60, lambda why: _end_hung_worker(attempts, trial_id, why), _hung(limit, grace))
@@ -173,7 +177,7 @@ class SearchTrainable:
             try:
                 setup = TrialSetup(
                     workdir=Path(workdir),
-                    data=self.data,
+                    data=data,
                     teacher=self.teacher.build() if self.teacher is not None else None,
                     cached_logits=self.cached_logits,
                     device=device,
@@ -259,10 +263,13 @@ def _restored_checkpoint(local: Path) -> Path | None:
 
 def require_data_here(dspec: Any, node_id: str) -> None:
     """A dataset read from disk must be at the same path on every node that trains: say which
-    node lacks it (the trial fails with this line as its error).
+    node lacks it (the trial fails with this line as its error). A dataset with a public archive
+    is fetched into its root by the node instead (kdsearch.train.fetch).
 
     Raises:
         KdsearchError: `dspec.root` is not a folder on this node.
     """
+    if DATASETS[dspec.name].archive is not None:
+        return
     if dspec.root and not Path(dspec.root).is_dir():
         raise KdsearchError(f"data.root: {dspec.root} does not exist on node {socket.gethostname()} ({node_id[:12]})")
