@@ -22,6 +22,10 @@ space file, the DataSpec and every cache key (the same files from a mirror are t
 the md5 says so). Ray's workers inherit the environment of the process that started Ray on their
 node (the driver, for the embedded Ray; `ray start`, on a cluster), as they inherit the proxies,
 so nothing travels with a trial; a variable set after Ray started reaches no worker.
+
+`read_cifar` reads CIFAR's python files as torchvision's CIFAR classes do, without their check of
+each file against the official files' md5s: a fetched archive's md5 is checked whole (a
+mirror's, or a test's, is its own), and a file that is not CIFAR's is one line.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from kdsearch.errors import KdsearchError
 from kdsearch.space.datasets import DATASETS, Archive
 from kdsearch.space.specs import DataSpec
@@ -48,6 +54,12 @@ DATA_ENV = "KDSEARCH_DATA"  # the per-user cache folder of fetched datasets, whe
 ARCHIVES_ENV = "KDSEARCH_ARCHIVES"  # a file mapping dataset names to {url, md5}: a mirror
 TIMEOUT_S = 60.0  # a connection, or one read of the download, that stalls longer fails
 CHUNK = 1 << 20
+# CIFAR's python files (torchvision's train_list and test_list names; a test holds them equal)
+# and the key of their labels
+CIFAR_FILES = {
+    "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+    "cifar100": (["train"], ["test"], "fine_labels"),
+}
 
 
 def _to_stderr(line: str) -> None:
@@ -224,3 +236,38 @@ def _extract(name: str, archive: Archive, path: Path, root: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(staging)
+
+
+def read_cifar(root: Path, name: str, train: bool) -> tuple[np.ndarray, list[int]]:
+    """CIFAR's training (or test) images under `root` as torchvision's CIFAR classes hold them.
+
+    Args:
+        root: the folder holding cifar-10-batches-py/ or cifar-100-python/ (`dataset_root`).
+        name: cifar10 or cifar100.
+        train: the training batches, else the test batch.
+
+    Returns:
+        `(images, labels)`: uint8 (N, 32, 32, 3) and N class indices.
+
+    Raises:
+        KdsearchError: a file is missing or is not one of CIFAR's python files.
+    """
+    import pickle
+
+    archive = DATASETS[name].archive
+    assert archive is not None, name
+    train_files, test_files, key = CIFAR_FILES[name]
+    images, labels = [], []
+    for file in train_files if train else test_files:
+        path = root / archive.folder / file
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(int(y) for y in entry[key])
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+            raise KdsearchError(
+                f"data.root: {path} is not one of {name}'s python files ({type(e).__name__}: {e}); "
+                f"remove {root / archive.folder}/ to fetch it again"
+            ) from None
+    return np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1)), labels
