@@ -38,7 +38,7 @@ class Archive:
 class DatasetInfo:
     name: str
     in_chans: int
-    num_classes: int | None  # None: counted from the class folders (data.num_classes must say it)
+    num_classes: int | None  # None: read from the data (class folders, a label column); data.num_classes must say it
     img_size: int  # the default data.img_size
     needs_root: bool  # read from a local folder the space must give as data.root
     root_holds: str  # what that folder must hold (the error when it does not), or where the data comes from
@@ -94,6 +94,16 @@ DATASETS: dict[str, DatasetInfo] = {
             True,
             "a train/ folder with one folder per class, and test/ (or val/) with the same class folders",
             "the root's test/ folder, or its val/ folder when there is no test/ (ImageNet's val is its test set)",
+        ),
+        DatasetInfo(  # Hugging Face datasets, decoded once to RGB (kdsearch.train.hf_data)
+            "hf",
+            3,
+            None,
+            224,
+            False,
+            "is read from data.path (a hub id, a folder written by save_to_disk, or Parquet files)",
+            "the dataset's test split (else its validation or val split; with none, a stratified data.test_fraction "
+            "of its train split, held out before train and val are carved)",
         ),
     )
 }

@@ -236,12 +236,20 @@ def _parse_data(source: str, d: dict[str, Any], base_dir: Path) -> DataSpec:
     num_classes = info.num_classes
     if num_classes is None:
         if d["num_classes"] is None:
-            raise SpaceError(source, "data.num_classes", f"is required for {d['name']} (the number of class folders)")
+            raise SpaceError(source, "data.num_classes", f"is required for {d['name']} (the number of its classes)")
         num_classes = d["num_classes"]
     elif d["num_classes"] not in (None, num_classes):
         raise SpaceError(source, "data.num_classes", f"{d['name']} has {num_classes} classes, got {d['num_classes']}")
     root = str((base_dir / os.path.expanduser(d["root"])).resolve()) if d["root"] else None
-    return DataSpec(**{**d, "img_size": img_size, "root": root, "num_classes": num_classes})
+    if d["name"] == "hf" and not d["path"]:
+        raise SpaceError(source, "data.path", "is required for hf: a hub id, a save_to_disk folder, or Parquet files")
+    if d["name"] != "hf" and d["path"]:
+        raise SpaceError(source, "data.path", f"is read by hf only; remove it for {d['name']}")
+    path, local = d["path"], base_dir / os.path.expanduser(d["path"] or ".")
+    # a hub id (org/name) stays as given; a local path (/, ~, ., Parquet files, or beside the space file) is made absolute
+    if path and (path.startswith(("/", "~", ".")) or path.endswith(".parquet") or "*" in path or local.exists()):
+        path = str(local.resolve())
+    return DataSpec(**{**d, "img_size": img_size, "root": root, "num_classes": num_classes, "path": path})
 
 
 def _parse_teacher(source: str, t: dict[str, Any], base_dir: Path) -> TeacherSpec:

@@ -57,6 +57,7 @@ _POSITIVE = {"allowed": "a number > 0", "check": lambda v: v > 0}
 _NON_NEGATIVE = {"allowed": "a number >= 0", "check": lambda v: v >= 0}
 _FRACTION = {"allowed": "a number strictly between 0 and 1", "check": lambda v: 0 < v < 1}
 _NO_NUL = {"check": lambda v: "\0" not in v}  # a path the OS can open
+_NAME = {"check": lambda v: bool(v.strip())}  # a dataset's column or split
 
 SEED_MAX = 2**32 - 1
 """Seeds run from 0 to SEED_MAX (2**32 - 1): Optuna's samplers and NumPy take no other; every
@@ -248,6 +249,12 @@ class DataSpec:
     augment: bool = setting(False)
     # of all images, held out as the test split where the dataset has none (digits)
     test_fraction: float = setting(0.2, **_FRACTION)
+    # hf only (kdsearch.train.hf_data): the dataset, and its columns and splits (null: found)
+    path: str | None = setting(None, "a hub id, a folder written by save_to_disk, or Parquet files", **_NO_NUL)
+    image_column: str | None = setting(None, "a column's name", **_NAME)
+    label_column: str | None = setting(None, "a column's name", **_NAME)
+    train_split: str | None = setting(None, "a split's name", **_NAME)
+    test_split: str | None = setting(None, "a split's name", **_NAME)
 
 
 BUILTIN_TEACHER = "kdsearch/digits_cnn"

@@ -199,7 +199,9 @@ LOADERS: dict[str, DatasetLoaders] = {
     "cifar10": DatasetLoaders(load_cifar, load_cifar_test),
     "cifar100": DatasetLoaders(load_cifar, load_cifar_test),
     "imagefolder": DatasetLoaders(load_imagefolder, load_imagefolder_test),
-    "hf": DatasetLoaders(lambda s: in_memory_data(s, **read_hf_train(s)), lambda s: in_memory_test(s, **read_hf_test(s))),
+    "hf": DatasetLoaders(
+        lambda s: in_memory_data(s, **read_hf_train(s)), lambda s: in_memory_test(s, **read_hf_test(s))
+    ),
 }
 
 
