@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from kdsearch.space.specs import SPARSE_ABOVE, TeacherSpec
 from kdsearch.storage import Storage
 from kdsearch.train.data import Data
+from kdsearch.train.splits import cache_device
 from kdsearch.train.teacher import run_teacher
 
 
@@ -88,8 +89,8 @@ def compute_logits(
 ) -> Tensor:
     """The teacher's dense logits (float32, on the CPU) of training images [start, stop), in
     index order, on their deterministic view; on the GPU when there is one."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = teacher.to(device)
+    device = cache_device(data)
+    teacher, data = teacher.to(device), data.place(device)  # the plain views made on the device
     stop = data.num_train if stop is None else stop
     chunks = []
     for x, _, _ in data.train_batches_in_order(batch_size, range(start, stop)):

@@ -109,21 +109,23 @@ def train_epoch(
 
     With `shard` = (rank, world) > 1 process, each takes every world-th image of each global
     batch (`train.batch_size` images) and the returned means are over all of them."""
-    rank, world = shard
+    world = shard[1]
     step_fn.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     sums: dict[str, float] = {}
-    seen, waited = 0, 0.0
+    seen, wait = 0, DataWait(device)
     teacher.begin_epoch(epoch)
-    batches = iter(data.train_batches(train.batch_size, epoch, train.seed, loader_workers, seeds=teacher.seeds))
+    batches = iter(
+        data.train_batches(train.batch_size, epoch, train.seed, loader_workers, seeds=teacher.seeds, shard=shard)
+    )
     for step in itertools.count():
-        t0 = time.perf_counter()
+        wait.start()
         batch = next(batches, None)
         if batch is None:
             break
-        x, y, idx = (t[rank::world] for t in batch) if world > 1 else batch
+        x, y, idx = batch  # this process's share of the global batch
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        waited += time.perf_counter() - t0
+        wait.stop()
         with autocast:
             total, parts = step_fn(x, y, teacher(x, idx))
         if not _finite_everywhere(total, world):
@@ -139,7 +141,42 @@ def train_epoch(
             check()
     if world > 1:
         sums, seen = _summed(sums, seen, device)
-    return {**{k: v / max(seen, 1) for k, v in sums.items()}, "images": seen, "data_wait": waited}
+    return {**{k: v / max(seen, 1) for k, v in sums.items()}, "images": seen, "data_wait": wait.seconds()}
+
+
+class DataWait:
+    """The time an epoch's training waited for its batches. On the CPU: the wall time spent
+    getting each batch (made synchronously). On CUDA, where batches are made by kernels queued
+    on the training stream: the stream's time from the end of the previous step's work to the
+    batch being ready (CUDA events), which counts both a GPU idle while the CPU (or a loader's
+    workers) was late and the time the device spent decoding, augmenting and resizing."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.wall, self.t0 = 0.0, 0.0
+        self.begun: Any = None
+        self.events: list[tuple[Any, Any]] = []  # (start, end) CUDA events of each batch
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        if self.cuda:
+            self.begun = torch.cuda.Event(enable_timing=True)
+            self.begun.record()
+
+    def stop(self) -> None:
+        self.wall += time.perf_counter() - self.t0
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((self.begun, end))
+
+    def seconds(self) -> float:
+        """The epoch's waiting, in seconds (on CUDA after the stream passed the last batch)."""
+        if not self.cuda:
+            return self.wall
+        if self.events:
+            self.events[-1][1].synchronize()
+        return sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
 
 
 def _finite_everywhere(total: Tensor, world: int) -> bool:

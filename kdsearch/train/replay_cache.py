@@ -23,6 +23,7 @@ from kdsearch.space.specs import SPARSE_ABOVE
 from kdsearch.storage import Storage
 from kdsearch.train.data import Data, view_seeds
 from kdsearch.train.logit_cache import TeacherLogits
+from kdsearch.train.splits import cache_device
 from kdsearch.train.teacher import run_teacher
 
 
@@ -82,8 +83,8 @@ def teacher_views(
 ) -> tuple[np.ndarray, Tensor]:
     """The seeds of training images [start, stop) at `epoch` and the teacher's dense float32
     logits of their augmented views (on the GPU when there is one), in index order."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = teacher.to(device)
+    device = cache_device(data)
+    teacher, data = teacher.to(device), data.place(device)  # the views made on the device, as a trial makes them
     stop = data.num_train if stop is None else stop
     seeds = view_seeds(epoch, data.num_train)[start:stop]
     chunks = []

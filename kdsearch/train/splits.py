@@ -32,6 +32,15 @@ def view_seeds(epoch: int, num_images: int) -> np.ndarray:
     return rng.integers(0, 2**32, num_images, dtype=np.uint32)
 
 
+def cache_device(data: Data) -> torch.device:
+    """Where a teacher's cache of `data` is computed: the data's device when it is CUDA (the
+    trial's), else CUDA when torch sees one, else the CPU. Views are the same bit for bit on
+    one kind of device; a cache and the trials that read it run on the same kind."""
+    if data.device.type == "cuda":
+        return data.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def in_memory(ds: Dataset) -> bool:
     """Whether a split is batched by indexing in this process (it has `take`)."""
     return hasattr(ds, "take")
@@ -69,17 +78,26 @@ class Data:
         return len(self.train)  # type: ignore[arg-type]
 
     def train_batches(
-        self, batch_size: int, epoch: int, seed: int, workers: int = 0, seeds: np.ndarray | None = None
+        self,
+        batch_size: int,
+        epoch: int,
+        seed: int,
+        workers: int = 0,
+        seeds: np.ndarray | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[Batch]:
         """Shuffled training batches, the order fixed by (seed, epoch); with a random augmentation
-        each image's view comes from its seed at this epoch (`seeds`, else `view_seeds(epoch)`)."""
+        each image's view comes from its seed at this epoch (`seeds`, else `view_seeds(epoch)`).
+        With `shard` = (rank, world), this process's share of each batch: every world-th image
+        (an in-memory split makes only those views)."""
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(self.num_train, generator=g)
         if self.random_augment and seeds is None:
             seeds = view_seeds(epoch, self.num_train)
         drop_last = self.num_train > batch_size
+        rank, world = shard
         if in_memory(self.train):
-            yield from batches(self.train, order, batch_size, workers, drop_last, seeds, self.device)
+            yield from batches(self.train, order, batch_size, workers, drop_last, seeds, self.device, shard)
             return
         key = (batch_size, workers, drop_last, str(self.device))
         if key not in self._loaders:  # one loader per trial: its workers persist across epochs
@@ -92,7 +110,8 @@ class Data:
             self._loaders[key] = (sampler, loader)
         sampler, loader = self._loaders[key]
         sampler.order, sampler.seeds = order.tolist(), seeds
-        yield from finished(self.train, loader)
+        for batch in finished(self.train, loader):
+            yield tuple(t[rank::world] for t in batch) if world > 1 else batch  # type: ignore[misc]
 
     def views(self, indices: np.ndarray | torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
         """The augmented training views of images `indices` with their `seeds` (replay): the
@@ -180,13 +199,16 @@ def batches(
     drop_last: bool = False,
     seeds: np.ndarray | None = None,
     device: torch.device = CPU,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[Batch]:
     """Batches of `ds` in `order`: by indexing for an in-memory split (no DataLoader, no
-    per-item Python), else through a DataLoader of `workers` processes (seeds go with the items)."""
+    per-item Python; with `shard` = (rank, world) every world-th image of each batch), else
+    through a DataLoader of `workers` processes (seeds go with the items)."""
     if in_memory(ds):
+        rank, world = shard
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for start in range(0, stop, batch_size):
-            yield ds.take(order[start : start + batch_size], seeds, device)  # type: ignore[attr-defined]
+            yield ds.take(order[start : start + batch_size][rank::world], seeds, device)  # type: ignore[attr-defined]
         return
     items = order.tolist() if seeds is None else [(i, int(seeds[i])) for i in order.tolist()]
     loader = DataLoader(

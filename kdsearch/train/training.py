@@ -144,6 +144,7 @@ def train_trial(
     t_start = time.perf_counter()
     limit = TimeLimit(spec.train.max_minutes)
     rank, world = shard
+    setup.data.place(device)  # in-memory images copied to the device once; every batch made there
     training = start_training(spec, setup, signal, device, world)
     # the processes that train it: the process group's own count, which exists only once every rank joined
     processes = torch.distributed.get_world_size() if world > 1 else 1
