@@ -7,7 +7,7 @@ lists them, and turns errors into lines; each command lives in the module named 
 
     console.py     the consoles every command writes with, the output formats, CSV
     space.py       space show
-    train.py       teacher train, trial (training on this machine, without Ray)
+    train.py       teacher train, teacher finetune (here, or one Ray task on a cluster GPU), trial
     search.py      search
     inspection.py  status, pareto, report (reading a run)
     export.py      export, eval (an exported student)
@@ -60,6 +60,7 @@ def _main(
 
 space_app.command("show")(space.space_show)
 teacher_app.command("train")(train.teacher_train)
+teacher_app.command("finetune")(train.teacher_finetune)
 app.command("trial")(train.trial)
 app.command("search")(search.search)
 app.command("status")(inspection.status)

@@ -1,5 +1,6 @@
-"""Training without Ray on this machine: `kdsearch teacher train` (the built-in teacher) and
-`kdsearch trial` (one student, each dimension at its default unless --set)."""
+"""Training a teacher or one student: `kdsearch teacher train` (the built-in teacher),
+`kdsearch teacher finetune` (a pretrained timm model on the space's data, here or as a Ray task
+on a cluster GPU) and `kdsearch trial` (one student, each dimension at its default unless --set)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def teacher_train(
     space = load_space(space_file)
     if space.teacher.model != BUILTIN_TEACHER:
         raise KdsearchError(
-            f"{space_file}: teacher.model: only the built-in {BUILTIN_TEACHER} is trained by kdsearch; "
-            f"fine-tune {space.teacher.model} with timm's train script and give its checkpoint"
+            f"{space_file}: teacher.model: `teacher train` trains the built-in {BUILTIN_TEACHER}; "
+            f"fine-tune {space.teacher.model} on this data with `kdsearch teacher finetune {space_file}`"
         )
     path = Path(space.teacher.checkpoint)
     if path.exists() and not force:
@@ -46,6 +47,56 @@ def teacher_train(
     if force and path.exists():
         path.unlink()
     load_teacher(space, train_if_missing=True, log=err_console.print)
+
+
+# the defaults are FinetuneRecipe's (tests/test_finetune.py holds them equal): written out, so
+# `--help` imports no torch
+def teacher_finetune(
+    space_file: Path = typer.Argument(..., help="A search-space YAML file whose teacher is a timm model."),
+    epochs: int = typer.Option(10, help="Epochs over the space's train split."),
+    batch_size: int = typer.Option(128, help="Images per step."),
+    lr: float = typer.Option(5e-4, help="AdamW's peak learning rate (the head's)."),
+    warmup_epochs: float = typer.Option(1.0, help="Linear warmup from 0 over these epochs, then a cosine decay to 0."),
+    weight_decay: float = typer.Option(0.05, help="AdamW's weight decay (none on biases and norms)."),
+    layer_decay: float = typer.Option(0.75, help="A ViT's lr falls by this factor per block below the head; 1: off."),
+    label_smoothing: float = typer.Option(0.1, help="Label smoothing of the cross-entropy."),
+    seed: int = typer.Option(0, help="Seed of the new head and the batch order."),
+    force: bool = typer.Option(False, "--force", help="Fine-tune again and replace the checkpoint when it exists."),
+    address: str = typer.Option(
+        None, help="Run as one Ray task with one GPU on this cluster [default: RAY_ADDRESS, else this machine]."
+    ),
+) -> None:
+    """Fine-tune the space's timm teacher from its pretrained weights on the space's train split,
+    with a new head for its classes, and save it where teacher.checkpoint points."""
+    from kdsearch.space.file import load_space
+    from kdsearch.train.finetune import FinetuneRecipe, FinetuneResult, check_finetunable, run_finetune
+    from kdsearch.train.teacher import save_teacher, teacher_meta
+
+    space = load_space(space_file)
+    recipe = FinetuneRecipe(epochs, batch_size, lr, weight_decay, warmup_epochs, layer_decay, label_smoothing, seed)
+    if recipe.problems():
+        raise KdsearchError(recipe.problems()[0])
+    check_finetunable(space.teacher)
+    path = Path(space.teacher.checkpoint)
+    if path.exists() and not force:
+        meta = teacher_meta(path)
+        made = f"val_acc {meta['val_acc']:.4f} on {meta.get('data')}" if "val_acc" in meta else "not made by kdsearch"
+        err_console.print(f"teacher {path} exists ({made}); --force fine-tunes again and replaces it")
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        from kdsearch.search.finetune_task import finetune_on_cluster
+
+        result = finetune_on_cluster(space.teacher, space.data, recipe, force, address, err_console.print)
+    else:
+        for item in run_finetune(space.teacher, space.data, recipe, force):
+            if isinstance(item, FinetuneResult):
+                result = item
+            else:
+                err_console.print(item)
+    save_teacher(result.state, path, result.meta)
+    err_console.print(
+        f"teacher saved to {path} (val_acc {result.meta['val_acc']:.4f}; {path.with_suffix('.yaml').name} beside it)"
+    )
 
 
 def trial(

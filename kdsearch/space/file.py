@@ -253,10 +253,13 @@ def _parse_data(source: str, d: dict[str, Any], base_dir: Path) -> DataSpec:
 
 
 def _parse_teacher(source: str, t: dict[str, Any], base_dir: Path) -> TeacherSpec:
-    """The teacher section's values: one source of weights that its model has; the checkpoint's
-    path made absolute."""
-    if t["checkpoint"] and t["pretrained"]:
-        raise SpaceError(source, "teacher", "give either checkpoint or pretrained: true, not both")
+    """The teacher section's values: a source of weights that its model has (with both, the
+    checkpoint is the teacher `kdsearch teacher finetune` makes from the pretrained weights);
+    the checkpoint's and the pretrained file's paths made absolute."""
+    if t["pretrained_file"] and not t["pretrained"]:
+        raise SpaceError(
+            source, "teacher.pretrained_file", "names the pretrained weights' file: set pretrained: true with it"
+        )
     builtin = t["model"].startswith("kdsearch/")
     if builtin and t["model"] != BUILTIN_TEACHER:
         raise SpaceError(
@@ -270,8 +273,11 @@ def _parse_teacher(source: str, t: dict[str, Any], base_dir: Path) -> TeacherSpe
             "teacher.pretrained",
             "the built-in teacher has no pretrained weights; give a checkpoint or leave it out",
         )
-    checkpoint = str((base_dir / os.path.expanduser(t["checkpoint"])).resolve()) if t["checkpoint"] else None
-    return TeacherSpec(**{**t, "checkpoint": checkpoint})
+    checkpoint, pretrained_file = (
+        str((base_dir / os.path.expanduser(t[key])).resolve()) if t[key] else None
+        for key in ("checkpoint", "pretrained_file")
+    )
+    return TeacherSpec(**{**t, "checkpoint": checkpoint, "pretrained_file": pretrained_file})
 
 
 def _parse_objectives(source: str, body: Any) -> tuple[tuple[str, str], ...]:

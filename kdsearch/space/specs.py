@@ -266,11 +266,15 @@ SPARSE_ABOVE = 100
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """A timm model name (or `kdsearch/digits_cnn`) plus where its weights come from."""
+    """A timm model name (or `kdsearch/digits_cnn`) plus where its weights come from: the
+    checkpoint when it is given (`kdsearch teacher finetune` writes it from the pretrained
+    weights when `pretrained` is set too), else timm's pretrained weights as they are."""
 
     model: str = setting(BUILTIN_TEACHER, f"a timm model name or {BUILTIN_TEACHER}", lambda v: bool(v.strip()))
     checkpoint: str | None = setting(None, "a file's path", **_NO_NUL)
     pretrained: bool = setting(False)
+    # the pretrained weights as a local file, read through timm's pretrained config in place of the hub
+    pretrained_file: str | None = setting(None, "a file's path (with pretrained: true)", **_NO_NUL)
     cache_topk: int = setting(
         10, f"an integer >= 1 (logits kept per image above {SPARSE_ABOVE} classes)", lambda v: v >= 1
     )

@@ -45,7 +45,7 @@ def load_teacher(
     dspec: DataSpec = space.data
     if tspec.model == BUILTIN_TEACHER:
         return _frozen(_load_builtin(tspec, dspec, train_if_missing, log, data))
-    return _frozen(_load_timm(tspec, dspec))
+    return _frozen(_load_timm(tspec, dspec, data))
 
 
 _SHARED: dict[Any, nn.Module] = {}  # teachers built in this process from shipped weights, by key
@@ -77,14 +77,35 @@ class ShippedTeacher:
 
 def _architecture(tspec: TeacherSpec, dspec: DataSpec) -> nn.Module:
     """The teacher's network with fresh weights, sized for the data."""
-    in_chans = DATASETS[dspec.name].in_chans
     if tspec.model == BUILTIN_TEACHER:
         from kdsearch.models.digits_cnn import DigitsCNN
 
-        return DigitsCNN(in_chans, dspec.num_classes or 10)
+        return DigitsCNN(DATASETS[dspec.name].in_chans, dspec.num_classes or 10)
     import timm
 
-    return timm.create_model(tspec.model, pretrained=False, num_classes=dspec.num_classes, in_chans=in_chans)
+    return timm.create_model(tspec.model, pretrained=False, **timm_kwargs(tspec.model, dspec))
+
+
+def timm_kwargs(model_name: str, dspec: DataSpec) -> dict[str, Any]:
+    """What a timm teacher is created with for the data: its classes, its channels and, for a
+    model with a patch embedding (a ViT), its image size (timm resamples the position table of
+    pretrained weights to it; a CNN takes any size as it is).
+
+    Args:
+        model_name: A timm model name.
+        dspec: The data the teacher runs on.
+
+    Returns:
+        Keyword arguments of `timm.create_model`.
+    """
+    import timm
+
+    kwargs: dict[str, Any] = {"num_classes": dspec.num_classes, "in_chans": DATASETS[dspec.name].in_chans}
+    with torch.device("meta"):  # the architecture only: no memory, no initialization cost
+        probe = timm.create_model(model_name, pretrained=False)
+    if isinstance(getattr(getattr(probe, "patch_embed", None), "img_size", None), tuple):
+        kwargs["img_size"] = dspec.img_size
+    return kwargs
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -117,41 +138,103 @@ def _load_builtin(
         log(f"teacher trained in {time.perf_counter() - t0:.1f} s: val_acc {acc:.4f}, saved to {path}")
         return model
     model = _architecture(tspec, dspec)
-    _load_state(model, _read_checkpoint(path), path)
+    _load_state(model, read_checkpoint(path), path)
     return model
 
 
-def _load_timm(tspec: TeacherSpec, dspec: DataSpec) -> nn.Module:
+FINETUNE = "kdsearch teacher finetune SPACE"
+"""The command that makes a timm teacher for a space's data (kdsearch.train.finetune)."""
+
+
+def _load_timm(tspec: TeacherSpec, dspec: DataSpec, data: Data | None) -> nn.Module:
+    """The checkpoint when the space gives one (checked against the data: its classes, the
+    training split it learned from), else timm's pretrained weights with their own head."""
+    check_timm_name(tspec.model)
+    if tspec.checkpoint:
+        path = Path(tspec.checkpoint)
+        if not path.is_file():
+            make = (
+                f"make it with `{FINETUNE}`"
+                if tspec.pretrained
+                else f"or set pretrained: true and make it with `{FINETUNE}`"
+            )
+            raise KdsearchError(f"teacher.checkpoint: {path} does not exist; {make}")
+        model = _architecture(tspec, dspec)
+        state = read_checkpoint(path)
+        classes = checkpoint_classes(model, state)
+        if classes is not None and classes != dspec.num_classes:
+            raise KdsearchError(
+                f"teacher.checkpoint: {path} has {classes} classes but {dspec.name} has {dspec.num_classes}; "
+                f"fine-tune {tspec.model} on this data with `{FINETUNE} --force`"
+            )
+        trained_on = _trained_on(path)
+        if trained_on is not None and trained_on != (data or load_data(dspec)).fingerprint:
+            raise KdsearchError(
+                f"teacher.checkpoint: {path} was trained on other training images than this space's; "
+                f"fine-tune it again with `{FINETUNE} --force`"
+            )
+        _load_state(model, state, path)
+        return model
+    model = pretrained_model(tspec, {"in_chans": DATASETS[dspec.name].in_chans})
+    if model.num_classes != dspec.num_classes:
+        raise KdsearchError(
+            f"teacher.pretrained: {tspec.model}'s weights have {model.num_classes} classes but {dspec.name} has {dspec.num_classes}; "
+            f"give teacher.checkpoint a path and fine-tune it on your data with `{FINETUNE}`"
+        )
+    return model
+
+
+def check_timm_name(name: str) -> None:
+    """Raises KdsearchError (one line, with similar names) when timm has no model `name`."""
     import timm
 
-    if not timm.is_model(tspec.model):
-        near = timm.list_models(f"*{tspec.model.split('.')[0][:6]}*")[:3]
+    if not timm.is_model(name):
+        near = timm.list_models(f"*{name.split('.')[0][:6]}*")[:3]
         hint = f" (similar: {', '.join(near)})" if near else ""
-        raise KdsearchError(f"teacher.model: {tspec.model!r} is not a timm model{hint}")
-    in_chans = DATASETS[dspec.name].in_chans
-    if tspec.pretrained:
-        try:
-            model = timm.create_model(tspec.model, pretrained=True, in_chans=in_chans)
-        except Exception as e:  # hub errors come in many types; all mean the same to the user
-            raise KdsearchError(
-                f"teacher.pretrained: could not fetch weights for {tspec.model} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                "without internet give a local checkpoint instead"
-            ) from None
-        if model.num_classes != dspec.num_classes:
-            raise KdsearchError(
-                f"teacher.pretrained: {tspec.model}'s weights have {model.num_classes} classes but {dspec.name} has {dspec.num_classes}; "
-                "fine-tune the teacher on your data and give its checkpoint"
-            )
-        return model
-    model = _architecture(tspec, dspec)
-    path = Path(tspec.checkpoint or "")
-    if not path.is_file():
-        raise KdsearchError(f"teacher.checkpoint: {path} does not exist")
-    _load_state(model, _read_checkpoint(path), path)
-    return model
+        raise KdsearchError(f"teacher.model: {name!r} is not a timm model{hint}")
 
 
-def _read_checkpoint(path: Path) -> dict[str, Tensor]:
+def pretrained_model(tspec: TeacherSpec, kwargs: dict[str, Any], overlay: dict[str, Any] | None = None) -> nn.Module:
+    """`tspec.model` with timm's pretrained weights, loaded by timm's pretrained config: from the
+    hub, or from `teacher.pretrained_file` (the config's `file`), or from what `overlay` sets.
+
+    Args:
+        tspec: The teacher.
+        kwargs: `timm.create_model`'s other arguments (a new head's classes, channels, image size).
+        overlay: Entries of the pretrained config set on top of the file's.
+
+    Returns:
+        The model, in train mode.
+
+    Raises:
+        KdsearchError: the weights cannot be fetched or read, in one line.
+    """
+    import timm
+
+    overlay = {**({"file": tspec.pretrained_file} if tspec.pretrained_file else {}), **(overlay or {})}
+    if "file" in overlay and not Path(overlay["file"]).is_file():
+        raise KdsearchError(f"teacher.pretrained_file: {overlay['file']} does not exist")
+    try:
+        return timm.create_model(tspec.model, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
+    except Exception as e:  # hub errors come in many types; all mean the same to the user
+        where = f"from {overlay['file']}" if "file" in overlay else "from the hub"
+        raise KdsearchError(
+            f"teacher.pretrained: could not load weights for {tspec.model} {where} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+            "without internet give teacher.pretrained_file: a local copy of them"
+        ) from None
+
+
+def checkpoint_classes(model: nn.Module, state: dict[str, Tensor]) -> int | None:
+    """The classes of a state dict's classifier, found by the model's (timm's get_classifier);
+    None when the model or the state has none."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    name = next((n for n, m in model.named_modules() if m is head), None) if isinstance(head, nn.Linear) else None
+    weight = state.get(f"{name}.weight") if name is not None else None
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
+
+
+def read_checkpoint(path: Path) -> dict[str, Tensor]:
     """safetensors, or a torch file read with weights_only=True (never unpickling code), told
     apart by their content, whatever the file's suffix."""
     try:
@@ -204,25 +287,32 @@ def builtin_teacher_meta(data: Data, val_acc: float) -> dict[str, Any]:
     }
 
 
-def _trained_on(path: Path) -> str | None:
-    """The training split's fingerprint in a built-in teacher's YAML (None when it has none)."""
+def teacher_meta(path: Path) -> dict[str, Any]:
+    """The YAML beside a teacher's checkpoint (`save_teacher`'s), or {} when there is none to read."""
     import yaml
 
     meta_path = path.with_suffix(".yaml")
     try:
         meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else None
     except (OSError, yaml.YAMLError):
-        return None
-    return meta.get("train_fingerprint") if isinstance(meta, dict) else None
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
-def save_teacher(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
-    """Weights as safetensors and a small YAML beside them, each written then renamed."""
+def _trained_on(path: Path) -> str | None:
+    """The training split's fingerprint in a teacher's YAML (None when it has none)."""
+    return teacher_meta(path).get("train_fingerprint")
+
+
+def save_teacher(model: nn.Module | dict[str, Tensor], path: Path, meta: dict[str, Any]) -> None:
+    """Weights (a model's, or a state dict) as safetensors and a small YAML beside them, each
+    written then renamed."""
     import yaml
     from safetensors.torch import save_file
 
+    state = model if isinstance(model, dict) else model.state_dict()
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     write_text_atomic(path.with_suffix(".yaml"), yaml.safe_dump(meta, sort_keys=False))
 
 
