@@ -114,9 +114,9 @@ class ViewTransform:
 
     @property
     def key(self) -> dict:
-        """What identifies the views it makes (a part of every fingerprint)."""
-        return {"transform": TRANSFORM_VERSION, "size": self.size, "augment": self.augment, "mean": self.mean,
-                "std": self.std}  # fmt: skip
+        """What identifies the views it makes (a part of every fingerprint). Not whether it
+        augments: the plain views are the same, and the replay cache of augmented ones is apart."""
+        return {"transform": TRANSFORM_VERSION, "size": self.size, "mean": self.mean, "std": self.std}
 
     def normalize(self, x: Tensor) -> Tensor:
         """Float32 (x / 255 - mean) / std, elementwise."""
