@@ -30,7 +30,6 @@ from kdsearch.results.tables import RunPaths
 from kdsearch.search.attempts import Attempts
 from kdsearch.search.worker_data import shipped, worker_data
 from kdsearch.space import objectives as objective_table
-from kdsearch.space.datasets import DATASETS
 from kdsearch.space.objectives import Objective, Pairs, values_for_sampler
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import DataSpec, TrialSpec
@@ -264,12 +263,10 @@ def _restored_checkpoint(local: Path) -> Path | None:
 def require_data_here(dspec: Any, node_id: str) -> None:
     """A dataset read from disk must be at the same path on every node that trains: say which
     node lacks it (the trial fails with this line as its error). A dataset with a public archive
-    is fetched into its root by the node instead (kdsearch.train.fetch).
+    needs only the folder: the node fetches its files into it (kdsearch.train.fetch).
 
     Raises:
         KdsearchError: `dspec.root` is not a folder on this node.
     """
-    if DATASETS[dspec.name].archive is not None:
-        return
     if dspec.root and not Path(dspec.root).is_dir():
         raise KdsearchError(f"data.root: {dspec.root} does not exist on node {socket.gethostname()} ({node_id[:12]})")

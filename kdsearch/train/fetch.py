@@ -118,7 +118,8 @@ def _mirrors(path: Path) -> dict[str, dict[str, str]]:
 def dataset_root(spec: DataSpec, log: Callable[[str], None] = _to_stderr) -> Path:
     """The folder holding the files of `spec`'s dataset: `spec.root`, else the per-user cache.
     A dataset with a public archive is fetched and extracted there first when its folder is
-    missing, once per node (under a file lock in that folder).
+    missing, once per node (under a file lock in that folder); the cache folder is created, a
+    `spec.root` must exist.
 
     Args:
         spec: the data a space names.
@@ -141,6 +142,11 @@ def dataset_root(spec: DataSpec, log: Callable[[str], None] = _to_stderr) -> Pat
     root = Path(spec.root).expanduser() if spec.root else default_data_root()
     if (root / archive.folder).is_dir():  # renamed into place whole: present means complete
         return root
+    if spec.root and not root.is_dir():  # a root the space names is never created: a typo fetches nothing
+        raise KdsearchError(
+            f"data.root: {root} is not a folder; make it ({info.root_holds}) "
+            f"or leave data.root out for the per-user cache ({default_data_root()})"
+        )
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -174,7 +180,7 @@ def _fetch(name: str, archive: Archive, root: Path, log: Callable[[str], None]) 
             download = path = _download(name, archive, root, log)
         got = _md5(path)
         if got != archive.md5:
-            kept = f"remove {placed} or replace it" if path == placed else f"nothing was kept in {root}"
+            kept = f"remove {placed} or replace it" if path == placed else f"nothing half-written was kept in {root}"
             raise KdsearchError(
                 f"{name}: the archive from {archive.url if path != placed else placed} has md5 {got}, "
                 f"not {archive.md5} (corrupt or truncated); {kept}"
@@ -226,7 +232,7 @@ def _extract(name: str, archive: Archive, path: Path, root: Path) -> None:
                 tar.extractall(staging, filter="data")  # no member may land outside the staging folder
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise KdsearchError(
-                f"{name}: {archive.url}'s archive does not extract ({e}); nothing half-written was kept in {root}"
+                f"{name}: {archive.url}'s archive does not extract ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); nothing half-written was kept in {root}"
             ) from None
         if not (staging / archive.folder).is_dir():
             raise KdsearchError(

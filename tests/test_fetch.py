@@ -1,0 +1,248 @@
+"""Public datasets fetched on first use (kdsearch.train.fetch), from a real HTTP server on
+127.0.0.1 serving a small CIFAR-10 archive this module writes, named to the code as a mirror
+(KDSEARCH_ARCHIVES), so every line of the fetch is the real one: once per node under a file
+lock, md5-checked, nothing half-written left, one line when it cannot."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdsearch.errors import KdsearchError
+from kdsearch.space.datasets import DATASETS
+from kdsearch.space.specs import DataSpec
+from kdsearch.train.fetch import ARCHIVES_ENV, CIFAR_FILES, DATA_ENV, dataset_root, default_data_root, read_cifar
+from tests.helpers import run_cli
+
+FOLDER = "cifar-10-batches-py"
+PER_CLASS = 2  # images of each class in each training batch: 10 of a class in all, so val carves 2 per class
+
+
+def cifar10_archive() -> bytes:
+    """A CIFAR-10 archive in the real layout (pickled batches, batches.meta), 100 training images
+    (5 batches of 2 per class) and 20 test images."""
+    rng = np.random.default_rng(0)
+    files: dict[str, dict] = {}
+    for name in [*CIFAR_FILES["cifar10"][0], *CIFAR_FILES["cifar10"][1]]:
+        labels = [c for c in range(10) for _ in range(PER_CLASS)]
+        data = rng.integers(0, 256, (len(labels), 3 * 32 * 32), dtype=np.uint8)
+        files[name] = {"batch_label": name, "labels": labels, "data": data, "filenames": [f"{i}.png" for i in labels]}
+    files["batches.meta"] = {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name, entry in files.items():
+            blob = pickle.dumps(entry)
+            info = tarfile.TarInfo(f"{FOLDER}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return out.getvalue()
+
+
+ARCHIVE = cifar10_archive()
+GARBAGE = b"\x1f\x8b not a tar, though it begins as gzip does"
+
+
+class Server:
+    """http.server on 127.0.0.1 in a thread: `files` by path, every GET counted by path."""
+
+    def __init__(self, files: dict[str, bytes], delay: float = 0.0):
+        self.gets: Counter[str] = Counter()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.gets[self.path] += 1
+                time.sleep(delay)  # a slow server: processes that start together overlap
+                body = files.get(self.path)
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server({"/cifar-10-python.tar.gz": ARCHIVE, "/garbage.tar.gz": GARBAGE}, delay=0.3)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def mirror(tmp_path: Path, url: str, md5: str) -> Path:
+    """A KDSEARCH_ARCHIVES file naming `url` and `md5` for cifar10."""
+    path = tmp_path / "archives.json"
+    path.write_text(json.dumps({"cifar10": {"url": url, "md5": md5}}))
+    return path
+
+
+def md5(blob: bytes) -> str:
+    return hashlib.md5(blob).hexdigest()
+
+
+def test_the_table_states_torchvisions_archives_and_files() -> None:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    for name, cls in (("cifar10", CIFAR10), ("cifar100", CIFAR100)):
+        archive = DATASETS[name].archive
+        assert archive is not None
+        assert (archive.url, archive.md5, archive.filename, archive.folder) == (
+            cls.url, cls.tgz_md5, cls.filename, cls.base_folder,
+        )  # fmt: skip
+        train, test, _ = CIFAR_FILES[name]
+        assert (train, test) == ([f for f, _ in cls.train_list], [f for f, _ in cls.test_list])
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_data_root() == tmp_path / "xdg" / "kdsearch" / "data"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_data_root() == Path.home() / ".cache" / "kdsearch" / "data"
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "mine"))
+    assert default_data_root() == tmp_path / "mine"
+
+
+def test_processes_that_ask_at_once_fetch_once(server: Server, tmp_path: Path) -> None:
+    """Four processes call dataset_root together on a slow server: one GET, and every one of them
+    returns only when the whole folder is in place (they read it: 100 training images each)."""
+    env = {
+        **os.environ,
+        DATA_ENV: str(tmp_path / "cache"),
+        ARCHIVES_ENV: str(mirror(tmp_path, f"{server.url}/cifar-10-python.tar.gz", md5(ARCHIVE))),
+    }
+    code = (
+        "from kdsearch.space.specs import DataSpec; from kdsearch.train.fetch import dataset_root, read_cifar; "
+        "root = dataset_root(DataSpec(name='cifar10'), log=lambda s: None); "
+        "print(root, len(read_cifar(root, 'cifar10', True)[1]))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {f"{tmp_path / 'cache'} 100"}
+    assert server.gets == {"/cifar-10-python.tar.gz": 1}
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f".{FOLDER}.lock", FOLDER]
+
+
+@pytest.mark.parametrize("served", ["wrong_md5", "not_a_tar"])
+def test_a_corrupt_archive_is_one_line_and_leaves_nothing(
+    served: str, server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, digest = (
+        (f"{server.url}/cifar-10-python.tar.gz", md5(b"other bytes"))
+        if served == "wrong_md5"
+        else (f"{server.url}/garbage.tar.gz", md5(GARBAGE))
+    )
+    monkeypatch.setenv(ARCHIVES_ENV, str(mirror(tmp_path, url, digest)))
+    root = tmp_path / "data"
+    with pytest.raises(KdsearchError, match=f"^data.root: {root} is not a folder; make it"):
+        dataset_root(DataSpec(name="cifar10", root=str(root)), log=lambda s: None)  # a root named is never made
+    root.mkdir()
+    with pytest.raises(KdsearchError) as info:
+        dataset_root(DataSpec(name="cifar10", root=str(root)), log=lambda s: None)
+    line = str(info.value)
+    assert "\n" not in line and line.endswith(f"nothing half-written was kept in {root}"), line
+    assert ("has md5" if served == "wrong_md5" else "does not extract") in line, line
+    assert [p.name for p in root.iterdir()] == [f".{FOLDER}.lock"]  # no archive, no folder, no temporary file
+
+
+def test_no_server_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens: one line saying which folder to fill and how; an archive put there by
+    hand is then checked and extracted without a server."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv(
+        ARCHIVES_ENV, str(mirror(tmp_path, f"http://127.0.0.1:{port}/cifar-10-python.tar.gz", md5(ARCHIVE)))
+    )
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "cache"))
+    with pytest.raises(KdsearchError) as info:
+        dataset_root(DataSpec(name="cifar10"), log=lambda s: None)
+    root = tmp_path / "cache"
+    assert str(info.value) == (
+        f"cifar10: cannot fetch http://127.0.0.1:{port}/cifar-10-python.tar.gz ([Errno 111] Connection refused); "
+        f"put {FOLDER}/ in {root}, or the archive cifar-10-python.tar.gz there, or set data.root to a folder "
+        f"holding one (or {ARCHIVES_ENV} to a mirror)"
+    )
+    (root / "cifar-10-python.tar.gz").write_bytes(ARCHIVE)  # as the line says
+    assert dataset_root(DataSpec(name="cifar10"), log=lambda s: None) == root
+    assert len(read_cifar(root, "cifar10", False)[1]) == 20
+
+
+def test_a_search_fetches_once_per_node_in_its_workers(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real search of a space naming cifar10 with no data.root: two trials in parallel and a
+    teacher-cache task, each loading the data in its own Ray worker. The workers' cache folder
+    (the environment Ray started with: one node) is not the driver's, so the driver's check of
+    the data and the workers' loads are two nodes' fetches: exactly two GETs, and both trials
+    complete."""
+    import ray
+    import timm
+    from safetensors.torch import save_file
+
+    from kdsearch.results.tables import load_run
+    from kdsearch.search.ray_session import init_ray
+
+    assert not ray.is_initialized(), "a Ray left running would not have this test's environment"
+    teacher = tmp_path / "teacher.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=10, in_chans=3).state_dict(), str(teacher))
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "name: fetched\n"
+        "data: {name: cifar10, img_size: 32}\n"
+        f"teacher: {{model: test_resnet, checkpoint: {teacher}}}\n"
+        "student: {embed_dim: [32, 48], depth: 1, num_heads: 2, patch_size: 8, pos_embed: learned}\n"
+        "recipe: {alpha: 0.5}\n"
+        "train: {epochs: 1, batch_size: 32}\n"
+        "resources: {cpus: 1}\n"
+        "search: {trials: 2, sampler: random, seed: 0, max_concurrent: 2}\n"
+    )
+    monkeypatch.setenv(ARCHIVES_ENV, str(mirror(tmp_path, f"{server.url}/cifar-10-python.tar.gz", md5(ARCHIVE))))
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "workers"))
+    init_ray(None)  # its workers inherit this environment
+    try:
+        monkeypatch.setenv(DATA_ENV, str(tmp_path / "driver"))
+        assert run_cli(["search", str(space), "--storage", str(tmp_path / "runs")]) == 0
+    finally:
+        ray.shutdown()
+    assert server.gets == {"/cifar-10-python.tar.gz": 2}
+    for node in ("driver", "workers"):
+        assert sorted(p.name for p in (tmp_path / node).iterdir()) == [f".{FOLDER}.lock", FOLDER]
+    run = load_run(tmp_path / "runs" / "fetched")
+    assert [r["status"] for r in run.trials] == ["completed", "completed"]
