@@ -239,11 +239,13 @@ def out_of_range(spec: Any, section: str) -> list[str]:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Where the images come from. `root` is absolute once a space is loaded (None for digits)."""
+    """Where the images come from. `root` is absolute once a space is loaded; None for digits, and
+    for a dataset with a public archive (CIFAR) the per-user cache it is fetched into
+    (kdsearch.train.fetch.default_data_root)."""
 
     name: str = setting("digits", "one of " + ", ".join(DATASETS), lambda v: v in DATASETS)
     img_size: int = setting(16, **_int_at_least(1), optional=True)  # null in a space file: the dataset's size
-    root: str | None = setting(None, "a folder's path", **_NO_NUL)
+    root: str | None = setting(None, "a folder's path (CIFAR: null for the per-user cache)", **_NO_NUL)
     num_classes: int | None = setting(None, **_int_at_least(2))
     val_fraction: float = setting(0.2, **_FRACTION)  # of the training data, carved out (stratified, fixed) to select on
     augment: bool = setting(False)
