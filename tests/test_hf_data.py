@@ -128,6 +128,7 @@ def test_columns_splits_and_classes_are_found_or_refused_in_one_line(hf_folders:
             dict(image_column="img"),
             "data.image_column: .* has no column 'img'; it has: id, picture, digit",
         ),
+        "not images": (dict(image_column="id"), r"data.path \(.*, split 'train'\): column 'id' holds no images"),
         "label_column": (dict(label_column="id2"), "has no column 'id2'; it has: id, picture, digit"),
         "test_split": (dict(test_split="holdout"), "data.test_split: .* has no split 'holdout'; it has: train, test"),
         "train_split": (dict(train_split="test", test_split="test"), "data.test_split: 'test' is the train split"),

@@ -217,12 +217,16 @@ def decode_images(split: Any, column: str, img_size: int, where: str) -> torch.T
     center-cropped to `img_size`.
 
     Raises:
-        KdsearchError: The tensor would pass MAX_DECODED_BYTES, or an image cannot be read.
+        KdsearchError: The column holds no images, the tensor would pass MAX_DECODED_BYTES, or
+            an image cannot be read.
     """
     from datasets import Image as ImageFeature
     from PIL import Image, ImageOps
 
-    cells = split.select_columns([column]).cast_column(column, ImageFeature(decode=False))
+    try:
+        cells = split.select_columns([column]).cast_column(column, ImageFeature(decode=False))
+    except (TypeError, ValueError, NotImplementedError) as e:  # Arrow's casts raise these
+        raise KdsearchError(f"{where}: column {column!r} holds no images ({_first_line(e)})") from None
     sizes: set[tuple[int, int]] = set()
     for row, cell in enumerate(_cells(cells, column)):
         with _open(cell, row, where) as im:  # the header only: no pixel is decoded here
