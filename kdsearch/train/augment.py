@@ -11,7 +11,8 @@ Two regimes, as torchvision's usual recipes: up to 64 px a random crop with `img
 zero padding and a horizontal flip (after resizing to `img_size`); above it a random resized
 crop (scale 0.08-1, ratio 3/4-4/3, torchvision's ten tries then its centre fallback) sampled
 bilinearly to `img_size`, and a flip. The plain (val, test, teacher-cache) view resizes the
-shorter side to `img_size` (antialiased) and keeps the centre square. Then x / 255, normalized.
+shorter side to `img_size` (antialiased) and keeps the centre square. Each view is x / 255,
+normalized by the dataset's mean and std.
 Digits keep their own augmentation (`shift_and_rotate`) on their float images.
 """
 
@@ -89,18 +90,17 @@ def box_grid(boxes: np.ndarray, flips: np.ndarray, h: int, w: int, size: int, de
 
 def pad_crop_flip(x: Tensor, seeds: np.ndarray, pad: int) -> Tensor:
     """Each (square) image zero-padded by `pad`, cropped back to its size at its seed's offset,
-    flipped by its seed: pure indexing, so exact in any dtype."""
-    b, _, size, _ = x.shape
+    flipped by its seed: one gather of each image's own pixels, so exact in any dtype."""
+    b, c, size, _ = x.shape
     dy, dx, flips = pad_crop_params(seeds, pad)
     ar = np.arange(size)
-    cols = np.where(flips[:, None], dx[:, None] + ar[::-1], dx[:, None] + ar)
+    cols = np.where(flips[:, None], dx[:, None] + ar[::-1], dx[:, None] + ar)  # (B, size)
     rows = dy[:, None] + ar
-    dev = x.device
-    padded = F.pad(x, (pad, pad, pad, pad))
-    r, c = torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)
-    bi = torch.arange(b, device=dev)
-    out = padded.permute(0, 2, 3, 1)[bi[:, None, None], r[:, :, None], c[:, None, :]]  # (B, size, size, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+    side = size + 2 * pad
+    flat = (rows[:, :, None] * side + cols[:, None, :]).reshape(b, 1, size * size)  # into the padded image
+    padded = F.pad(x, (pad, pad, pad, pad)).reshape(b, c, side * side)
+    index = torch.from_numpy(flat).to(x.device).expand(b, c, size * size)
+    return padded.gather(2, index).reshape(b, c, size, size)
 
 
 @dataclass(frozen=True)
@@ -119,10 +119,10 @@ class ViewTransform:
         return {"transform": TRANSFORM_VERSION, "size": self.size, "mean": self.mean, "std": self.std}
 
     def normalize(self, x: Tensor) -> Tensor:
-        """Float32 (x / 255 - mean) / std, elementwise."""
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        return (x.float() / 255.0 - mean) / std
+        """Float32 (x - 255 mean) / (255 std), elementwise: (x / 255 - mean) / std."""
+        mean = torch.tensor([255 * m for m in self.mean], dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor([255 * s for s in self.std], dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        return (x.float() - mean) / std
 
     def fit(self, x: Tensor) -> Tensor:
         """Shorter side resized to `size` (bilinear, antialiased; float out), the centre square kept;
@@ -138,17 +138,20 @@ class ViewTransform:
 
     def views(self, x: Tensor, seeds: np.ndarray | None = None) -> Tensor:
         """Float32 (B, C, size, size): the augmented views of `x` from `seeds` when this transform
-        augments and seeds are given, else the plain views. On x's device."""
-        if not self.augment or seeds is None:
-            return self.normalize(self.fit(x))
-        seeds = np.asarray(seeds, dtype=np.uint32).reshape(-1)
-        if self.size <= SMALL_IMAGE:
-            return self.normalize(pad_crop_flip(self.fit(x), seeds, self.size // 8))
+        augments and seeds are given, else the plain views. On x's device. Resampling is linear,
+        so images smaller than the views are normalized before it (fewer pixels), larger ones after."""
         h, w = x.shape[-2:]
+        first = h * w <= self.size * self.size  # normalize before resampling
+        if not self.augment or seeds is None:
+            return self.fit(self.normalize(x)) if first else self.normalize(self.fit(x))
+        seeds = np.asarray(seeds, dtype=np.uint32).reshape(-1)
+        if self.size <= SMALL_IMAGE:  # the padding is black: normalized after it
+            return self.normalize(pad_crop_flip(self.fit(x), seeds, self.size // 8))
         boxes, flips = resized_crop_boxes(seeds, h, w)
         grid = box_grid(boxes, flips, h, w, self.size, x.device)
-        sampled = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return self.normalize(sampled)
+        source = self.normalize(x) if first else x.float()
+        views = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return views if first else self.normalize(views)
 
     def view_of(self, image: Tensor, seed: int | None = None) -> Tensor:
         """One uint8 (C, H, W) image's view: the batched path on a batch of one (the same bits)."""
