@@ -83,7 +83,7 @@ class Server:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -108,6 +108,28 @@ def mirror(tmp_path: Path, url: str, md5: str) -> Path:
 
 def md5(blob: bytes) -> str:
     return hashlib.md5(blob).hexdigest()
+
+
+def cifar_space(tmp_path: Path) -> Path:
+    """A space naming cifar10 with no data.root: a tiny student, one epoch, a timm teacher (random
+    weights: this is about the data) whose logits are cached."""
+    import timm
+    from safetensors.torch import save_file
+
+    teacher = tmp_path / "teacher.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=10, in_chans=3).state_dict(), str(teacher))
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "name: fetched\n"
+        "data: {name: cifar10, img_size: 32}\n"
+        f"teacher: {{model: test_resnet, checkpoint: {teacher}}}\n"
+        "student: {embed_dim: [32, 48], depth: 1, num_heads: 2, patch_size: 8, pos_embed: learned}\n"
+        "recipe: {alpha: 0.5}\n"
+        "train: {epochs: 1, batch_size: 32}\n"
+        "resources: {cpus: 1}\n"
+        "search: {trials: 2, sampler: random, seed: 0, max_concurrent: 2}\n"
+    )
+    return space
 
 
 def test_the_table_states_torchvisions_archives_and_files() -> None:
@@ -181,6 +203,26 @@ def test_a_corrupt_archive_is_one_line_and_leaves_nothing(
     assert [p.name for p in root.iterdir()] == [f".{FOLDER}.lock"]  # no archive, no folder, no temporary file
 
 
+def test_a_corrupt_archive_stops_the_cli_in_one_line(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kdsearch trial` on a space naming cifar10, its archive's md5 wrong: exit 2, one error line
+    (after the line saying it fetches), and the cache folder holds nothing but the lock."""
+    space = cifar_space(tmp_path)
+    url = f"{server.url}/cifar-10-python.tar.gz"
+    monkeypatch.setenv(ARCHIVES_ENV, str(mirror(tmp_path, url, md5(b"other bytes"))))
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "cache"))
+    assert run_cli(["trial", str(space), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("kdsearch: error:")]
+    assert errors == [
+        f"kdsearch: error: cifar10: the archive from {url} has md5 {md5(ARCHIVE)}, not {md5(b'other bytes')} "
+        f"(corrupt or truncated); nothing half-written was kept in {tmp_path / 'cache'}"
+    ], err
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f".{FOLDER}.lock"]
+
+
 def test_no_server_is_one_line_naming_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing listens: one line saying which folder to fill and how; an archive put there by
     hand is then checked and extracted without a server."""
@@ -213,26 +255,12 @@ def test_a_search_fetches_once_per_node_in_its_workers(
     the data and the workers' loads are two nodes' fetches: exactly two GETs, and both trials
     complete."""
     import ray
-    import timm
-    from safetensors.torch import save_file
 
     from kdsearch.results.tables import load_run
     from kdsearch.search.ray_session import init_ray
 
     assert not ray.is_initialized(), "a Ray left running would not have this test's environment"
-    teacher = tmp_path / "teacher.safetensors"
-    save_file(timm.create_model("test_resnet", num_classes=10, in_chans=3).state_dict(), str(teacher))
-    space = tmp_path / "space.yaml"
-    space.write_text(
-        "name: fetched\n"
-        "data: {name: cifar10, img_size: 32}\n"
-        f"teacher: {{model: test_resnet, checkpoint: {teacher}}}\n"
-        "student: {embed_dim: [32, 48], depth: 1, num_heads: 2, patch_size: 8, pos_embed: learned}\n"
-        "recipe: {alpha: 0.5}\n"
-        "train: {epochs: 1, batch_size: 32}\n"
-        "resources: {cpus: 1}\n"
-        "search: {trials: 2, sampler: random, seed: 0, max_concurrent: 2}\n"
-    )
+    space = cifar_space(tmp_path)
     monkeypatch.setenv(ARCHIVES_ENV, str(mirror(tmp_path, f"{server.url}/cifar-10-python.tar.gz", md5(ARCHIVE))))
     monkeypatch.setenv(DATA_ENV, str(tmp_path / "workers"))
     init_ray(None)  # its workers inherit this environment
