@@ -110,6 +110,9 @@ def test_parquet_files_load_as_the_saved_folder_does(hf_folders: Path, monkeypat
     assert a.fingerprint == b.fingerprint  # the same images and labels: the same teacher caches
     test_a, test_b = load_test(saved), load_test(parquet)
     assert len(test_a) == len(test_b) == N_TEST and torch.equal(test_a.x, test_b.x) and torch.equal(test_a.y, test_b.y)
+    own = datasets.load_from_disk(str(hf_folders / "disk"))["test"]  # decoded by datasets itself: the same pixels
+    assert np.array_equal(test_a.x.numpy(), np.stack([np.asarray(im) for im in own["picture"]]).transpose(0, 3, 1, 2))
+    assert test_a.y.tolist() == own["digit"]
     # one Parquet file has no test split: a stratified data.test_fraction of it is held out first
     one = DataSpec(name="hf", path=str(hf_folders / "pq" / "train.parquet"), img_size=16, num_classes=10)
     carved, held = load_data(one), load_test(one)
