@@ -1,12 +1,16 @@
 """`kdsearch teacher finetune`, offline: timm's tiny test ViT whose "pretrained" weights come
 from a local file through timm's own pretrained config (the path hub weights take, but for the
-download), fine-tuned on digits at 32 px, then a search that distils from it with the cache;
-and the one-line refusals of a teacher that does not fit the data."""
+download), fine-tuned on digits at 32 px here and as a Ray task on a cluster that declares a GPU,
+then a search that distils from it with the cache; and the one-line refusals of a teacher that
+does not fit the data, and of a cluster without GPUs."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import io
+import logging
 import shutil
 from pathlib import Path
 
@@ -23,8 +27,6 @@ from kdsearch.train.evaluation import evaluate
 from kdsearch.train.finetune import FINETUNED_BY, FinetuneRecipe, initial_model
 from kdsearch.train.teacher import load_teacher
 from tests.helpers import run_cli
-
-pytestmark = pytest.mark.usefixtures("shared_ray")  # the search and the --address refusal share one Ray
 
 MODEL = "test_vit"  # timm's test ViT: 0.37 M parameters, patch 16 (2 x 2 patches at 32 px)
 
@@ -66,13 +68,51 @@ def pretrained_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def test_address_of_a_cluster_without_gpus_is_one_line(
+    pretrained_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Before the module's Ray with a GPU starts: the embedded Ray declares none."""
+    import ray
+
+    from kdsearch.search.ray_session import init_ray
+
+    init_ray(None)
+    try:
+        space = write(tmp_path, tmp_path / "teacher.safetensors", pretrained_file)
+        address = ray.get_runtime_context().gcs_address
+        assert run_cli(["teacher", "finetune", str(space), "--address", address]) == 2
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the Ray cluster declares no GPU" in err, err
+    assert not (tmp_path / "teacher.safetensors").exists()
+
+
 @pytest.fixture(scope="module")
-def finetuned(pretrained_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The space after `kdsearch teacher finetune SPACE` wrote its teacher (3 epochs, about 2 s)."""
+def ray_with_a_gpu():
+    """A Ray on this machine that declares one GPU (as `ray start --num-gpus 1` does), for the
+    fine-tuning task and the search after it; torch sees no CUDA here, so the task runs on the CPU."""
+    import ray
+
+    ray.init(
+        "local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained_file: Path, ray_with_a_gpu: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The space after `kdsearch teacher finetune SPACE --address` wrote its teacher (a Ray task,
+    3 epochs), and what the command said."""
     tmp = tmp_path_factory.mktemp("finetune")
     space = write(tmp, tmp / "teacher" / "test_vit_digits.safetensors", pretrained_file)
-    assert run_cli(["teacher", "finetune", str(space), "--epochs", "3", "--batch-size", "64", "--lr", "2e-3"]) == 0
-    return space
+    args = ["teacher", "finetune", str(space), "--epochs", "3", "--batch-size", "64", "--lr", "2e-3"]
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert run_cli([*args, "--address", ray_with_a_gpu]) == 0
+    return space, err.getvalue()
 
 
 def test_pretrained_weights_come_through_timms_pretrained_config(pretrained_file: Path, tmp_path: Path) -> None:
@@ -90,10 +130,21 @@ def test_pretrained_weights_come_through_timms_pretrained_config(pretrained_file
     assert model.pos_embed.shape == (1, 1 + 4, 64) and hub.pos_embed.shape == (1, 1 + 100, 64)
 
 
-def test_finetune_saves_a_teacher_that_a_search_distils_from(finetuned: Path, tmp_path: Path) -> None:
+def test_finetune_as_a_ray_task_saves_a_teacher_that_a_search_distils_from(
+    finetuned: tuple[Path, str], tmp_path: Path
+) -> None:
     from kdsearch.search.run import run_search
 
-    space = load_space(finetuned)
+    space_file, said_by_finetune = finetuned
+    lines = said_by_finetune.strip().splitlines()
+    assert lines[0].startswith("Ray task on node ") and lines[0].endswith("(GPU 0)"), lines  # the declared GPU
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == [
+        "epoch 1/3",
+        "epoch 2/3",
+        "epoch 3/3",
+    ]
+    assert "images/s" in lines[-2] and lines[-1].startswith("teacher saved to ")
+    space = load_space(space_file)
     path = Path(space.teacher.checkpoint)
     meta = yaml.safe_load(path.with_suffix(".yaml").read_text())
     data = load_data(space)
@@ -103,17 +154,31 @@ def test_finetune_saves_a_teacher_that_a_search_distils_from(finetuned: Path, tm
     assert evaluate(load_teacher(space, data=data), data) == pytest.approx(meta["val_acc"], abs=1e-6)
 
     said: list[str] = []
-    result = run_search(finetuned, storage=tmp_path / "runs", say=said.append)
+    result = run_search(space_file, storage=tmp_path / "runs", say=said.append)
     assert [t["status"] for t in result.trials] == ["completed"]
     assert any(line.startswith("teacher logits cached once for the search") for line in said), said
     assert all(t["teacher.model"] == MODEL for t in result.trials)
 
 
-def test_an_existing_teacher_is_kept_unless_forced(finetuned: Path, capsys: pytest.CaptureFixture) -> None:
-    path = Path(load_space(finetuned).teacher.checkpoint)
+def test_an_existing_teacher_is_kept_unless_forced(finetuned: tuple[Path, str], capsys: pytest.CaptureFixture) -> None:
+    space_file, _ = finetuned
+    path = Path(load_space(space_file).teacher.checkpoint)
     before = path.read_bytes()
-    assert run_cli(["teacher", "finetune", str(finetuned)]) == 0
+    assert run_cli(["teacher", "finetune", str(space_file)]) == 0
     assert "exists (val_acc" in capsys.readouterr().err and path.read_bytes() == before
+
+
+def test_finetune_runs_here_without_ray(pretrained_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The default: this process, on its CPU (said once), one epoch; the test split never read."""
+    from kdsearch.train.data import count_test_images_read
+
+    space = write(tmp_path, tmp_path / "here.safetensors", pretrained_file)
+    read_before = count_test_images_read()
+    assert run_cli(["teacher", "finetune", str(space), "--epochs", "1", "--batch-size", "64", "--lr", "2e-3"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("in fp32") == 1 and "Ray task" not in err and "epoch 1/1: train loss" in err, err
+    meta = yaml.safe_load((tmp_path / "here.yaml").read_text())
+    assert meta["val_acc"] >= 0.4 and meta["device"] == "cpu" and count_test_images_read() == read_before
 
 
 def test_a_teacher_with_other_classes_is_one_line_naming_the_command(tmp_path: Path) -> None:
@@ -138,8 +203,8 @@ def test_hub_weights_with_other_classes_name_the_command(pretrained_file: Path, 
         load_teacher(space)
 
 
-def test_a_teacher_trained_on_other_images_is_one_line(finetuned: Path, tmp_path: Path) -> None:
-    source = Path(load_space(finetuned).teacher.checkpoint)
+def test_a_teacher_trained_on_other_images_is_one_line(finetuned: tuple[Path, str], tmp_path: Path) -> None:
+    source = Path(load_space(finetuned[0]).teacher.checkpoint)
     path = tmp_path / source.name
     shutil.copy(source, path)
     meta = yaml.safe_load(source.with_suffix(".yaml").read_text())
@@ -152,20 +217,12 @@ def test_a_teacher_trained_on_other_images_is_one_line(finetuned: Path, tmp_path
         load_teacher(space)
 
 
-def test_address_of_a_cluster_without_gpus_is_one_line(finetuned: Path, capsys: pytest.CaptureFixture) -> None:
-    import ray
-
-    address = ray.get_runtime_context().gcs_address  # the shared Ray, which declares no GPU
-    assert run_cli(["teacher", "finetune", str(finetuned), "--force", "--address", address]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "the Ray cluster declares no GPU" in err, err
-
-
-def test_each_command_names_the_other(finetuned: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_each_command_names_the_other(pretrained_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from tests.helpers import write_space
 
-    assert run_cli(["teacher", "train", str(finetuned)]) == 2
-    assert f"`kdsearch teacher finetune {finetuned}`" in capsys.readouterr().err
+    timm_space = write(tmp_path, tmp_path / "test_vit.safetensors", pretrained_file)
+    assert run_cli(["teacher", "train", str(timm_space)]) == 2
+    assert f"`kdsearch teacher finetune {timm_space}`" in capsys.readouterr().err
     builtin = write_space(tmp_path, tmp_path / "digits_cnn.safetensors")  # the built-in teacher
     assert run_cli(["teacher", "finetune", str(builtin)]) == 2
     assert (

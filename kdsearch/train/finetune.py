@@ -51,7 +51,7 @@ class FinetuneRecipe:
     batch_size: int = 128
     lr: float = 5e-4  # AdamW's peak learning rate (the head's; lower layers of a ViT get less)
     weight_decay: float = 0.05
-    warmup_epochs: float = 1.0  # linear warmup from 0 over these epochs, then a cosine decay to 0
+    warmup_epochs: float = 1.0  # linear warmup from 0 over these epochs (at most all of them), then a cosine decay to 0
     layer_decay: float = 0.75  # a ViT's lr falls by this factor per block below the head; 1: off
     label_smoothing: float = 0.1
     seed: int = 0
@@ -63,7 +63,7 @@ class FinetuneRecipe:
             "batch_size": (self.batch_size >= 1, "an integer >= 1"),
             "lr": (self.lr > 0, "a number > 0"),
             "weight_decay": (self.weight_decay >= 0, "a number >= 0"),
-            "warmup_epochs": (0 <= self.warmup_epochs < self.epochs, "a number >= 0 below --epochs"),
+            "warmup_epochs": (self.warmup_epochs >= 0, "a number >= 0"),
             "layer_decay": (0 < self.layer_decay <= 1, "a number in (0, 1]"),
             "label_smoothing": (0 <= self.label_smoothing < 1, "a number in [0, 1)"),
         }
@@ -157,8 +157,9 @@ def make_optimizer(model: nn.Module, recipe: FinetuneRecipe) -> torch.optim.Opti
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Each group's lr: a linear rise over `warmup_steps`, then a cosine to 0 at `total_steps`
-    (stepped once per optimizer step); a group's layer-decay scale stays applied."""
+    """Each group's lr: a linear rise over `warmup_steps` (at most `total_steps`), then a cosine
+    to 0 at `total_steps` (stepped once per optimizer step); a group's layer-decay scale stays applied."""
+    warmup_steps = min(warmup_steps, total_steps)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
