@@ -5,6 +5,7 @@ lock, md5-checked, nothing half-written left, one line when it cannot."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -59,16 +60,19 @@ GARBAGE = b"\x1f\x8b not a tar, though it begins as gzip does"
 
 
 class Server:
-    """http.server on 127.0.0.1 in a thread: `files` by path, every GET counted by path."""
+    """http.server on 127.0.0.1 in a thread: `files` by path, every GET counted by path; a GET
+    answers once `gate` is set (set from the start unless a test holds it)."""
 
-    def __init__(self, files: dict[str, bytes], delay: float = 0.0):
+    def __init__(self, files: dict[str, bytes]):
         self.gets: Counter[str] = Counter()
+        self.gate = threading.Event()
+        self.gate.set()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 outer.gets[self.path] += 1
-                time.sleep(delay)  # a slow server: processes that start together overlap
+                outer.gate.wait(timeout=60)
                 body = files.get(self.path)
                 if body is None:
                     self.send_error(404)
@@ -92,7 +96,7 @@ class Server:
 
 @pytest.fixture
 def server() -> Iterator[Server]:
-    s = Server({"/cifar-10-python.tar.gz": ARCHIVE, "/garbage.tar.gz": GARBAGE}, delay=0.3)
+    s = Server({"/cifar-10-python.tar.gz": ARCHIVE, "/garbage.tar.gz": GARBAGE})
     try:
         yield s
     finally:
@@ -156,8 +160,9 @@ def test_the_cache_folder_follows_the_environment(monkeypatch: pytest.MonkeyPatc
 
 
 def test_processes_that_ask_at_once_fetch_once(server: Server, tmp_path: Path) -> None:
-    """Four processes call dataset_root together on a slow server: one GET, and every one of them
-    returns only when the whole folder is in place (they read it: 100 training images each)."""
+    """Four processes call dataset_root together: the server holds the one GET until the three
+    others say they wait for the lock, so all four meet the fetch; every one returns only when the
+    whole folder is in place (each reads it: 100 training images)."""
     env = {
         **os.environ,
         DATA_ENV: str(tmp_path / "cache"),
@@ -165,18 +170,30 @@ def test_processes_that_ask_at_once_fetch_once(server: Server, tmp_path: Path) -
     }
     code = (
         "from kdsearch.space.specs import DataSpec; from kdsearch.train.fetch import dataset_root, read_cifar; "
-        "root = dataset_root(DataSpec(name='cifar10'), log=lambda s: None); "
+        "root = dataset_root(DataSpec(name='cifar10')); "  # its progress lines to stderr
         "print(root, len(read_cifar(root, 'cifar10', True)[1]))"
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(4)
-    ]
-    outs = [p.communicate(timeout=60) for p in procs]
-    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outs]
-    assert {out.strip() for out, _ in outs} == {f"{tmp_path / 'cache'} 100"}
+    server.gate.clear()
+    logs = [tmp_path / f"err{i}.txt" for i in range(4)]
+    with contextlib.ExitStack() as files:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=files.enter_context(open(log, "w")),
+            )
+            for log in logs
+        ]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum("waiting for another" in log.read_text() for log in logs) < 3:
+            time.sleep(0.05)
+        server.gate.set()
+        outs = [p.communicate(timeout=60)[0].decode() for p in procs]
+    errs = [log.read_text() for log in logs]
+    assert [p.returncode for p in procs] == [0] * 4, errs
+    assert sum("waiting for another process fetching it" in e for e in errs) == 3, errs
+    assert {out.strip() for out in outs} == {f"{tmp_path / 'cache'} 100"}
     assert server.gets == {"/cifar-10-python.tar.gz": 1}
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f".{FOLDER}.lock", FOLDER]
 
@@ -274,3 +291,27 @@ def test_a_search_fetches_once_per_node_in_its_workers(
         assert sorted(p.name for p in (tmp_path / node).iterdir()) == [f".{FOLDER}.lock", FOLDER]
     run = load_run(tmp_path / "runs" / "fetched")
     assert [r["status"] for r in run.trials] == ["completed", "completed"]
+
+
+def test_data_read_from_files_travels_as_its_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a search ships to its workers: CIFAR as its DataSpec, loaded once per worker process
+    (the same images as the driver's); digits loaded."""
+    from kdsearch.search.trainable import SearchTrainable
+    from kdsearch.search.worker_data import shipped, worker_data
+    from kdsearch.space.file import load_space
+    from kdsearch.train.data import load_data
+
+    monkeypatch.setenv(ARCHIVES_ENV, str(mirror(tmp_path, "http://127.0.0.1:9/cifar-10-python.tar.gz", md5(ARCHIVE))))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cifar-10-python.tar.gz").write_bytes(ARCHIVE)  # put there by hand: no server
+    space = cifar_space(tmp_path)
+    space.write_text(space.read_text().replace("img_size: 32}", f"img_size: 32, root: {tmp_path / 'data'}}}"))
+    space = load_space(space)
+    data = load_data(space)
+    trainable = SearchTrainable.of(space, None, (data, None, None))  # type: ignore[arg-type]
+    assert trainable.data == space.data
+    loaded = worker_data(trainable.data)
+    assert worker_data(space.data) is loaded  # once per process
+    assert (loaded.fingerprint, loaded.num_train) == (data.fingerprint, data.num_train) == (data.fingerprint, 80)
+    digits = load_data(DataSpec())
+    assert shipped(digits) is digits and worker_data(digits) is digits
