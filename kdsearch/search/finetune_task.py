@@ -4,6 +4,8 @@ The task asks one whole GPU, so it runs only on a node that declares one; it loa
 its node and runs kdsearch.train.finetune's generator, whose items stream back to the driver as
 they come (Ray's generator task): each progress line is said at once, and the weights (on the
 CPU) come last through the object store, for the driver to save where the space points.
+Files the fine-tuning starts from (`teacher.pretrained_file`, a checkpoint) are read on the
+task's node, at the same path, as datasets read from disk are; the hub's weights are fetched there.
 """
 
 from __future__ import annotations

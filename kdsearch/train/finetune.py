@@ -30,6 +30,7 @@ from kdsearch.errors import KdsearchError
 from kdsearch.space.specs import BUILTIN_TEACHER, DataSpec, TeacherSpec
 from kdsearch.train.data import Data, load_data
 from kdsearch.train.evaluation import evaluate
+from kdsearch.train.splits import in_memory
 from kdsearch.train.teacher import (
     check_timm_name,
     checkpoint_classes,
@@ -203,11 +204,12 @@ def run_finetune(
     device, where = finetune_device()
     yield f"{where}: {tspec.model} from {source}, a new head for {data.num_classes} classes"
     model.to(device)
+    data.place(device)  # in-memory images copied there once, every batch made there
     opt = make_optimizer(model, recipe)
     per_epoch = max(1, data.num_train // recipe.batch_size if data.num_train > recipe.batch_size else 1)
     sched = warmup_cosine(opt, round(recipe.warmup_epochs * per_epoch), recipe.epochs * per_epoch)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    workers = 0 if data.spec.name == "digits" else max(0, min(8, (os.cpu_count() or 1) - 1))
+    workers = 0 if in_memory(data.train) else max(0, min(8, (os.cpu_count() or 1) - 1))  # DataLoader processes
     t0, acc = time.perf_counter(), 0.0
     for epoch in range(recipe.epochs):
         model.train()

@@ -175,7 +175,8 @@ def _load_timm(tspec: TeacherSpec, dspec: DataSpec, data: Data | None) -> nn.Mod
             )
         _load_state(model, state, path)
         return model
-    model = pretrained_model(tspec, {"in_chans": DATASETS[dspec.name].in_chans})
+    sized = {k: v for k, v in timm_kwargs(tspec.model, dspec).items() if k != "num_classes"}  # the hub's own head
+    model = pretrained_model(tspec, sized)
     if model.num_classes != dspec.num_classes:
         raise KdsearchError(
             f"teacher.pretrained: {tspec.model}'s weights have {model.num_classes} classes but {dspec.name} has {dspec.num_classes}; "
