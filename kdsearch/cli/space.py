@@ -38,6 +38,7 @@ def _print_summary(s: dict) -> None:
     console.print(
         f"data: {d['name']} at {d['img_size']}px, {d['num_classes']} classes"
         + (f", root {d['root']}" if d["root"] else "")
+        + (f", path {d['path']}" if d["path"] else "")
     )
     weights = t["checkpoint"] or ("timm pretrained" if t["pretrained"] else "trained by kdsearch")
     console.print(f"teacher: {t['model']} ({weights}); trials get its signal from: {', '.join(s['teacher_sources'])}")

@@ -37,6 +37,7 @@ def summarize(space: SearchSpace, samples: int = 2000, seed: int = 0) -> dict[st
             "img_size": space.data.img_size,
             "num_classes": space.data.num_classes,
             "root": space.data.root,
+            "path": space.data.path,
         },
         "teacher": {
             "model": space.teacher.model,
