@@ -155,10 +155,15 @@ def dataset_root(spec: DataSpec, log: Callable[[str], None] = _to_stderr) -> Pat
 
     lock = FileLock(str(root / f".{archive.folder}.lock"))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log(f"{spec.name}: waiting for another process fetching it into {root}")
-        lock.acquire()
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log(f"{spec.name}: waiting for another process fetching it into {root}")
+            lock.acquire()
+    except OSError as e:  # a folder this user cannot write in
+        raise KdsearchError(
+            f"data.root: cannot write in {root} ({e.strerror or e}); put {archive.folder}/ there or set data.root"
+        ) from None
     try:
         if not (root / archive.folder).is_dir():  # a process that held the lock before may have fetched it
             _fetch(spec.name, archive, root, log)
