@@ -24,7 +24,7 @@ from kdsearch.errors import KdsearchError
 from kdsearch.space.file import load_space
 from kdsearch.train.data import load_data
 from kdsearch.train.evaluation import evaluate
-from kdsearch.train.finetune import FINETUNED_BY, FinetuneRecipe, initial_model
+from kdsearch.train.finetune import FINETUNED_BY, FinetuneRecipe, initial_model, starting_point
 from kdsearch.train.teacher import load_teacher
 from tests.helpers import run_cli
 
@@ -192,6 +192,12 @@ def test_a_teacher_with_other_classes_is_one_line_naming_the_command(tmp_path: P
         match="has 7 classes but digits has 10; fine-tune test_vit on this data with `kdsearch teacher finetune SPACE --force`",
     ):
         load_teacher(space)
+    # what `--force` then starts from: that checkpoint (not this command's), its head replaced
+    with pytest.raises(KdsearchError, match="nothing to fine-tune test_vit from; set pretrained: true"):
+        starting_point(space.teacher, force=False)
+    model, source = initial_model(space.teacher, space.data, starting_point(space.teacher, force=True))
+    assert source == f"the checkpoint {checkpoint}" and model.get_classifier().out_features == 10
+    assert torch.equal(model.blocks[0].mlp.fc1.weight, other.blocks[0].mlp.fc1.weight)
 
 
 def test_hub_weights_with_other_classes_name_the_command(pretrained_file: Path, tmp_path: Path) -> None:
@@ -215,6 +221,8 @@ def test_a_teacher_trained_on_other_images_is_one_line(finetuned: tuple[Path, st
         match=r"was trained on other training images than this space's; fine-tune it again with `kdsearch teacher finetune SPACE --force`$",
     ):
         load_teacher(space)
+    with pytest.raises(KdsearchError, match="nothing to fine-tune test_vit from"):  # this command's output is no start
+        starting_point(space.teacher, force=True)
 
 
 def test_each_command_names_the_other(pretrained_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
