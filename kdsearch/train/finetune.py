@@ -224,10 +224,11 @@ def run_finetune(
             sched.step()
             loss_sum += loss.detach().float() * len(y)
             images += len(y)
+        train_loss = float(loss_sum) / max(images, 1)  # waits for the device's last step
         seconds = time.perf_counter() - t_epoch
         acc = evaluate(model, data, device, batch_size=max(256, recipe.batch_size), workers=workers)
         yield (
-            f"epoch {epoch + 1}/{recipe.epochs}: train loss {float(loss_sum) / max(images, 1):.4f}, val_acc {acc:.4f}, "
+            f"epoch {epoch + 1}/{recipe.epochs}: train loss {train_loss:.4f}, val_acc {acc:.4f}, "
             f"{images / max(seconds, 1e-9):,.0f} images/s, {time.perf_counter() - t0:.1f} s"
         )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
