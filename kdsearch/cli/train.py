@@ -69,7 +69,7 @@ def teacher_finetune(
     """Fine-tune the space's timm teacher from its pretrained weights on the space's train split,
     with a new head for its classes, and save it where teacher.checkpoint points."""
     from kdsearch.space.file import load_space
-    from kdsearch.train.finetune import FinetuneRecipe, FinetuneResult, check_finetunable, run_finetune
+    from kdsearch.train.finetune import FinetuneRecipe, FinetuneResult, check_finetunable, run_finetune, starting_point
     from kdsearch.train.teacher import save_teacher, teacher_meta
 
     space = load_space(space_file)
@@ -81,22 +81,26 @@ def teacher_finetune(
     if path.exists() and not force:
         meta = teacher_meta(path)
         made = f"val_acc {meta['val_acc']:.4f} on {meta.get('data')}" if "val_acc" in meta else "not made by kdsearch"
-        err_console.print(f"teacher {path} exists ({made}); --force fine-tunes again and replaces it")
+        say(f"teacher {path} exists ({made}); --force fine-tunes again and replaces it")
         return
+    starting_point(space.teacher, force)  # nothing to start from is said here, before any Ray starts
     if address or os.environ.get("RAY_ADDRESS"):
         from kdsearch.search.finetune_task import finetune_on_cluster
 
-        result = finetune_on_cluster(space.teacher, space.data, recipe, force, address, err_console.print)
+        result = finetune_on_cluster(space.teacher, space.data, recipe, force, address, say)
     else:
         for item in run_finetune(space.teacher, space.data, recipe, force):
             if isinstance(item, FinetuneResult):
                 result = item
             else:
-                err_console.print(item)
+                say(item)
     save_teacher(result.state, path, result.meta)
-    err_console.print(
-        f"teacher saved to {path} (val_acc {result.meta['val_acc']:.4f}; {path.with_suffix('.yaml').name} beside it)"
-    )
+    say(f"teacher saved to {path} (val_acc {result.meta['val_acc']:.4f}; {path.with_suffix('.yaml').name} beside it)")
+
+
+def say(line: str) -> None:
+    """One line on stderr as it is: no markup, no highlighting, never wrapped."""
+    err_console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def trial(
