@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -97,6 +98,62 @@ def batched_rate(
             torch.cuda.synchronize(device)
         rate = n / (time.perf_counter() - t0)
     return rate
+
+
+def jpeg_folder(folder: Path, n: int) -> list[tuple[str, int]]:
+    """n generated 48 x 64 JPEGs (smooth gradients and noise, as photographs compress) in `folder`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:48, :64]
+    samples = []
+    for i in range(n):
+        base = (np.stack([yy * 5, xx * 4, (yy + xx) * 2], axis=-1) + rng.integers(0, 60, 3)) % 256
+        img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i}.jpg", quality=90)
+        samples.append((str(folder / f"{i}.jpg"), i % 10))
+    return samples
+
+
+def jpeg_rate(n: int, size: int, batch: int, device: torch.device, workers: int = 2) -> dict:
+    """An image folder of JPEGs through `Data.train_batches` on `device` (nvJPEG on CUDA, the
+    workers' CPU decoding otherwise): images/s of its second epoch, and the largest difference
+    of its views from those of the CPU path (nvJPEG's decoder is not libjpeg's)."""
+    import tempfile
+
+    from kdsearch.train.augment import ViewTransform
+    from kdsearch.train.folder_data import FolderSplit
+    from kdsearch.train.splits import Data
+
+    spec = DataSpec(name="imagefolder", img_size=size, augment=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = jpeg_folder(Path(tmp), n)
+        split = FolderSplit(samples, ViewTransform(size, CIFAR_MEAN, CIFAR_STD, augment=True))
+        data = Data(spec, split, split, 10, 3, "bench", random_augment=True).place(device)
+        for epoch in range(2):
+            t0, seen = time.perf_counter(), 0
+            for views, _, _ in data.train_batches(batch, epoch, 0, workers=workers):
+                seen += len(views)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rate = seen / (time.perf_counter() - t0)
+        idx, seeds = torch.arange(8), view_seeds(0, n)[:8]
+        cpu = FolderSplit(samples, split.transform).views(idx, seeds)
+        diff = (data.views(idx, seeds).cpu() - cpu).abs().max().item()
+    return {"images_per_second": rate, "max_abs_diff_from_cpu_decode": diff}
+
+
+def device_figures(device: torch.device, n: int, batch: int) -> dict:
+    """The data path's figures on `device` (benchmarks/gpu_check.py): batched views images/s at
+    32 px kept and 32 to 224 px, and an image folder of JPEGs decoded there."""
+    images, labels = cifar_like(max(n, 100))  # val carves 10% stratified: at least one image per class
+    return {
+        "views 32 px kept": batched_rate(images, labels, 32, batch, device),
+        "views 32 -> 224 px": batched_rate(images, labels, 224, batch, device),
+        "jpeg folder 48x64 -> 224 px": jpeg_rate(
+            max(4 * batch, 16), 224, batch, device, 2 if device.type == "cuda" else 1
+        ),
+    }
 
 
 def main() -> None:

@@ -3,7 +3,9 @@
 1. a DeiT-Tiny-sized student (224px, patch 16, width 192, depth 12) trained on synthetic data,
    fp32 against bf16 autocast against bf16 + torch.compile: images/s, MFU, peak memory;
 2. the replay cache's teacher pass for a timm ViT-B/16 teacher on synthetic data: views/s;
-3. four small trials packed on one GPU against one alone: total images/s.
+3. four small trials packed on one GPU against one alone: total images/s;
+4. the training data path there (benchmarks/data_path.py): in-memory CIFAR-shaped views made
+   batched on the device (32 px kept, 32 to 224 px), and JPEGs decoded by nvJPEG: images/s.
 
 On a CPU it runs the same code for a few steps (how the test suite checks it); MFU and
 memory are then not measured. Every figure printed is measured here.
@@ -138,18 +140,27 @@ def main() -> None:
     small_steps = max(2, args.steps)
     out["1 small trial images per second"] = packing(1, small_steps, args.batch, device)
     out["4 small trials packed, total images per second"] = packing(4, small_steps, args.batch, device)
+    from data_path import device_figures  # benchmarks/data_path.py, beside this script
+
+    out["data path"] = device_figures(device, args.steps * args.batch, args.batch)
     if args.json:
         print(json.dumps(out))
         return
     print(f"device: {out['device']}, torch {out['torch']}, {args.image_size}px, batch {args.batch}, {args.steps} steps")
     for key, value in out.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and key != "data path":
             print(
                 f"{key:28s} {value['images_per_second']:10.1f} images/s  MFU {value['mfu']:.1%}  "
                 f"peak {value['peak_memory_gib']:.2f} GiB  ({value['gflops_per_image']:.2f} GFLOPs/image)"
             )
         elif isinstance(value, float):
             print(f"{key:48s} {value:10.1f}")
+    for key, value in out["data path"].items():  # the training data path on the device (benchmarks/data_path.py)
+        if isinstance(value, dict):
+            print(f"data: {key:42s} {value['images_per_second']:10.1f} images/s  "
+                  f"max |view - CPU decode's| {value['max_abs_diff_from_cpu_decode']:.3f}")  # fmt: skip
+        else:
+            print(f"data: {key:42s} {value:10.1f} images/s")
 
 
 if __name__ == "__main__":
