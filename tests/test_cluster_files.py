@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -462,45 +463,108 @@ def ray_resources(group: dict) -> tuple[float, float]:
     return cpus, gpus
 
 
-def mounted_volume(group: dict, path: str) -> dict | None:
-    """The pod volume whose mount in the Ray container holds `path` (the deepest such mount), None when none does."""
-    pod = group["template"]["spec"]
+def mount_of(group: dict, path: str) -> dict | None:
+    """The Ray container's volume mount that holds `path` (the deepest such mount), None when none does."""
     target = PurePosixPath(path)
-    mounts = [
+    holding = [
         m
         for m in containers(group)[0].get("volumeMounts", [])
         if target == PurePosixPath(m["mountPath"]) or PurePosixPath(m["mountPath"]) in target.parents
     ]
-    if not mounts:
+    return max(holding, key=lambda m: len(PurePosixPath(m["mountPath"]).parts), default=None)
+
+
+def mounted_volume(group: dict, path: str) -> dict | None:
+    """The pod volume whose mount in the Ray container holds `path` (the deepest such mount), None when none does."""
+    mount = mount_of(group, path)
+    if mount is None:
         return None
-    mount = max(mounts, key=lambda m: len(PurePosixPath(m["mountPath"]).parts))
-    (volume,) = [v for v in pod.get("volumes", []) if v["name"] == mount["name"]]
+    (volume,) = [v for v in group["template"]["spec"].get("volumes", []) if v["name"] == mount["name"]]
     return volume
+
+
+def space_path_in_image(name: str) -> PurePosixPath:
+    """The space file a manifest runs, by its path in the image: absolute, so that its relative paths resolve
+    against the image's search_spaces/ (a `--working-dir` upload would read them from Ray's copy of the folder)."""
+    if Path(name).name == "rayjob.yaml":
+        words = load(name)["spec"]["entrypoint"].split()
+        path = words[words.index("search") + 1]
+    else:
+        path = re.search(r"kdsearch search (\S+\.yaml)", (CLUSTER / name).read_text())[1]
+    assert PurePosixPath(path).is_absolute(), f"{name}: the space {path} is not named by its path in the image"
+    return PurePosixPath(path)
+
+
+def in_image(space_file: PurePosixPath, path: str) -> str:
+    """A path of the space as kdsearch reads it in the image: a relative one resolved against the space's folder."""
+    return posixpath.normpath(posixpath.join(space_file.parent, path))
+
+
+def ray_env(group: dict) -> dict[str, str]:
+    """The literal environment variables of a group's Ray container."""
+    return {e["name"]: e["value"] for e in containers(group)[0].get("env", []) if "value" in e}
+
+
+def mount_paths(group: dict) -> set[str]:
+    """Where the Ray container mounts volumes."""
+    return {m["mountPath"] for m in containers(group)[0].get("volumeMounts", [])}
+
+
+def writable(group: dict, path: str) -> bool:
+    """Whether the Ray container may write `path`: its mount and the volume's claim are not read-only."""
+    mount, volume = mount_of(group, path), mounted_volume(group, path)
+    return not mount.get("readOnly") and not (volume.get("persistentVolumeClaim") or {}).get("readOnly")
+
+
+def data_folder(space: dict, space_file: PurePosixPath, group_name: str, group: dict) -> str:
+    """Where a group's pods read the space's data: its data.root, else the datasets' cache, which each pod sets to
+    one volume with KDSEARCH_DATA (kdsearch.train.fetch.default_data_root); the image's own ~/.cache would fetch
+    once per pod, and a node that cannot reach the archive's URL would fail every trial."""
+    if space["data"].get("root"):
+        return in_image(space_file, space["data"]["root"])
+    from kdsearch.train.fetch import DATA_ENV
+
+    folder = ray_env(group).get(DATA_ENV)
+    assert folder and PurePosixPath(folder).is_absolute(), f"{group_name}: no data.root in the space and no {DATA_ENV}"
+    return folder
 
 
 @pytest.mark.parametrize("name", KUBERAY)
 def test_kuberay_groups_that_run_trials_mount_the_data_and_hold_whole_trials(name):
     """The space the manifest runs (from search_spaces/): every group whose pods Ray can give a trial (the space's
-    resources) mounts the volume holding data.root, which every trial reads (kdsearch checks it on the trial's
-    node); the head mounts it and the teacher's checkpoint for the driver. A GPU group asks for nvidia.com/gpu in a
-    multiple of the trial's GPUs, with the CPUs for that many trials, and no worker group is one no trial fits."""
+    resources) mounts, where it reads the space's data (data.root, else the datasets' cache KDSEARCH_DATA names),
+    one shared volume, which every trial reads; the head reads it too (the driver loads the data first, and fetches
+    a public dataset there on first use: writable then). The head mounts the teacher's checkpoint, resolved against
+    the space file in the image, writable (`kdsearch teacher finetune` saves it there). Nothing else is mounted: no
+    stale path of an older space. A GPU group asks for nvidia.com/gpu in a multiple of the trial's GPUs, with the
+    CPUs for that many trials, and no worker group is one no trial fits."""
     space = yaml.safe_load(manifest_space(name).read_text())
-    root, checkpoint = space["data"]["root"], space["teacher"]["checkpoint"]
-    assert PurePosixPath(root).is_absolute() and PurePosixPath(checkpoint).is_absolute()
+    space_file = space_path_in_image(name)
+    checkpoint = in_image(space_file, space["teacher"]["checkpoint"])
     trial_cpus, trial_gpus = float(space["resources"]["cpus"]), float(space["resources"].get("gpus", 0))
     spec = cluster_spec(name)
     head = spec["headGroupSpec"]
-    data = mounted_volume(head, root)
-    assert data is not None and mounted_volume(head, checkpoint) is not None, "the driver reads both on the head"
+    head_data = data_folder(space, space_file, "head", head)
+    data = mounted_volume(head, head_data)
+    assert data is not None and data.get("persistentVolumeClaim"), f"{name}: the driver reads {head_data} on the head"
+    assert mounted_volume(head, checkpoint) is not None, f"{name}: the driver reads {checkpoint} on the head"
+    assert writable(head, checkpoint), "`kdsearch teacher finetune` saves the teacher there"
+    if not space["data"].get("root"):
+        assert writable(head, head_data), "the driver fetches the dataset into its cache on first use"
     groups = {"head": head, **{g["groupName"]: g for g in spec["workerGroupSpecs"]}}
     runs_trials = set()
     for group_name, group in groups.items():
+        read = ["/dev/shm", head_data, *([checkpoint] if group is head else [])]
+        used = {m["mountPath"] for path in read if (m := mount_of(group, path))}
+        assert mount_paths(group) <= used, f"{name}: {group_name} mounts {mount_paths(group) - used}, never read"
         cpus, gpus = ray_resources(group)
         if cpus < trial_cpus or gpus < trial_gpus:
             continue
         runs_trials.add(group_name)
-        volume = mounted_volume(group, root)
-        assert volume is not None, f"{name}: {group_name} runs trials but mounts nothing at {root}"
+        folder = data_folder(space, space_file, group_name, group)
+        assert folder == head_data, f"{group_name} reads the data at {folder}, the driver at {head_data}"
+        volume = mounted_volume(group, folder)
+        assert volume is not None, f"{name}: {group_name} runs trials but mounts nothing at {folder}"
         assert volume.get("persistentVolumeClaim") == data.get("persistentVolumeClaim"), (group_name, volume)
         if trial_gpus:
             per_pod = gpus / trial_gpus
