@@ -91,14 +91,22 @@ def test_address_of_a_cluster_without_gpus_is_one_line(
 @pytest.fixture(scope="module")
 def ray_with_a_gpu():
     """A Ray on this machine that declares one GPU (as `ray start --num-gpus 1` does), for the
-    fine-tuning task and the search after it; torch sees no CUDA here, so the task runs on the CPU."""
+    fine-tuning task and the search after it; torch sees no CUDA here, so the task runs on the CPU.
+    Its listeners stay on loopback as the embedded Ray's do (kdsearch.search.ray_session.init_ray)."""
     import ray
+    from ray._private import ray_constants
 
-    ray.init(
-        "local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
-    )
+    cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
     try:
-        yield ray.get_runtime_context().gcs_address
+        ray.init(
+            "local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
+    try:
+        address = ray.get_runtime_context().gcs_address
+        assert address.startswith("127.0.0.1:"), address
+        yield address
     finally:
         ray.shutdown()
 
