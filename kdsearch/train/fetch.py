@@ -243,7 +243,13 @@ def _extract(name: str, archive: Archive, path: Path, root: Path) -> None:
             raise KdsearchError(
                 f"{name}: {archive.url}'s archive holds no {archive.folder}/; nothing half-written was kept in {root}"
             )
-        os.rename(staging / archive.folder, root / archive.folder)
+        try:
+            os.rename(staging / archive.folder, root / archive.folder)
+        except OSError:
+            # NOTE: a folder in place is a complete one (renamed whole), so another node that
+            # fetched into a shared folder whose file locks do not reach across nodes has won
+            if not (root / archive.folder).is_dir():
+                raise
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(staging)
