@@ -252,3 +252,16 @@ def test_the_commands_defaults_are_the_recipes() -> None:
 
     options = {name: p.default.default for name, p in inspect.signature(teacher_finetune).parameters.items()}
     assert {f.name: options[f.name] for f in dataclasses.fields(FinetuneRecipe)} == dataclasses.asdict(FinetuneRecipe())
+
+
+def test_a_pretrained_file_that_is_missing_or_of_another_model_is_one_line(tmp_path: Path) -> None:
+    other = tmp_path / "resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(other))
+    for pretrained, match in (
+        (tmp_path / "none.safetensors", "does not exist$"),
+        (other, "lacks .* of test_vit.s weights .*another model.s"),
+    ):
+        space = load_space(write(tmp_path, tmp_path / "out.safetensors", pretrained))
+        with pytest.raises(KdsearchError, match=match) as e:
+            initial_model(space.teacher, space.data, "pretrained")
+        assert "\n" not in str(e.value)

@@ -8,8 +8,11 @@ CNN is in kdsearch.models.digits_cnn, the once-per-search logit cache in kdsearc
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,21 +219,68 @@ def pretrained_model(tspec: TeacherSpec, kwargs: dict[str, Any], overlay: dict[s
     if "file" in overlay and not Path(overlay["file"]).is_file():
         raise KdsearchError(f"teacher.pretrained_file: {overlay['file']} does not exist")
     try:
-        return timm.create_model(tspec.model, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
+        with _missing_keys() as missing:
+            model = timm.create_model(tspec.model, pretrained=True, pretrained_cfg_overlay=overlay or None, **kwargs)
     except Exception as e:  # hub errors come in many types; all mean the same to the user
-        where = f"from {overlay['file']}" if "file" in overlay else "from the hub"
+        error = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        if "state_dict" in overlay:
+            raise KdsearchError(f"teacher.checkpoint: its weights do not load into {tspec.model} ({error})") from None
+        if "file" in overlay:
+            raise KdsearchError(
+                f"teacher.pretrained_file: {overlay['file']} does not load into {tspec.model} ({error})"
+            ) from None
         raise KdsearchError(
-            f"teacher.pretrained: could not load weights for {tspec.model} {where} ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+            f"teacher.pretrained: could not fetch weights for {tspec.model} from the hub ({error}); "
             "without internet give teacher.pretrained_file: a local copy of them"
         ) from None
+    classifier = {f"{name}.{p}" for name, _ in [_classifier(model)] if name for p in ("weight", "bias")}
+    lost = [k for k in missing if k not in classifier]
+    if lost:  # timm loads non-strictly once it drops a head: weights of another model would load as nothing
+        what = "the checkpoint" if "state_dict" in overlay else overlay.get("file", "the hub's weights")
+        raise KdsearchError(
+            f"teacher.pretrained: {what} lacks {len(lost)} of {tspec.model}'s weights ({', '.join(lost[:3])}, ...): "
+            "they are another model's"
+        )
+    return model
+
+
+@contextlib.contextmanager
+def _missing_keys() -> Iterator[list[str]]:
+    """The weights timm's pretrained loading left at their initialization, read from its log
+    record ("Missing keys (a, b) discovered while loading pretrained weights"), which is kept
+    from the user's console while the block runs."""
+    logger, found = logging.getLogger("timm.models._builder"), []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            match = re.match(r"Missing keys \((.*)\) discovered", record.getMessage())
+            found.extend(match.group(1).split(", ") if match else [])
+
+    handler, level, propagate = Collect(logging.INFO), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _classifier(model: nn.Module) -> tuple[str | None, nn.Module | None]:
+    """The name and module of a timm model's classifier (get_classifier), when it is one Linear."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Linear):
+        return None, None
+    return next((n for n, m in model.named_modules() if m is head), None), head
 
 
 def checkpoint_classes(model: nn.Module, state: dict[str, Tensor]) -> int | None:
     """The classes of a state dict's classifier, found by the model's (timm's get_classifier);
     None when the model or the state has none."""
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    name = next((n for n, m in model.named_modules() if m is head), None) if isinstance(head, nn.Linear) else None
+    name, _ = _classifier(model)
     weight = state.get(f"{name}.weight") if name is not None else None
     return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else None
 
