@@ -143,6 +143,32 @@ def jpeg_rate(n: int, size: int, batch: int, device: torch.device, workers: int 
     return {"images_per_second": rate, "max_abs_diff_from_cpu_decode": diff}
 
 
+def epoch_wait_share(images: np.ndarray, labels: np.ndarray, size: int, batch: int, device: torch.device) -> float:
+    """The share of a small student's training epoch that waited for its batches, as the epoch
+    rows record it (`train_epoch`'s data_wait: CUDA events on a GPU), after a warm-up epoch."""
+    from kdsearch.models.student import build_student
+    from kdsearch.space.specs import RecipeSpec, StudentSpec, TeacherSource, TrainSpec
+    from kdsearch.train.distill import DistillLoss
+    from kdsearch.train.loop import DistillStep, TeacherSignal, make_optimizer, train_epoch
+
+    spec = DataSpec(name="cifar10", img_size=size, augment=True, val_fraction=0.1)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    data = in_memory_data(spec, x, torch.from_numpy(labels), num_classes=10, fingerprint="bench", mean=CIFAR_MEAN,
+                          std=CIFAR_STD).place(device)  # fmt: skip
+    student = StudentSpec(img_size=size, in_chans=3, num_classes=10, patch_size=16, embed_dim=192, depth=2, num_heads=3)
+    step = DistillStep(build_student(student), DistillLoss(RecipeSpec(alpha=0.0))).to(device)
+    train = TrainSpec(batch_size=batch, epochs=2)
+    optimizer, schedule = make_optimizer([step], train, max(1, data.num_train // batch))
+    share = 0.0
+    for epoch in range(2):
+        t0 = time.perf_counter()
+        out = train_epoch(step, TeacherSignal(TeacherSource.NONE), data, optimizer, schedule, train, epoch, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        share = out["data_wait"] / (time.perf_counter() - t0)
+    return share
+
+
 def device_figures(device: torch.device, n: int, batch: int) -> dict:
     """The data path's figures on `device` (benchmarks/gpu_check.py): batched views images/s at
     32 px kept and 32 to 224 px, and an image folder of JPEGs decoded there."""
@@ -150,6 +176,7 @@ def device_figures(device: torch.device, n: int, batch: int) -> dict:
     return {
         "views 32 px kept": batched_rate(images, labels, 32, batch, device),
         "views 32 -> 224 px": batched_rate(images, labels, 224, batch, device),
+        "data_wait_share of a 2-block student at 224 px": epoch_wait_share(images, labels, 224, batch, device),
         "jpeg folder 48x64 -> 224 px": jpeg_rate(
             max(4 * batch, 16), 224, batch, device, 2 if device.type == "cuda" else 1
         ),
