@@ -88,6 +88,19 @@ def test_address_of_a_cluster_without_gpus_is_one_line(
     assert not (tmp_path / "teacher.safetensors").exists()
 
 
+def test_finetune_runs_here_without_ray(pretrained_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The default: this process, on its CPU (said once), one epoch; the test split never read."""
+    from kdsearch.train.data import count_test_images_read
+
+    space = write(tmp_path, tmp_path / "here.safetensors", pretrained_file)
+    read_before = count_test_images_read()
+    assert run_cli(["teacher", "finetune", str(space), "--epochs", "1", "--batch-size", "64", "--lr", "2e-3"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("in fp32") == 1 and "Ray task" not in err and "epoch 1/1: train loss" in err, err
+    meta = yaml.safe_load((tmp_path / "here.yaml").read_text())
+    assert meta["val_acc"] >= 0.4 and meta["device"] == "cpu" and count_test_images_read() == read_before
+
+
 @pytest.fixture(scope="module")
 def ray_with_a_gpu():
     """A Ray on this machine that declares one GPU (as `ray start --num-gpus 1` does), for the
@@ -174,19 +187,6 @@ def test_an_existing_teacher_is_kept_unless_forced(finetuned: tuple[Path, str], 
     before = path.read_bytes()
     assert run_cli(["teacher", "finetune", str(space_file)]) == 0
     assert "exists (val_acc" in capsys.readouterr().err and path.read_bytes() == before
-
-
-def test_finetune_runs_here_without_ray(pretrained_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """The default: this process, on its CPU (said once), one epoch; the test split never read."""
-    from kdsearch.train.data import count_test_images_read
-
-    space = write(tmp_path, tmp_path / "here.safetensors", pretrained_file)
-    read_before = count_test_images_read()
-    assert run_cli(["teacher", "finetune", str(space), "--epochs", "1", "--batch-size", "64", "--lr", "2e-3"]) == 0
-    err = capsys.readouterr().err
-    assert err.count("in fp32") == 1 and "Ray task" not in err and "epoch 1/1: train loss" in err, err
-    meta = yaml.safe_load((tmp_path / "here.yaml").read_text())
-    assert meta["val_acc"] >= 0.4 and meta["device"] == "cpu" and count_test_images_read() == read_before
 
 
 def test_a_teacher_with_other_classes_is_one_line_naming_the_command(tmp_path: Path) -> None:
