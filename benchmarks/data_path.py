@@ -169,6 +169,18 @@ def epoch_wait_share(images: np.ndarray, labels: np.ndarray, size: int, batch: i
     return share
 
 
+def replays_on(images: np.ndarray, labels: np.ndarray, size: int, device: torch.device) -> bool:
+    """Whether a training batch made on `device` equals, bit for bit, the views `Data.views`
+    makes there for the replay cache (other batch sizes, other orders)."""
+    spec = DataSpec(name="cifar10", img_size=size, augment=True, val_fraction=0.1)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    data = in_memory_data(spec, x, torch.from_numpy(labels), num_classes=10, fingerprint="bench", mean=CIFAR_MEAN,
+                          std=CIFAR_STD).place(device)  # fmt: skip
+    seeds = view_seeds(0, data.num_train)
+    views, _, idx = next(data.train_batches(64, 0, 5))
+    return bool(torch.equal(views, data.views(idx, seeds[idx.numpy()])))
+
+
 def device_figures(device: torch.device, n: int, batch: int) -> dict:
     """The data path's figures on `device` (benchmarks/gpu_check.py): batched views images/s at
     32 px kept and 32 to 224 px, and an image folder of JPEGs decoded there."""
@@ -176,6 +188,7 @@ def device_figures(device: torch.device, n: int, batch: int) -> dict:
     return {
         "views 32 px kept": batched_rate(images, labels, 32, batch, device),
         "views 32 -> 224 px": batched_rate(images, labels, 224, batch, device),
+        "replayed bit for bit, 32 px and 224 px": all(replays_on(images, labels, s, device) for s in (32, 224)),
         "data_wait_share of a 2-block student at 224 px": epoch_wait_share(images, labels, 224, batch, device),
         "jpeg folder 48x64 -> 224 px": jpeg_rate(
             max(4 * batch, 16), 224, batch, device, 2 if device.type == "cuda" else 1

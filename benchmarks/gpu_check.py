@@ -159,6 +159,8 @@ def main() -> None:
         if isinstance(value, dict):
             print(f"data: {key:42s} {value['images_per_second']:10.1f} images/s  "
                   f"max |view - CPU decode's| {value['max_abs_diff_from_cpu_decode']:.3f}")  # fmt: skip
+        elif isinstance(value, bool):
+            print(f"data: {key:42s} {value}")
         elif "share" in key:
             print(f"data: {key:42s} {value:10.1%}")
         else:

@@ -117,7 +117,7 @@ class Data:
         """The augmented training views of images `indices` with their `seeds` (replay): the
         very bits `train_batches` gives them, on `self.device`."""
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return self.train.views(idx, np.asarray(seeds, dtype=np.uint32))  # type: ignore[attr-defined]
+        return self.train.views(idx, np.asarray(seeds, dtype=np.uint32), self.device)  # type: ignore[attr-defined]
 
     def val_batches(self, batch_size: int, workers: int = 0) -> Iterator[Batch]:
         yield from batches(self.val, torch.arange(len(self.val)), batch_size, workers, device=self.device)  # type: ignore[arg-type]
