@@ -82,7 +82,10 @@ def main() -> None:
             space.search.trials * epochs * (3 * n_train + n_val) * mean_s,
             s_rate,
         ),
-        f"confirm, {args.confirm_runs} runs": (args.confirm_runs * epochs * (3 * n_train + n_val + TEST_IMAGES[d.name]) * mean_s, s_rate),
+        f"confirm, {args.confirm_runs} runs": (
+            args.confirm_runs * epochs * (3 * n_train + n_val + TEST_IMAGES[d.name]) * mean_s,
+            s_rate,
+        ),
     }
     print(
         f"{space.name}: {d.name} at {d.img_size} px, {n_train:,} train / {n_val:,} val images, {epochs} epochs; "
