@@ -229,7 +229,7 @@ def _parse_data(source: str, d: dict[str, Any], base_dir: Path) -> DataSpec:
         raise SpaceError(
             source,
             "data.root",
-            f"is required for {d['name']}: the local folder holding {info.root_holds} (nothing is downloaded)",
+            f"is required for {d['name']}: the local folder holding {info.root_holds} (only datasets with a public archive are fetched)",
         )
     if not info.needs_root and info.archive is None and d["root"]:  # an archive's root is where it is fetched to
         raise SpaceError(source, "data.root", f"{d['name']} {info.root_holds} and takes no root; remove the key")

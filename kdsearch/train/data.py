@@ -1,7 +1,8 @@
 """Datasets: scikit-learn's digits (bundled), CIFAR-10/100 and image folders from a local root,
 and any in-memory set (`in_memory_data`, `in_memory_test`: kdsearch.train.memory_data).
 
-CIFAR is fetched on first use (kdsearch.train.fetch); nothing else is downloaded. `Data` (kdsearch.train.splits) is a train and a val split whose
+CIFAR is fetched on first use (kdsearch.train.fetch); nothing else is downloaded. `Data`
+(kdsearch.train.splits) is a train and a val split whose
 batches carry the indices of their images, so a trial can look up the teacher's cached logits
 for exactly those images.
 
@@ -93,7 +94,7 @@ def _require_root(spec: DataSpec) -> Path:
     root = Path(spec.root or "")
     if not spec.root or not root.is_dir():
         raise KdsearchError(
-            f"data.root: {spec.root} is not a folder; {DATASETS[spec.name].root_holds} must be there (kdsearch never downloads)"
+            f"data.root: {spec.root} is not a folder; {DATASETS[spec.name].root_holds} must be there (only CIFAR is fetched on first use)"
         )
     return root
 
