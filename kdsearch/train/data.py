@@ -1,10 +1,10 @@
 """Datasets: scikit-learn's digits (bundled), CIFAR-10/100 and image folders from a local root,
 and any in-memory set (`in_memory_data`, `in_memory_test`: kdsearch.train.memory_data).
 
-CIFAR is fetched on first use (kdsearch.train.fetch); nothing else is downloaded. `Data`
-(kdsearch.train.splits) is a train and a val split whose
-batches carry the indices of their images, so a trial can look up the teacher's cached logits
-for exactly those images.
+CIFAR is fetched on first use (kdsearch.train.fetch), a Hugging Face hub id by `datasets`
+(kdsearch.train.hf_data); image folders are read where they are. `Data` (kdsearch.train.splits)
+is a train and a val split whose batches carry the indices of their images, so a trial can look
+up the teacher's cached logits for exactly those images.
 
 Three splits. `load_data` gives train and val, both carved from the dataset's training data
 (stratified, seed `SPLIT_SEED`, independent of any trial's seed: every trial of a search is
