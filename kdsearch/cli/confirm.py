@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 from rich.table import Table
 
-from kdsearch.cli.console import Format, err_console, wide_console, write_csv
+from kdsearch.cli.console import Format, err_console, print_json, wide_console, write_csv
 
 
 def confirm(
@@ -34,7 +32,7 @@ def confirm(
     run_confirm(run, seeds=seeds, top=top, trial_ids=trial_ids or (), address=address, say=err_console.print)
     summary = confirm_summary(load_run(run))
     if fmt is Format.json:
-        typer.echo(json.dumps(summary, default=str))
+        print_json(summary)
         return
     tables = display_tables(summary)
     if fmt is Format.csv:

@@ -3,13 +3,12 @@ card from a run's trial) and `kdsearch eval` (its accuracy measured again, val a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
-from kdsearch.cli.console import wide_console
+from kdsearch.cli.console import print_json, wide_console
 from kdsearch.errors import KdsearchError
 
 if TYPE_CHECKING:
@@ -104,7 +103,7 @@ def eval_(
         "test_images": len(test),
     }
     if as_json:
-        typer.echo(json.dumps(result))
+        print_json(result)
     else:
         wide_console().print(
             f"val_acc {acc:.4f} on {len(loaded.val):,} {dspec.name} val images (selected on; recorded at export: {recorded:.4f})\n"

@@ -3,12 +3,11 @@ front, its hypervolume, pictures) and `kdsearch report` (one HTML page and its M
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-from kdsearch.cli.console import Format, wide_console, write_csv
+from kdsearch.cli.console import Format, print_json, wide_console, write_csv
 from kdsearch.errors import KdsearchError
 
 
@@ -32,7 +31,7 @@ def status(
     reference, why = run_reference(paths, meta, objectives)
     args = (trials, epochs, objectives, meta["trials"], meta["started"])
     if as_json:
-        typer.echo(json.dumps(status_dict(*args, reference=reference, why_no_reference=why), default=str))
+        print_json(status_dict(*args, reference=reference, why_no_reference=why))
         return
     wide_console().print(render_status(*args, reference=reference, why_no_reference=why))
 
@@ -70,7 +69,7 @@ def pareto(
             "hypervolume": hv.as_json(),
             "front": rows,
         }
-        typer.echo(json.dumps(out, default=str))
+        print_json(out)
     elif fmt is Format.csv:
         write_csv(rows, list(rows[0]))
     else:

@@ -3,13 +3,12 @@ machine, under PyTorch or onnxruntime, written to the run's measured.parquet."""
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 
 import typer
 from rich.table import Table
 
-from kdsearch.cli.console import Format, err_console, wide_console, write_csv
+from kdsearch.cli.console import Format, err_console, print_json, wide_console, write_csv
 
 
 class Device(str, Enum):
@@ -51,7 +50,7 @@ def measure(
     rows = measure_run(r, device.value, trial_ids, runtime.value, say=err_console.print)
     if fmt is Format.json:
         units = {f: objective_table.get(f).unit for f in FIGURES}
-        typer.echo(json.dumps({"run": r.paths.uri, "units": units, "measured": rows}, default=str))
+        print_json({"run": r.paths.uri, "units": units, "measured": rows})
     elif fmt is Format.csv:
         write_csv(rows, list(rows[0]))
     else:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from kdsearch.cli.console import wide_console
+from kdsearch.cli.console import print_json, wide_console
 
 
 def space_show(
@@ -24,7 +23,7 @@ def space_show(
 
     summary = summarize(load_space(space_file), samples=samples)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        print_json(summary, indent=2)
         return
     _print_summary(summary)
 

@@ -4,7 +4,6 @@ on a cluster GPU) and `kdsearch trial` (one student, each dimension at its defau
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.table import Table
 
-from kdsearch.cli.console import err_console, wide_console
+from kdsearch.cli.console import err_console, print_json, wide_console
 from kdsearch.errors import KdsearchError
 
 if TYPE_CHECKING:
@@ -134,7 +133,7 @@ def trial(
     setup = TrialSetup(workdir=workdir, data=data, teacher=teacher, cache_dir=run_dir / "cache", loader_workers=workers)
     result = _train_with_progress(spec, setup, transient=as_json)
     if as_json:
-        typer.echo(json.dumps(result))
+        print_json(result)
         return
     table = Table("metric", "value")
     for key, value in result.items():
