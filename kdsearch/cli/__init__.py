@@ -10,6 +10,7 @@ lists them, and turns errors into lines; each command lives in the module named 
     train.py       teacher train, teacher finetune (here, or one Ray task on a cluster GPU), trial
     search.py      search
     inspection.py  status, pareto, report (reading a run)
+    compare.py     compare (runs side by side)
     export.py      export, eval (an exported student)
     confirm.py     confirm
     measure.py     measure
@@ -24,7 +25,7 @@ import sys
 
 import typer
 
-from kdsearch.cli import confirm, export, inspection, measure, search, space, train
+from kdsearch.cli import compare, confirm, export, inspection, measure, search, space, train
 from kdsearch.errors import KdsearchError
 
 # rich_markup_mode=None: help texts are plain, so "[default: ...]" in them is shown, not taken for markup
@@ -66,6 +67,7 @@ app.command("search")(search.search)
 app.command("status")(inspection.status)
 app.command("pareto")(inspection.pareto)
 app.command("report")(inspection.report)
+app.command("compare")(compare.compare)
 app.command("export")(export.export)
 app.command("confirm")(confirm.confirm)
 app.command("measure")(measure.measure)
