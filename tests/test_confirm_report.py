@@ -225,7 +225,9 @@ def test_encoding_table(members) -> None:
     ]
     best = at[3e5][0]
     assert best["diff"] is None and best["test_acc_mean"] == pytest.approx(0.92)
-    assert best["test_acc_high"] - 0.92 == pytest.approx(T_2DOF * 0.04 / math.sqrt(3), rel=2e-4)
+    # 0.92 + 4.303 * 0.04 / sqrt(3) = 1.0194 is past 1: clipped there; the low bound is the t bound
+    assert best["test_acc_high"] == 1.0
+    assert 0.92 - best["test_acc_low"] == pytest.approx(T_2DOF * 0.04 / math.sqrt(3), rel=2e-4)
     # at <= 2e5 learned's a (0.81) trails rope's b (0.91) by 0.10, its whole interval below 0
     learned = at[2e5][1]
     assert (learned["trial_id"], learned["vs"], learned["within_noise"]) == ("a", "rope", False)
@@ -287,7 +289,7 @@ def test_the_report_shows_the_confirmed_section(tmp_path) -> None:
     out = tmp_path / "report"
     assert run_cli(["report", paths.uri, "--out", str(out)]) == 0
     page, md = (out / "report.html").read_text(), (out / "report.md").read_text()
-    interval_c = "0.9200 [0.8206, 1.0194]"  # 0.92 +- 4.303 * 0.04 / sqrt(3)
+    interval_c = "0.9200 [0.8206, 1.0000] clipped"  # 0.92 +- 4.303 * 0.04 / sqrt(3) = [0.8206, 1.0194], clipped
     for text in (html.unescape(page), md):
         assert "Confirmed with 3 seeds" in text
         assert interval_c in text and "0.8000 ± 0.0100" in text  # c's test interval, a's val mean ± std
@@ -300,9 +302,10 @@ def test_the_report_shows_the_confirmed_section(tmp_path) -> None:
     assert Image.open(out / "confirm_front.png").size == (800, 560)
     chart = confirmed_front_chart(summarize(confirm_rows(), trial_rows(), OBJECTIVES))
     learned = next(s for s in chart.series if s.name == "learned")
-    assert learned.y == pytest.approx([0.81, 0.92]) and learned.y_error == pytest.approx(
+    assert learned.y == pytest.approx([0.81, 0.92]) and learned.y_error_minus == pytest.approx(
         [T_2DOF * 0.01 / math.sqrt(3), T_2DOF * 0.04 / math.sqrt(3)], rel=2e-4
     )
+    assert learned.y_error == pytest.approx([T_2DOF * 0.01 / math.sqrt(3), 0.08], rel=2e-4)  # c's bar ends at 1
     assert next(s for s in chart.series if s.name == "none").y_error == [None]
     assert [s.name for s in chart.series][-1] == "confirmed front"
 

@@ -236,3 +236,13 @@ def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> N
     )
     _, errors = render(broken)
     assert errors
+
+
+def test_a_finished_search_records_its_end_and_status_shows_its_duration(
+    run_dir: Path, trials: pd.DataFrame, capsys: pytest.CaptureFixture[str]
+) -> None:
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["started"] < trials["finished_at"].max() <= meta["ended"] <= meta["started"] + 3600
+    assert run_cli(["status", str(run_dir), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["elapsed_seconds"] == pytest.approx(meta["ended"] - meta["started"]) and status["ended_at"]

@@ -41,7 +41,8 @@ def confirm(
         return
     console = wide_console()
     titles = {
-        "members": f"Confirmed with {summary['seeds']} seeds: test accuracy on the held-out split",
+        "members": f"Confirmed with {summary['seeds']} seeds: test accuracy on the held-out split "
+        f"({summary['interval']})",
         "noise": f"Neighbours on the confirmed front ({summary['noise_rule']})",
         "encodings": "Each positional encoding's best member at or under each cost",
     }

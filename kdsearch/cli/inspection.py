@@ -30,10 +30,11 @@ def status(
     objectives = [tuple(o) for o in meta["objectives"]]
     reference, why = run_reference(paths, meta, objectives)
     args = (trials, epochs, objectives, meta["trials"], meta["started"])
+    ended = meta.get("ended")  # written when the search's experiment returns; absent while it runs
     if as_json:
-        print_json(status_dict(*args, reference=reference, why_no_reference=why))
+        print_json(status_dict(*args, reference=reference, why_no_reference=why, ended=ended))
         return
-    wide_console().print(render_status(*args, reference=reference, why_no_reference=why))
+    wide_console().print(render_status(*args, reference=reference, why_no_reference=why, ended=ended))
 
 
 def pareto(

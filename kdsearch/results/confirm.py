@@ -10,6 +10,14 @@ seeds; failed retrainings are left out):
     mean = (x_1 + ... + x_n) / n
     s    = sqrt(sum_i (x_i - mean)^2 / (n - 1))                  sample std (ddof=1); none for n = 1
     95% interval of the mean = mean +- t(0.975; n - 1) * s / sqrt(n)    Student t; none for n = 1
+                               clipped to [0, 1]                        (`INTERVAL`)
+
+An accuracy lies in [0, 1], and the t interval of a few seeds near 1 reaches past it (two seeds
+0.93 and 0.99: 0.96 +- 12.7 * 0.03 = [0.58, 1.34]). Clipping it to [0, 1] drops only values no
+accuracy can take, so the clipped interval holds the true mean accuracy exactly as often as the t
+interval does (its coverage is unchanged), and it is the t interval wherever that lies inside
+[0, 1]. Every view says so: the tables' headings name the clipped t interval and a bound that
+clipping moved is marked "clipped" (`clipped`). Mean and std are the seeds' own, unclipped.
 
 Two members a and b (Welch's t-test: unequal variances, unequal n):
 
@@ -45,6 +53,9 @@ NOISE_RULE = (
     "Welch's t-test on the seeds' test accuracies, two-sided: within noise when p >= 0.05 "
     "(the same as the 95% interval of the difference of the means holding 0)"
 )
+INTERVAL = "95% Student t interval of the mean over the seeds, clipped to [0, 1] (accuracies lie there)"
+INTERVAL_HEADING = "mean [95% t interval, clipped to 0..1]"
+ACCURACY_RANGE = (0.0, 1.0)
 THRESHOLDS = "every distinct {cost} of a confirmed member: the best member of each encoding at or under it"
 
 
@@ -60,9 +71,10 @@ def t_quantile(dof: float, level: float = LEVEL) -> float:
     return float(t.ppf(0.5 + level / 2, dof))
 
 
-def mean_interval(values: Sequence[float]) -> dict[str, Any]:
+def mean_interval(values: Sequence[float], within: tuple[float, float] | None = None) -> dict[str, Any]:
     """n, mean, sample std (ddof=1) and the 95% Student t interval of the mean of `values`
-    (std and interval None for n = 1; everything but n None for n = 0)."""
+    (std and interval None for n = 1; everything but n None for n = 0), its bounds clipped to
+    `within` (low, high) when given: `ACCURACY_RANGE` for accuracies (see the module docstring)."""
     x = np.asarray([float(v) for v in values], dtype=float)
     n = len(x)
     if n == 0:
@@ -72,7 +84,17 @@ def mean_interval(values: Sequence[float]) -> dict[str, Any]:
         return {"n": 1, "mean": mean, "std": None, "low": None, "high": None}
     std = float(x.std(ddof=1))
     half = t_quantile(n - 1) * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half}
+    low, high = mean - half, mean + half
+    if within is not None:
+        low, high = max(low, within[0]), min(high, within[1])
+    return {"n": n, "mean": mean, "std": std, "low": low, "high": high}
+
+
+def clipped(low: float | None, high: float | None, within: tuple[float, float] = ACCURACY_RANGE) -> bool:
+    """Whether an interval `mean_interval` clipped to `within` had a bound moved by the clipping:
+    a bound on the edge of a wider-than-a-point interval (seeds that all agree give low == high
+    with no clipping; a t bound landing exactly on the edge is the only other way there)."""
+    return low is not None and high is not None and low < high and (low == within[0] or high == within[1])
 
 
 def welch(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +151,8 @@ def member_stats(
 
     trial_id, pos_embed, n (completed seeds), failed (failed seeds), seeds (the completed ones),
     val_acc_mean, val_acc_std, test_acc_mean, test_acc_std, test_acc_low, test_acc_high (the 95%
-    Student t interval of the mean test accuracy; None for n = 1: no interval from one seed),
+    Student t interval of the mean test accuracy clipped to [0, 1], `INTERVAL`; None for n = 1:
+    no interval from one seed),
     search_val_acc (the trial's val_acc in `trials`, the run's trials.parquet), each cost (the
     run's other objectives, averaged over the completed seeds where they vary; FLOPs, MACs and
     params exact) and the architecture (config keys without `student.`). The formulas are in
@@ -144,8 +167,8 @@ def member_stats(
     for tid, group in by_trial.items():
         done = [r for r in group if r.get("status") == Status.COMPLETED and r.get("test_acc") is not None]
         original = search.get(tid, {})
-        val = mean_interval([r["val_acc"] for r in done if r.get("val_acc") is not None])
-        test = mean_interval([r["test_acc"] for r in done])
+        val = mean_interval([r["val_acc"] for r in done if r.get("val_acc") is not None], ACCURACY_RANGE)
+        test = mean_interval([r["test_acc"] for r in done], ACCURACY_RANGE)
 
         def first(key: str, group=group, original=original) -> Any:
             found = next((r[key] for r in group if r.get(key) is not None), original.get(key))
@@ -289,6 +312,7 @@ def summarize(
         "objectives": [["test_acc_mean" if m == acc else m, d] for m, d in objectives],
         "cost": cost,
         "level": LEVEL,
+        "interval": INTERVAL,
         "noise_rule": NOISE_RULE,
         "thresholds": THRESHOLDS.format(cost=cost),
         "members": members,
@@ -314,7 +338,8 @@ def confirm_summary(run: Run) -> dict[str, Any]:
 
 def display_tables(summary: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
     """The summary's three tables as strings, for the report and the CLI's table: members
-    (mean +- std val, mean test with its 95% interval, n), the front's noise notes, encodings."""
+    (mean +- std val, mean test with its 95% interval (`INTERVAL`, a clipped bound marked), n),
+    the front's noise notes, encodings."""
     cost = summary["cost"]
     heading = objective_table.get(cost).heading
     members = [
@@ -324,7 +349,7 @@ def display_tables(summary: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
             heading: _cost_value(cost, m.get(cost)),
             "n": f"{m['n']}" + (f" ({m['failed']} failed)" if m["failed"] else ""),
             "val acc (mean ± std)": _mean_std(m["val_acc_mean"], m["val_acc_std"]),
-            "test acc (mean [95% interval])": _mean_interval(m),
+            f"test acc ({INTERVAL_HEADING})": _mean_interval(m),
             "search val acc": _acc(m["search_val_acc"]),
             "front": "yes" if m.get("on_front") else "",
         }
@@ -347,7 +372,7 @@ def display_tables(summary: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
             "trial_id": r["trial_id"],
             heading: _cost_value(cost, r[cost]),
             "n": str(r["n"]),
-            "test acc (mean [95% interval])": _mean_interval(
+            f"test acc ({INTERVAL_HEADING})": _mean_interval(
                 {
                     "test_acc_mean": r["test_acc_mean"],
                     "test_acc_low": r["test_acc_low"],
@@ -386,7 +411,8 @@ def _mean_interval(m: dict[str, Any]) -> str:
         return "no completed seed"
     if m["test_acc_low"] is None:
         return f"{m['test_acc_mean']:.4f} (n = 1: no interval)"
-    return f"{m['test_acc_mean']:.4f} [{m['test_acc_low']:.4f}, {m['test_acc_high']:.4f}]"
+    shown = f"{m['test_acc_mean']:.4f} [{m['test_acc_low']:.4f}, {m['test_acc_high']:.4f}]"
+    return shown + (" clipped" if clipped(m["test_acc_low"], m["test_acc_high"]) else "")
 
 
 def _diff(r: dict[str, Any]) -> str:

@@ -50,6 +50,7 @@ class Series:
     hover: list[str] | None = None
     legend: bool = True
     y_error: list[float | None] | None = None  # half-widths of symmetric error bars (None: no bar at that point)
+    y_error_minus: list[float | None] | None = None  # lower lengths where they differ from y_error's (None: as y_error)
 
 
 @dataclass
@@ -151,12 +152,13 @@ def hypervolume_chart(by_trial: Sequence[dict[str, Any]], over: str = "time", ob
 
 def confirmed_front_chart(summary: dict[str, Any]) -> Chart:
     """Confirmed members (kdsearch.results.confirm.summarize): mean test accuracy over the seeds
-    against the first cost, error bars the 95% interval of the mean (none for a member with
-    one seed), coloured by pos_embed, and the confirmed front as a step line."""
+    against the first cost, error bars the 95% interval of the mean (kdsearch.results.confirm.INTERVAL:
+    clipped to [0, 1], so a bar may be shorter above than below; none for a member with one seed),
+    coloured by pos_embed, and the confirmed front as a step line."""
     cost = summary["cost"]
     xs, xl = _axis(cost)
     chart = Chart(
-        f"confirmed with {summary['seeds']} seeds: mean test accuracy (95% interval) against {cost}",
+        f"confirmed with {summary['seeds']} seeds: mean test accuracy (95% t interval, clipped to [0, 1]) against {cost}",
         xl,
         "mean test accuracy over the seeds (fraction right)",
     )
@@ -187,6 +189,9 @@ def confirmed_front_chart(summary: dict[str, Any]) -> Chart:
                 color=COLORS.get(pe),
                 hover=[hover(m) for m in rows],
                 y_error=[None if m["test_acc_low"] is None else m["test_acc_high"] - m["test_acc_mean"] for m in rows],
+                y_error_minus=[
+                    None if m["test_acc_low"] is None else m["test_acc_mean"] - m["test_acc_low"] for m in rows
+                ],
             )
         )
     front = [m for m in summary["front"] if m.get(cost) is not None]
@@ -225,7 +230,8 @@ def save_png(chart: Chart, path: str | os.PathLike) -> Path:
             ax.scatter(s.x, s.y, marker=_MPL_MARKERS[s.marker], color=s.color, alpha=s.opacity, s=36, label=label)
             if s.y_error:
                 bars = [math.nan if e is None else e for e in s.y_error]
-                ax.errorbar(s.x, s.y, yerr=bars, fmt="none", ecolor=s.color, alpha=s.opacity, capsize=3, lw=1)
+                below = [math.nan if e is None else e for e in s.y_error_minus] if s.y_error_minus else bars
+                ax.errorbar(s.x, s.y, yerr=[below, bars], fmt="none", ecolor=s.color, alpha=s.opacity, capsize=3, lw=1)
         else:
             ax.step(s.x, s.y, where="post", marker=_MPL_MARKERS.get(s.marker), color=s.color, lw=1.2, label=label)
     ax.set_xlabel(chart.x_label)
@@ -254,6 +260,8 @@ def to_plotly(chart: Chart, height: int = 520) -> go.Figure:
             marker = {"symbol": s.marker, "size": 9, "opacity": s.opacity, "color": s.color}
             if s.y_error:
                 common["error_y"] = {"type": "data", "array": s.y_error, "visible": True, "thickness": 1.2, "width": 4}
+                if s.y_error_minus:
+                    common["error_y"].update(arrayminus=s.y_error_minus, symmetric=False)
             fig.add_trace(go.Scatter(mode="markers", marker=marker, **common))
         else:
             mode = "lines+markers" if s.marker else "lines"

@@ -168,6 +168,28 @@ def front_table(run: Run) -> list[dict[str, Any]]:
     return front_records(front_rows(run.trials, run.objectives), run.objectives)
 
 
+def importance_titles(run: Run) -> dict[str, str]:
+    """The heading of each of `importances`' sections: what the importance is of, and for what.
+
+    Args:
+        run: The run.
+
+    Returns:
+        {"accuracy": ..., "recipe": ...}: the same keys as `importances`.
+    """
+    acc, _ = accuracy_and_cost(run.objectives)
+    how = "PED-ANOVA over the completed feasible trials, normalized to sum to 1"
+    return {
+        "accuracy": f"Importance of each searched setting for {acc} ({how})",
+        "recipe": f"Importance of each distillation-recipe setting for {acc} ({how})",
+    }
+
+
+def _front_heading(run: Run) -> str:
+    objectives = " and ".join(f"{m} ({d})" for m, d in run.objectives)
+    return f"Front members: the trials no other trial beats in {objectives}"
+
+
 def importance_figure(imp: dict[str, float], title: str) -> go.Figure:
     """A horizontal bar per parameter of `imp` (one of `importances`), least important at the
     bottom; parameters whose importance is NaN are left out."""
@@ -177,7 +199,7 @@ def importance_figure(imp: dict[str, float], title: str) -> go.Figure:
     fig = go.Figure(go.Bar(x=[v for _, v in items], y=[k for k, _ in items], orientation="h"))
     fig.update_layout(
         title=title,
-        xaxis_title="importance for accuracy (normalized)",
+        xaxis_title="importance (normalized: the parameters' sum to 1)",
         template="plotly_white",
         height=120 + 28 * len(items),
     )
@@ -207,7 +229,18 @@ def confirmed(run: Run) -> dict[str, Any] | None:
     return summarize(rows, run.trials, run.objectives) if rows else None
 
 
-CONFIRM_CHART = ("Confirmed front", "confirm_front.png")
+CONFIRM_CHART = (
+    "Confirmed front: each member's mean test accuracy and 95% interval against its cost",
+    "confirm_front.png",
+)
+NOISE_HEADING = "Neighbours on the confirmed front: is their test-accuracy difference within noise?"
+ENCODINGS_HEADING = "Which encoding wins at which cost: each encoding's best mean test accuracy, with intervals"
+TROUBLE_HEADING = "Failed and early-stopped trials: the epoch each reached and its error"
+THROUGHPUT_HEADING = "Throughput: each trial's images/s, data wait, peak memory and MFU"
+
+
+def _confirm_heading(confirm: dict[str, Any]) -> str:
+    return f"Confirmed with {confirm['seeds']} seeds: mean test accuracy on the held-out split ({confirm['interval']})"
 
 
 def _confirm_intro(confirm: dict[str, Any]) -> str:
@@ -216,7 +249,8 @@ def _confirm_intro(confirm: dict[str, Any]) -> str:
     return (
         f"{members} members retrained with {confirm['seeds']} seeds each ({confirm['retrainings']} retrainings{failed}), "
         "each scored on the held-out test split. Quote a member's mean test accuracy with its 95% interval "
-        "(mean +- t(0.975; n - 1) x std / sqrt(n), Student t over its n completed seeds), not the search's val "
+        "(mean +- t(0.975; n - 1) x std / sqrt(n), Student t over its n completed seeds, clipped to [0, 1] where "
+        "it reaches past: a bound so moved is marked clipped), not the search's val "
         "accuracy: that is one seed, on the split the search selected by, the best of many trials, so optimistic. "
         f"The confirmed front: the members no other dominates in {', '.join(m for m, _ in confirm['objectives'])}."
     )
@@ -227,15 +261,15 @@ def _confirm_html(confirm: dict[str, Any], figure: str) -> str:
     notes = (
         "".join(f"<li>{html.escape(r['note'])}</li>" for r in confirm["noise"]) or "<li>one member on the front</li>"
     )
-    return f"""<h2>Confirmed with {confirm["seeds"]} seeds</h2>
+    return f"""<h2>{html.escape(_confirm_heading(confirm))}</h2>
 <p>{html.escape(_confirm_intro(confirm))}</p>
 {_table_html(tables["members"])}
 <h3>{CONFIRM_CHART[0]}</h3>
 {figure}
-<h3>Neighbours on the confirmed front: within noise?</h3>
+<h3>{NOISE_HEADING}</h3>
 <p>Rule: {html.escape(confirm["noise_rule"])}.</p>
 <ul>{notes}</ul>
-<h3>Which encoding wins at which cost, with intervals</h3>
+<h3>{ENCODINGS_HEADING}</h3>
 <p>At {html.escape(confirm["thresholds"])}; against the best encoding there, by the same rule.</p>
 {_table_html(tables["encodings"])}
 """
@@ -256,15 +290,19 @@ def _fmt(v: Any) -> str:
 
 
 def _charts(run: Run, hv: Hypervolume) -> list[tuple[str, str, Any]]:
-    """(title, PNG file name, chart) of every picture both reports draw."""
+    """(title, PNG file name, chart) of every picture both reports draw; each title says what it shows."""
+    acc, cost = accuracy_and_cost(run.objectives)
+    axes = f"{acc} against {cost}"
+    front = front_chart(run.trials, run.objectives, title=run.name)
+    by_pe = pe_fronts_chart(pe_fronts(run), run.objectives)
     charts = [
-        ("The front", "front.png", front_chart(run.trials, run.objectives, title=run.name)),
-        ("Which encoding wins where", "pe_fronts.png", pe_fronts_chart(pe_fronts(run), run.objectives)),
+        (f"The front: every trial's {axes}, the front joined", "front.png", front),
+        (f"Which encoding wins where: each positional encoding's front, {axes}", "pe_fronts.png", by_pe),
     ]
     if hv.by_trial:
         for title, png, over in (
-            ("Hypervolume over completed trials", "hypervolume_trials.png", "trials"),
-            ("Hypervolume over time", "hypervolume.png", "time"),
+            ("Hypervolume over completed trials: of the front so far, after each", "hypervolume_trials.png", "trials"),
+            ("Hypervolume over time: of the front so far, by the search's clock", "hypervolume.png", "time"),
         ):
             charts.append((title, png, hypervolume_chart(hv.by_trial, over, run.objectives)))
     return charts
@@ -293,10 +331,7 @@ def write_html(
         `path`.
     """
     figures = [(title, to_plotly(chart)) for title, _, chart in _charts(run, hv)]
-    for name, title in (
-        ("accuracy", "Parameter importance for accuracy"),
-        ("recipe", "Importance of the distillation recipe"),
-    ):
+    for name, title in importance_titles(run).items():
         if name in imp and not all(math.isnan(v) for v in imp[name].values()):
             figures.append((title, importance_figure(imp[name], title)))
     confirm_html = ""
@@ -317,12 +352,12 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#
 <h1>kdsearch report: {html.escape(run.name)}</h1>
 <p>{html.escape(_summary(run))}</p>
 <p>{html.escape(hv.describe())}</p>
-<h2>Front members</h2>
+<h2>{html.escape(_front_heading(run))}</h2>
 {_table_html(front_table(run))}
 {confirm_html}{"".join(parts)}
-<h2>Failed and early-stopped trials</h2>
+<h2>{TROUBLE_HEADING}</h2>
 {_table_html(trouble(run))}
-<h2>Throughput</h2>
+<h2>{THROUGHPUT_HEADING}</h2>
 <p>Per trial, over its epochs: training images per second, the share of time spent waiting for data, the
 peak device memory and the model FLOPs utilization (3 x FLOPs per image x images/s over the device's bf16
 peak; empty on CPUs).</p>
@@ -351,7 +386,7 @@ def write_markdown(
         f"# kdsearch report: {run.name}\n",
         _summary(run) + "\n",
         hv.describe() + "\n",
-        "## Front members\n",
+        f"## {_front_heading(run)}\n",
         _table_md(front_table(run)),
     ]
     if confirm:
@@ -359,31 +394,31 @@ def write_markdown(
         title, png = CONFIRM_CHART
         save_png(confirmed_front_chart(confirm), out / png)
         md += [
-            f"## Confirmed with {confirm['seeds']} seeds\n",
+            f"## {_confirm_heading(confirm)}\n",
             _confirm_intro(confirm) + "\n",
             _table_md(tables["members"]),
             f"### {title}\n",
-            f"![{title.lower()}]({png})\n",
-            "### Neighbours on the confirmed front: within noise?\n",
+            f"![{title.split(':')[0].lower()}]({png})\n",
+            f"### {NOISE_HEADING}\n",
             f"Rule: {confirm['noise_rule']}.\n",
             "\n".join(f"- {r['note']}" for r in confirm["noise"]) + "\n"
             if confirm["noise"]
             else "- one member on the front\n",
-            "### Which encoding wins at which cost, with intervals\n",
+            f"### {ENCODINGS_HEADING}\n",
             f"At {confirm['thresholds']}; against the best encoding there, by the same rule.\n",
             _table_md(tables["encodings"]),
         ]
     for title, png, chart in _charts(run, hv):
         save_png(chart, out / png)
-        md += [f"## {title}\n", f"![{title.lower()}]({png})\n"]
-    for name in ("accuracy", "recipe"):
+        md += [f"## {title}\n", f"![{title.split(':')[0].lower()}]({png})\n"]
+    for name, title in importance_titles(run).items():
         if name in imp:
             md += [
-                f"## Importance for {name}\n",
+                f"## {title}\n",
                 _table_md([{"parameter": k, "importance": v} for k, v in imp[name].items()]),
             ]
-    md += ["## Failed and early-stopped trials\n", _table_md(trouble(run))]
-    md += ["## Throughput\n", _table_md(throughput_table(run))]
+    md += [f"## {TROUBLE_HEADING}\n", _table_md(trouble(run))]
+    md += [f"## {THROUGHPUT_HEADING}\n", _table_md(throughput_table(run))]
     path = out / "report.md"
     write_text_atomic(path, "\n".join(md))
     return path

@@ -2,6 +2,8 @@
 
 Drawn live by the search (kdsearch.search.callbacks.LiveView) and from the files by `kdsearch status`.
 The front's columns come from `front_records` and are shown as the objectives table says.
+A run that has ended (`run_end`) shows its duration, from its start to its recorded end; a run
+that goes on shows the time since its start.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def status_dict(
     now: float | None = None,
     reference: Mapping[str, float] | None = None,
     why_no_reference: str = "",
+    ended: float | None = None,
 ) -> dict[str, Any]:
     """The numbers behind the status view, JSON-ready (`kdsearch status --json`).
 
@@ -48,10 +51,13 @@ def status_dict(
         reference: The run's hypervolume reference point
             (kdsearch.results.hypervolume.run_reference); the hypervolume is absent without one.
         why_no_reference: Why there is no reference point, said where the hypervolume would be.
+        ended: When the search last ended (run.json's `ended`), if it has; see `run_end`.
 
     Returns:
         The throughput, total, finished and running trials, the count of each status, elapsed
-        and expected remaining seconds, the objectives, the front so far and its hypervolume.
+        and expected remaining seconds, `ended_at` (the run's end, None while it goes on), the
+        objectives, the front so far and its hypervolume. Elapsed is the run's duration once it
+        has ended, else the time from its start to `now`.
     """
     now = now or time.time()
     c = counts([r["status"] for r in trials])
@@ -59,8 +65,10 @@ def status_dict(
     if running is None:  # from the files: trials with epochs but no final row yet
         done_ids = {r["trial_id"] for r in trials}
         running = len({e["trial_id"] for e in epochs} - done_ids)
-    elapsed = now - started
-    eta = elapsed / finished * (total - finished) if finished and finished < total else 0.0
+    # a recorded end is the end (a run stopped by Ctrl-C leaves trials with epochs and no final row)
+    end = run_end(trials, total, ended) if running == 0 or ended is not None else None
+    elapsed = (end if end is not None else now) - started
+    eta = elapsed / finished * (total - finished) if end is None and finished and finished < total else 0.0
     return {
         "throughput": throughput(epochs),
         "total": total,
@@ -68,6 +76,7 @@ def status_dict(
         "running": running,
         **c,
         "elapsed_seconds": elapsed,
+        "ended_at": end,
         "expected_remaining_seconds": eta,
         "objectives": [list(o) for o in objectives],
         "front": front_records(front_rows(trials, objectives), objectives, recipe=False),
@@ -75,6 +84,25 @@ def status_dict(
             trials, objectives, reference or {}, started, why_no_reference or "no reference point given", history=False
         ).as_json(),
     }
+
+
+def run_end(trials: Sequence[dict[str, Any]], total: int, ended: float | None = None) -> float | None:
+    """When a run that runs no trial now ended, in seconds since the epoch; None while it goes on.
+
+    Args:
+        trials: trials.parquet's rows (each with the `finished_at` its recorder wrote).
+        total: The trials the run is to have.
+        ended: run.json's `ended`: the search writes it when its experiment returns (all trials
+            done, or stopped by Ctrl-C) and drops it when the run is resumed or extended.
+
+    Returns:
+        `ended` when recorded; for a run without it (written before it was recorded) that has
+        all its trials, the last trial's `finished_at`; else None.
+    """
+    if ended is not None:
+        return float(ended)
+    times = [float(t) for r in trials if (t := r.get("finished_at")) is not None and math.isfinite(float(t))]
+    return max(times) if times and len(trials) >= total else None
 
 
 # short headings for config columns, so a front with its recipe fits a terminal
@@ -133,14 +161,16 @@ def render_status(
     running: int | None = None,
     reference: Mapping[str, float] | None = None,
     why_no_reference: str = "",
+    ended: float | None = None,
 ) -> Group:
     """`status_dict` (same arguments) for a terminal: a headline of counts and times, then
     the front so far with its hypervolume, throughput and memory."""
-    s = status_dict(trials, epochs, objectives, total, started, running, None, reference, why_no_reference)
+    s = status_dict(trials, epochs, objectives, total, started, running, None, reference, why_no_reference, ended)
+    took = "took" if s["ended_at"] is not None else "elapsed"
     head = Text.assemble(
         (f"{s['finished']}/{s['total']} trials", "bold"),
         f"  completed {s['completed']}  stopped early {s['stopped_early']}  infeasible {s['infeasible']}"
-        f"  failed {s['failed']}  running {s['running']}   elapsed {_hms(s['elapsed_seconds'])}",
+        f"  failed {s['failed']}  running {s['running']}   {took} {_hms(s['elapsed_seconds'])}",
         f"  expected {_hms(s['expected_remaining_seconds'])} more" if s["expected_remaining_seconds"] else "",
     )
     t = s["throughput"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,7 @@ class _Search:
         searcher = self._searcher(total, (self.space.search.seed + n) % (SEED_MAX + 1))
         warm = add_earlier_trials(searcher.study, self.space, recorded, self.space.objectives, searcher.study.sampler)
         self.meta.update(trials=total, tune=experiment)
+        self.meta.pop("ended", None)  # the run goes on: `kdsearch status` counts its time again
         write_json(self.paths.store, RunPaths.META, self.meta)
         self.say(f"extending {self.paths.uri} from {len(recorded)} to {total} trials; {warm.describe('this run')}")
         return self._fit(self._tuner(searcher, total - len(recorded), experiment), total)
@@ -263,6 +265,9 @@ class _Search:
             if self._view is not None:
                 self._view.on_experiment_end([])  # the console back to normal before the line
             raise StorageError(self._storage_failed(failure)) from None
+        # the experiment has returned (all trials done, or Ctrl-C): the run's end, for `kdsearch status`
+        self.meta["ended"] = time.time()
+        write_json(self.paths.store, RunPaths.META, self.meta)
         return self._result(total, grid)
 
     @contextlib.contextmanager
