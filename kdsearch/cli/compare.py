@@ -8,14 +8,13 @@ Every run that cannot be read gets its own line on stderr, then the command exit
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from kdsearch.cli.console import Format, wide_console, write_csv
+from kdsearch.cli.console import Format, print_json, wide_console, write_csv
 from kdsearch.errors import KdsearchError
 
 
@@ -95,7 +94,7 @@ def compare(
     if html_out:
         write_compare_html(loaded, comparison, html_out)
     if fmt is Format.json:
-        typer.echo(json.dumps(comparison, allow_nan=False))
+        print_json(comparison)  # strict JSON: a missing figure is null
     elif fmt is Format.csv:
         rows = flat_rows(comparison)
         write_csv(rows, list(rows[0]))
