@@ -15,6 +15,23 @@ if TYPE_CHECKING:
     from kdsearch.space.specs import DataSpec, TrialSpec
 
 
+# --where and --pick of `export` (options as constants: the command's signature stays short)
+EXPORT_WHERE = typer.Option(
+    [],
+    "--where",
+    metavar="EXPR",
+    help="Choose from the front of the completed trials meeting EXPR (repeatable): COLUMN OP VALUE on any "
+    "objective, trials.parquet column or measured figure, OP one of <= < >= > == != (latency_ms<=5, params<2e6). "
+    "--max-gflops X is flops<=X*1e9, --min-acc Y is val_acc>=Y; none meeting them: one line, exit 2.",
+)
+EXPORT_PICK = typer.Option(
+    None,
+    "--pick",
+    metavar="RULE",
+    help="Which qualifying front member: max:COLUMN, min:COLUMN or knee [default: min:flops with --min-acc alone, else max:val_acc].",
+)
+
+
 def export(
     run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
     out: Path = typer.Option(
@@ -37,11 +54,15 @@ def export(
         metavar="ACC",
         help="The cheapest front member with at least this val accuracy.",
     ),
+    where: list[str] = EXPORT_WHERE,
+    pick: str = EXPORT_PICK,
     force: bool = typer.Option(False, "--force", help="Replace what --out already holds."),
 ) -> None:
-    """Export a student: config, weights, an ONNX graph checked against them, and a model card.
-    Give exactly one of --trial, --max-gflops or --min-acc."""
-    from kdsearch.results.export import export_student, read_card, select_trial
+    """Export a student: config, weights, an ONNX graph checked against them, and a model card
+    (which records the rule that chose it). Give --trial alone, or any of --max-gflops,
+    --min-acc, --where and --pick."""
+    from kdsearch.results.export import export_student, read_card
+    from kdsearch.results.selection import choose_student
     from kdsearch.results.tables import load_run
 
     if out.exists() and not out.is_dir():
@@ -50,8 +71,8 @@ def export(
         what = "an export" if (out / "student.yaml").exists() else "files"
         raise KdsearchError(f"--out {out}: already holds {what}; add --force to replace it, or choose another folder")
     r = load_run(run)
-    row = select_trial(r.trials, r.objectives, trial_id=trial_id, max_gflops=max_gflops, min_acc=min_acc)
-    folder = export_student(row, out, run=r.paths, objectives=r.objectives)
+    row, chosen_by = choose_student(r, trial_id, max_gflops, min_acc, where, pick)
+    folder = export_student(row, out, run=r.paths, objectives=r.objectives, chosen_by=chosen_by)
     card = read_card(folder)
     checked, test = card["onnx"]["checked"], card["test"]
     held_out = (

@@ -37,6 +37,24 @@ def status(
     wide_console().print(render_status(*args, reference=reference, why_no_reference=why, ended=ended))
 
 
+# --where and --pick of `pareto` (options as constants: the command's signature stays short)
+PARETO_WHERE = typer.Option(
+    [],
+    "--where",
+    metavar="EXPR",
+    help="Keep the completed trials meeting EXPR (repeatable), then show the front of what is left: "
+    "COLUMN OP VALUE on any objective, trials.parquet column or measured figure, OP one of <= < >= > == != "
+    "(latency_ms<=5, params<2e6, student.pos_embed==rope). The hypervolume and pictures are of those trials too; "
+    "none left: an empty table (and one line on stderr), exit 0.",
+)
+PARETO_PICK = typer.Option(
+    None,
+    "--pick",
+    metavar="RULE",
+    help="Print one front member: max:COLUMN, min:COLUMN or knee (the best trade-off: kdsearch.results.selection.knee).",
+)
+
+
 def pareto(
     run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
     fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
@@ -45,24 +63,36 @@ def pareto(
     objectives: str = typer.Option(
         None, "--objectives", help="Comma-separated, e.g. val_acc,params or val_acc,params:min [default: the run's]."
     ),
+    where: list[str] = PARETO_WHERE,
+    pick: str = PARETO_PICK,
 ) -> None:
     """The front of a run: its members, their architecture and recipe, and the hypervolume."""
+    from kdsearch.cli.console import err_console
     from kdsearch.results.plots import plot_front
     from kdsearch.results.report import front_table, hypervolume, write_front_html
+    from kdsearch.results.selection import empty_line, given_text, record_columns, restrict
     from kdsearch.results.status import render_front
-    from kdsearch.results.tables import load_run, require_finished
+    from kdsearch.results.tables import front_records, load_run, require_finished
     from kdsearch.space import objectives as objective_table
 
     r = load_run(run, objectives.split(",") if objectives else None)
     require_finished(r)
-    rows = front_table(r)
+    if where or pick:  # the front of the trials meeting --where (an empty table when none does), or its --pick
+        kept, chosen, _ = restrict(r, where, pick)
+        if not chosen:
+            err_console.print(empty_line(f"pareto {given_text(where, pick)}", r.trials), soft_wrap=True)
+        r, rows = kept, front_records(chosen, r.objectives)
+    else:
+        rows = front_table(r)
     hv = hypervolume(r)
     if plot:
         plot_front(r.trials, r.objectives, plot, title=r.name)
     if html_out:
         write_front_html(r, html_out)
     if fmt is Format.json:
-        units = {c: objective_table.get(c).unit for c in rows[0] if c in objective_table.OBJECTIVES}
+        units = {
+            c: objective_table.get(c).unit for c in record_columns(r.objectives) if c in objective_table.OBJECTIVES
+        }
         out = {
             "run": r.paths.uri,
             "objectives": r.objectives,
@@ -72,7 +102,7 @@ def pareto(
         }
         print_json(out)
     elif fmt is Format.csv:
-        write_csv(rows, list(rows[0]))
+        write_csv(rows, record_columns(r.objectives))
     else:
         console = wide_console()
         console.print(

@@ -38,6 +38,16 @@ def measure(
         Runtime.torch, "--runtime", help="torch, or onnx: the exported graph run by onnxruntime on the CPU."
     ),
     fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
+    where: list[str] = typer.Option(
+        [],
+        "--where",
+        metavar="EXPR",
+        help="Measure the front of the completed trials meeting EXPR (repeatable): COLUMN OP VALUE on any objective, "
+        "trials.parquet column or figure measured before, OP one of <= < >= > == != (params<2e6, student.pos_embed==rope).",
+    ),
+    pick: str = typer.Option(
+        None, "--pick", metavar="RULE", help="Measure one front member: max:COLUMN, min:COLUMN or knee."
+    ),
 ) -> None:
     """Latency, throughput and peak memory of a run's students on this machine, from their saved
     weights; written to the run's measured.parquet (one row per trial, device and runtime)."""
@@ -47,7 +57,7 @@ def measure(
 
     check_device(device.value, runtime.value)
     r = load_run(run)
-    rows = measure_run(r, device.value, trial_ids, runtime.value, say=err_console.print)
+    rows = measure_run(r, device.value, trial_ids, runtime.value, say=err_console.print, where=where, pick=pick)
     if fmt is Format.json:
         units = {f: objective_table.get(f).unit for f in FIGURES}
         print_json({"run": r.paths.uri, "units": units, "measured": rows})

@@ -104,7 +104,13 @@ ONNX_ATOL = 1e-4
 ONNX_CHECK_IMAGES = 8  # val images the exported graph is checked on (a batch unlike the one it was traced with)
 
 
-def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, objectives: Pairs = ()) -> Path:
+def export_student(
+    row: dict[str, Any],
+    out: str | os.PathLike,
+    run: RunPaths,
+    objectives: Pairs = (),
+    chosen_by: dict[str, Any] | None = None,
+) -> Path:
     """Export one trial: student.yaml, model.safetensors, model.onnx and README.md.
 
     Args:
@@ -113,6 +119,8 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, o
         run: The run holding the trial (a folder or a bucket: the weights are read from its storage).
         objectives: The run's objectives; the card's metrics hold each of them, val_acc,
             test_acc, best_val_acc and epochs.
+        chosen_by: The rule that chose the trial (kdsearch.results.selection.choose_student),
+            kept in the card as `chosen_by` and said in README.md.
 
     Returns:
         The folder `out`.
@@ -139,6 +147,8 @@ def export_student(row: dict[str, Any], out: str | os.PathLike, run: RunPaths, o
         diff = check_onnx(tmp, model, images)
     checked = {"images": len(images), "of": where, "max_abs_diff": diff, "tolerance": ONNX_ATOL}
     card = _card(spec, row, fc, test, opset, checked, run, objectives)
+    if chosen_by:
+        card["chosen_by"] = chosen_by
     write_text_atomic(out / "student.yaml", yaml.safe_dump(card, sort_keys=False))
     with atomic_path(out / "model.safetensors") as tmp:
         tmp.write_bytes(weights)
@@ -336,7 +346,7 @@ A ViT student distilled by kdsearch from `{card["teacher"]["model"]}` on `{card[
 | architecture | width {s["embed_dim"]}, depth {s["depth"]}, {s["num_heads"]} heads, MLP ratio {s["mlp_ratio"]:g}, patch {s["patch_size"]}, `{s["pos_embed"]}` positional encoding{token} |
 | input | {s["in_chans"]} x {s["img_size"]} x {s["img_size"]}, {s["num_classes"]} classes |
 | recipe | alpha {r["alpha"]:.3g}, temperature {r["temperature"]:.3g}, hard {r["hard_weight"]:.3g}, feature {r["feature_weight"]:.3g}, attention {r["attention_weight"]:.3g} |
-
+{_chosen_line(card)}
 FLOPs are counted {c["counted"]}.
 
 `model.onnx` (opset {card["onnx"]["opset"]}, dynamic batch axis; input `images`, output `logits`) was checked with
@@ -354,6 +364,16 @@ logits = session.run(["logits"], {{"images": images}})[0]  # images: float32 num
 
 Made with kdsearch {card["versions"]["kdsearch"]}, torch {card["versions"]["torch"]}, timm {card["versions"]["timm"]}.
 """
+
+
+def _chosen_line(card: dict[str, Any]) -> str:
+    """The card's "chosen by" row: the options as given and the rule they resolve to ("" without one)."""
+    c = card.get("chosen_by")
+    if not c:
+        return ""
+    resolved = ", ".join(c["where"]) or "no constraint"
+    pick = f"; pick {c['pick']} among {c['candidates']} qualifying front members" if c.get("pick") else ""
+    return f"| chosen by | `{c['rule']}` (resolved: {resolved}{pick}) |\n"
 
 
 def _test_line(card: dict[str, Any]) -> str:

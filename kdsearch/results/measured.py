@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from kdsearch.errors import KdsearchError
+from kdsearch.results import selection
 from kdsearch.results.export import check_images, check_onnx, select_trial, spec_of, student_from, trial_weights
 from kdsearch.results.pareto import front_rows
 from kdsearch.results.tables import Run, read_rows, require_finished, write_table
 from kdsearch.space.objectives import MEASURE_BATCH
 
-MEASURED = "measured.parquet"
+MEASURED = selection.MEASURED  # "measured.parquet": one name, kept beside the code that reads it to choose
 MEASURED_COLUMNS = (
     "trial_id",
     "device",
@@ -58,11 +59,23 @@ def check_device(device: str, runtime: str = "torch") -> None:
         raise KdsearchError("--runtime onnx: times the graph with onnxruntime on the CPU; use --device cpu")
 
 
-def trials_to_measure(run: Run, trial_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """The completed trials asked for (each checked as `export --trial` checks it), else the run's front."""
+def trials_to_measure(
+    run: Run, trial_ids: Sequence[str] = (), where: Sequence[str] = (), pick: str | None = None
+) -> list[dict[str, Any]]:
+    """The completed trials asked for (each checked as `export --trial` checks it), else the
+    run's front; with `where` / `pick`, the front of the completed trials meeting the
+    constraints, or its one picked member (kdsearch.results.selection). KdsearchError when
+    --trial comes with them, or when no trial meets the constraints."""
     require_finished(run)
+    if trial_ids and (where or pick):
+        raise KdsearchError("measure: --trial names the trials; give it, or --where / --pick, not both")
     if trial_ids:
         return [select_trial(run.trials, run.objectives, trial_id=t) for t in dict.fromkeys(trial_ids)]
+    if where or pick:
+        rows = selection.restrict(run, where, pick)[1]
+        if not rows:
+            raise KdsearchError(selection.empty_line(f"measure {selection.given_text(where, pick)}", run.trials))
+        return rows
     return front_rows(run.trials, run.objectives)
 
 
@@ -72,17 +85,19 @@ def measure_run(
     trial_ids: Sequence[str] = (),
     runtime: str = "torch",
     say: Callable[[str], None] = lambda s: None,
+    where: Sequence[str] = (),
+    pick: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure the trials (the front by default) on `device` with `runtime`; write their rows to
-    the run's measured.parquet (replacing earlier rows of the same trial, device and runtime) and
-    return them."""
+    """Measure the trials (the front by default; `trials_to_measure`) on `device` with `runtime`;
+    write their rows to the run's measured.parquet (replacing earlier rows of the same trial,
+    device and runtime) and return them."""
     import torch
 
     from kdsearch.train.measure import device_name, measure_model, onnx_figures
 
     check_device(device, runtime)
     rows = []
-    for row in trials_to_measure(run, trial_ids):
+    for row in trials_to_measure(run, trial_ids, where, pick):
         spec = spec_of(row)
         model = student_from(spec, trial_weights(row, run.paths))
         s = spec.student
