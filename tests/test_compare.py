@@ -184,6 +184,7 @@ def test_the_fronts_in_a_png_and_in_headless_chromium(runs: tuple[Path, Path], t
     legend = [t.split(">", 1)[1].split("<", 1)[0] for t in dom.stdout.split('class="legendtext"')[1:]]
     assert legend == [f"{runs[0].name}: trials", runs[0].name, "second: trials", "second"]
     assert dom.stdout.count('class="trace scatter') == 4
+    assert dom.stdout.count('class="groups"') == 2  # the legend's groups: one per run
     assert chromium(page, f"--screenshot={shot}").returncode == 0
     with Image.open(shot) as img:
         pixels = {c for _, c in img.convert("RGB").getcolors(1 << 24)}

@@ -289,7 +289,10 @@ def write_compare_html(runs: Sequence[Run], comparison: Mapping[str, Any], path:
     """One self-contained page (plotly's script inlined): the runs' table, each encoding's best
     members, and the fronts on one interactive plot (a trial on hover); returns its path."""
     objectives = [tuple(o) for o in comparison["objectives"]]
-    fig = to_plotly(compare_chart(runs, objectives, [r["run"] for r in comparison["runs"]]))
+    labels = [r["run"] for r in comparison["runs"]]
+    fig = to_plotly(compare_chart(runs, objectives, labels))
+    for i, trace in enumerate(fig.data):  # compare_chart's series: each run's trials, then its front
+        trace.legendgroup = labels[i // 2]  # a run's two traces are one legend group: one click shows or hides both
     figure = fig.to_html(full_html=False, include_plotlyjs="inline", div_id="fronts")
     names = ", ".join(r["run"] for r in comparison["runs"])
     page = f"""<!doctype html>
