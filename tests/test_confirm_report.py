@@ -9,6 +9,7 @@ import dataclasses
 import html
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,28 @@ def make_run(root: Path, confirmed: bool = True) -> RunPaths:
     return paths
 
 
+def add_study(paths: RunPaths) -> None:
+    """A study.db as the searcher keeps it: six completed trials over three searched settings."""
+    import optuna
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        storage=f"sqlite:///{paths.store.local_path(RunPaths.STUDY)}",
+        study_name="kdsearch",
+        directions=["maximize", "minimize"],
+    )
+    dists = {
+        "recipe.alpha": FloatDistribution(0.0, 1.0),
+        "recipe.temperature": FloatDistribution(1.0, 8.0),
+        "student.embed_dim": IntDistribution(16, 64),
+    }
+    for i in range(6):
+        params = {"recipe.alpha": i / 6, "recipe.temperature": 1.0 + (i * 5) % 7, "student.embed_dim": 16 + 8 * i}
+        trial = optuna.trial.create_trial(params=params, distributions=dists, values=[0.5 + i / 20, 1e5 * (1 + i % 3)])
+        study.add_trial(trial)
+
+
 def test_loader_and_summary(tmp_path) -> None:
     paths = make_run(tmp_path)
     run = load_run(paths.uri)
@@ -286,9 +309,24 @@ def test_the_report_shows_the_confirmed_section(tmp_path) -> None:
     from kdsearch.results.plots import confirmed_front_chart
 
     paths = make_run(tmp_path)
+    add_study(paths)  # the importance sections too: every heading says what it measures (issue 21)
     out = tmp_path / "report"
     assert run_cli(["report", paths.uri, "--out", str(out)]) == 0
     page, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    how = "(PED-ANOVA over the completed feasible trials, normalized to sum to 1)"
+    for heading in (
+        f"Importance of each searched setting for val_acc {how}",
+        f"Importance of each distillation-recipe setting for val_acc {how}",
+        "Front members: the trials no other trial beats in val_acc (max) and flops (min)",
+        "Confirmed with 3 seeds: mean test accuracy on the held-out split "
+        "(95% Student t interval of the mean over the seeds, clipped to [0, 1] (accuracies lie there))",
+    ):
+        assert f"## {heading}\n" in md and f"<h2>{heading}</h2>" in page.replace("&#x27;", "'")
+    md_headings = re.findall(r"^#{2,3} (.*)$", md, re.M)
+    page_headings = re.findall(r"<h[23]>(.*?)</h[23]>", page)
+    assert len(md_headings) == len(page_headings) >= 12
+    for heading in md_headings + page_headings:  # a name, then what is measured: "Throughput: ..."
+        assert re.search(r"\w: \w|\w for \w", heading), f"the heading {heading!r} does not say what it measures"
     interval_c = "0.9200 [0.8206, 1.0000] clipped"  # 0.92 +- 4.303 * 0.04 / sqrt(3) = [0.8206, 1.0194], clipped
     for text in (html.unescape(page), md):
         assert "Confirmed with 3 seeds" in text
