@@ -22,6 +22,12 @@ def confirm(
         None, "--address", help="Join a Ray cluster: 'auto' or ray://HOST:PORT [default: a local Ray]."
     ),
     fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
+    track: list[str] = typer.Option(
+        None,
+        "--track",
+        metavar="NAME",
+        help="Log every retraining to mlflow, wandb or tensorboard (repeatable or comma-separated) [default: the space's search.track].",
+    ),
 ) -> None:
     """Retrain the front's members with more seeds (a Ray search of its own) and measure each on the
     held-out test split: means, 95% intervals, the confirmed front and which differences are noise."""
@@ -29,7 +35,15 @@ def confirm(
     from kdsearch.results.tables import load_run
     from kdsearch.search.confirm import run_confirm
 
-    run_confirm(run, seeds=seeds, top=top, trial_ids=trial_ids or (), address=address, say=err_console.print)
+    run_confirm(
+        run,
+        seeds=seeds,
+        top=top,
+        trial_ids=trial_ids or (),
+        address=address,
+        say=err_console.print,
+        track=track or None,
+    )
     summary = confirm_summary(load_run(run))
     if fmt is Format.json:
         print_json(summary)

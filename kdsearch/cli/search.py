@@ -41,6 +41,12 @@ def search(
         None, "--from", help="Start the sampler from an earlier run's trials (its folder or URI; the same data)."
     ),
     plot: Path = typer.Option(None, "--plot", help="Write the front as a PNG here [default: RUN/front.png]."),
+    track: list[str] = typer.Option(
+        None,
+        "--track",
+        metavar="NAME",
+        help="Log every trial to mlflow, wandb or tensorboard (repeatable or comma-separated) [default: the space's search.track].",
+    ),
 ) -> None:
     """Run a multi-objective search: Ray Tune runs trials, Optuna chooses them."""
     from kdsearch.search.run import run_search
@@ -55,6 +61,7 @@ def search(
         from_run=from_run,
         say=err_console.print,
         console=err_console,
+        track=track or None,
     )
     meta = result.paths.meta()
     _print_result(result, meta["objectives"], plot)

@@ -63,6 +63,7 @@ def run_confirm(
     trial_ids: Sequence[str] = (),
     address: str | None = None,
     say: Callable[[str], None] = print,
+    track: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Retrain the chosen members of the run at `location` with `seeds` seeds each.
 
@@ -73,6 +74,8 @@ def run_confirm(
         trial_ids: the members to confirm instead of the front's (completed trials).
         address: the Ray cluster to join (`kdsearch.search.ray_session.cluster_address`).
         say: where the one-line plan goes.
+        track: the experiment trackers each retraining is logged to (kdsearch.search.trackers;
+            default: the space's `search.track`).
 
     Returns:
         Every row of the run's confirm.parquet, those of earlier confirmations included.
@@ -82,12 +85,15 @@ def run_confirm(
             its space or without a completed trial, or a cluster that cannot be joined.
     """
     from kdsearch.search.ray_session import check_reachable, cluster_address, ray_session
+    from kdsearch.search.trackers import check_installed, parse_track
 
     if seeds < 1:
         raise KdsearchError(f"--seeds {seeds}: must be at least 1")
     run = load_run(location)
     space = _run_space(run.paths, run.meta)
     members = choose_members(run.trials, run.objectives, top, trial_ids)
+    trackers = parse_track(track) if track else space.search.track
+    check_installed(trackers)  # a tracker's package missing: one line, before Ray starts
     done = {(r["trial_id"], int(r["seed"])): r for r in run.paths.rows(RunPaths.CONFIRM)}
     todo = [
         {"trial_id": m["trial_id"], "seed": seed, "row": _plain(m)}
@@ -106,7 +112,7 @@ def run_confirm(
     if address:
         check_reachable(address)
     with ray_session(address):  # Ray's environment switches too, only until it returns
-        _tuner(space, run, done, todo, address, say).fit()
+        _tuner(space, run, done, todo, address, say, trackers).fit()
     return run.paths.rows(RunPaths.CONFIRM)
 
 
@@ -117,6 +123,7 @@ def _tuner(
     todo: list[dict[str, Any]],
     address: str | None,
     say: Callable[[str], None],
+    trackers: Sequence[str] = (),
 ) -> tune.Tuner:
     """The confirmation's Ray Tune experiment: one trial per retraining in `todo`, each with the
     data and teacher signal the driver loads once here."""
@@ -125,6 +132,13 @@ def _tuner(
     from kdsearch.search.worker_data import shipped
 
     store = run.paths.store
+    tracking = []
+    if trackers:  # one tracker run per retraining, grouped as RUN-confirm
+        from kdsearch.search.tracker_backends import TrackedRun
+        from kdsearch.search.trackers import TrackingCallback
+
+        tracked = TrackedRun(f"{run.paths.name}-confirm", space.name, store, "tensorboard/confirm")
+        tracking = [TrackingCallback(trackers, tracked, "confirm", [n for n, _ in run.objectives], say=say)]
     data, cached, teacher = load_data_and_teacher(space, store.parent.child("cache"), say)
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -145,7 +159,7 @@ def _tuner(
             storage_path=store.path(),
             storage_filesystem=store.fs,
             failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
-            callbacks=[ConfirmRecorder(run.paths, done, [name for name, _ in run.objectives])],
+            callbacks=[ConfirmRecorder(run.paths, done, [name for name, _ in run.objectives]), *tracking],
             verbose=0,
         ),
     )

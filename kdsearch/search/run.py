@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,8 @@ from kdsearch.search.run_folder import (
 )
 from kdsearch.search.scheduler import ParetoHalving
 from kdsearch.search.searcher import KdsearchSearcher
+from kdsearch.search.tracker_backends import TrackedRun
+from kdsearch.search.trackers import TrackingCallback, check_installed, parse_track, search_summary
 from kdsearch.search.trainable import SearchTrainable
 from kdsearch.search.warm_start import add_earlier_trials, enqueue_configs
 from kdsearch.space.file import load_space
@@ -86,6 +88,7 @@ def run_search(
     say: Callable[[str], None] = print,
     reuse_actors: bool | None = None,
     trial: Callable[..., None] | None = None,
+    track: Sequence[str] | None = None,
 ) -> SearchResult:
     """Run (or resume, or extend) a search.
 
@@ -105,22 +108,15 @@ def run_search(
             Ray's default, is a benchmarks' baseline: every trial loads imports and data afresh.
         trial: (benchmarks only) replaces training in the workers: `noop_trial` reports epochs
             at once, so a benchmark measures the driver's own cost; no data or teacher loads.
+        track: the experiment trackers each trial is logged to (kdsearch.search.trackers;
+            default: the space's `search.track`).
 
     Returns:
         The run, its trials table, its front, and whether it stopped before its total.
     """
-    from kdsearch.train.faults import hang_grace_minutes
-
     space_file = Path(space_file)
     space = load_space(space_file)
-    hang_grace_minutes()  # a bad KDSEARCH_HANG_GRACE_MINUTES: one line here, not in every trial
-    root = Storage.open(storage or "runs")
-    root.check_writable()  # a bucket that does not exist or refuses writes: one line, before anything runs
-    address = cluster_address(address)
-    if address:
-        check_reachable(address)
-    else:
-        check_local_gpus(space.resources.gpus)
+    root, address, trackers = _checked(space, storage, address, track)
     earlier = earlier_trials(from_run) if from_run is not None else None
     paths = RunPaths(root.child(name or space.name))
     meta = prepare_run(space_file, space, paths, resume, trials, address, None if from_run is None else str(from_run))
@@ -131,7 +127,29 @@ def run_search(
         trainable = SearchTrainable.of(space, paths, loaded, trial)
         reuse = reuse_on(address) if reuse_actors is None else reuse_actors
         search = _Search(space, paths, meta, console, say, reuse, trainable)
+        search.track = trackers
         return search.start(total, earlier) if not resume else search.resume(total)
+
+
+def _checked(
+    space: SearchSpace, storage: str | os.PathLike | None, address: str | None, track: Sequence[str] | None
+) -> tuple[Storage, str | None, tuple[str, ...]]:
+    """What a search needs, checked before Ray starts (each problem one line): the storage, the
+    cluster (or the local GPUs), the trackers' packages; returns the storage's root, the cluster's
+    address (None: a local Ray) and the trackers."""
+    from kdsearch.train.faults import hang_grace_minutes
+
+    hang_grace_minutes()  # a bad KDSEARCH_HANG_GRACE_MINUTES: one line here, not in every trial
+    root = Storage.open(storage or "runs")
+    root.check_writable()  # a bucket that does not exist or refuses writes: one line, before anything runs
+    address = cluster_address(address)
+    if address:
+        check_reachable(address)
+    else:
+        check_local_gpus(space.resources.gpus)
+    trackers = parse_track(track) if track else space.search.track
+    check_installed(trackers)  # a tracker's package missing: one line
+    return root, address, trackers
 
 
 class _Search:
@@ -152,6 +170,7 @@ class _Search:
         self.reuse_actors, self.trainable = reuse_actors, trainable
         self._view: LiveView | None = None  # the running experiment's live view, if any
         self._recorder: ResultsRecorder | None = None  # the new experiment's (a restored one brings its own)
+        self.track: tuple[str, ...] = ()  # the experiment trackers (kdsearch.search.trackers)
 
     def start(self, total: int, earlier: list[dict[str, Any]] | None) -> SearchResult:
         if self.space.search.sampler == "tpe" and total > TPE_SLOW_AFTER:
@@ -223,6 +242,8 @@ class _Search:
         costs = tuple(name for name, mode in space.objectives if mode == "min")
         recorder = self._recorder = ResultsRecorder(self.paths, searcher)
         callbacks: list[tune.Callback] = [recorder]
+        if self.track:  # after the recorder: the trackers' summary reads the trials it recorded
+            callbacks.append(self._tracking(recorder))
         self._view = None
         if self.console is not None:
             self._view = LiveView(recorder, space, searcher.total, float(self.meta["started"]), self.console)
@@ -251,6 +272,14 @@ class _Search:
                 verbose=0,
             ),
         )
+
+    def _tracking(self, recorder: ResultsRecorder) -> TrackingCallback:
+        """The trackers' callback: one tracker run per trial, under the run's own."""
+        objectives = self.space.objectives
+        run = TrackedRun(self.paths.name, self.space.name, self.paths.store, "tensorboard")
+        summary = search_summary(lambda: list(recorder.trials.values()), self.paths, objectives)
+        names = [n for n, _ in objectives]
+        return TrackingCallback(self.track, run, "search", names, say=self.say, summary=summary)
 
     def _fit(self, tuner: tune.Tuner, total: int) -> SearchResult:
         try:

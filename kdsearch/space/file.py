@@ -94,8 +94,9 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
     name, description = _parse_header(source, raw)
     search_body = raw.get("search")
     enqueue = search_body.get("enqueue") if isinstance(search_body, dict) else None
-    if isinstance(search_body, dict) and "enqueue" in search_body:  # a list of configs, not a scalar key
-        search_body = {k: v for k, v in search_body.items() if k != "enqueue"}
+    track = search_body.get("track") if isinstance(search_body, dict) else None
+    if isinstance(search_body, dict):  # enqueue (a list of configs) and track (of names) are no scalar keys
+        search_body = {k: v for k, v in search_body.items() if k not in ("enqueue", "track")}
     plain = {
         section: _parse_plain(source, section, search_body if section == "search" else raw.get(section))
         for section in PLAIN
@@ -112,6 +113,7 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
         )
     objectives = _parse_objectives(source, raw.get("objectives"))
     reference = _parse_hypervolume(source, raw.get("hypervolume"), dict(objectives))
+    plain["search"]["track"] = _parse_track(source, track)
     search = SearchSettings(**plain["search"], enqueue=_parse_enqueue(source, enqueue, dims))
     space = SearchSpace(
         name=name,
@@ -185,6 +187,14 @@ def _parse_dims(source: str, raw: dict) -> dict[str, Dimension]:
             elif spec.default is not None:
                 dims[key] = Fixed(spec.default)
     return dims
+
+
+def _parse_track(source: str, value: Any) -> tuple[str, ...]:
+    """`search.track`: the trackers each trial is logged to, a list of names or one name (null: none)."""
+    spec, names = PLAIN["search"]["track"], [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not spec.check(names):
+        raise SpaceError(source, "search.track", f"must be {spec.allowed}, got {value!r} ({type_name(value)})")
+    return tuple(dict.fromkeys(names))
 
 
 def _parse_enqueue(source: str, items: Any, dims: dict[str, Dimension]) -> tuple[dict[str, Any], ...]:

@@ -88,6 +88,10 @@ class EarlyStopping:
     beaten_by: int = setting(2, "an integer >= 1", lambda v: v >= 1)
 
 
+TRACKERS = ("mlflow", "wandb", "tensorboard")
+"""The experiment trackers `search.track` and `--track` name (each an optional extra: kdsearch[NAME])."""
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     """The space's `search` section: how many trials, chosen by which sampler, run how."""
@@ -106,6 +110,10 @@ class SearchSettings:
     max_concurrent: int | None = setting(None, "an integer >= 1, or null", lambda v: v >= 1)
     # configs tried first (dotted dimension names -> values); the space file's parser checks them
     enqueue: tuple[dict[str, Any], ...] = ()
+    # the experiment trackers each trial is logged to (kdsearch.search.trackers); the file gives a list or one name
+    track: tuple[str, ...] = setting(
+        (), "a list of trackers: " + ", ".join(TRACKERS), lambda v: all(name in TRACKERS for name in v)
+    )
 
 
 @dataclass(frozen=True)
