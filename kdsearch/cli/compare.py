@@ -65,7 +65,7 @@ def _print_tables(comparison: dict) -> None:
 
 def compare(
     runs: list[str] = typer.Argument(
-        ..., metavar="RUN...", help="Runs: folders (runs/NAME) or URIs (s3://BUCKET/runs/NAME)."
+        ..., metavar="RUN", help="Runs: folders (runs/NAME) or URIs (s3://BUCKET/runs/NAME)."
     ),
     fmt: Format = typer.Option(Format.table, "--format", help="table, csv or json."),
     plot: Path = typer.Option(None, "--plot", help="Write a PNG of the runs' fronts, a colour per run."),
