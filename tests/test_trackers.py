@@ -214,3 +214,43 @@ def _wandb_run(path: Path) -> dict[str, Any]:
             for k, v in items.items():
                 out["history"].setdefault(k, []).append((items.get("_step"), v))
     return out
+
+
+def test_tensorboard_of_a_run_in_a_bucket_is_written_locally_then_uploaded(tmp_path: Path) -> None:
+    """The backend alone (it runs in the driver), on pyarrow's in-memory filesystem: a storage
+    with no local path, as a bucket is."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kdsearch.search.tracker_backends import TensorboardTracker, TrackedRun
+    from kdsearch.storage import Storage
+
+    store = Storage.open("mock:///runs").child("bucketed")
+    assert store.local_path() is None
+    tracker = TensorboardTracker()
+    tracker.start(TrackedRun("bucketed", "digits_search", store, "tensorboard"))
+    tracker.trial_start("t1", "t1", {"student.depth": 2, "train.max_minutes": None})
+    tracker.epoch("t1", 1, {"val_acc": 0.5})
+    tracker.epoch("t1", 2, {"val_acc": 0.75})
+    tracker.trial_end("t1", "completed", {"val_acc": 0.75, "flops": 1e6})
+    uploaded = store.fs.get_file_info(store.path("tensorboard/t1"))
+    assert uploaded.type.name == "Directory"  # the trial's folder went up when it ended
+    tracker.end({"columns": ["trial_id", "val_acc"], "rows": [["t1", 0.75]], "history": [(1, 0.25)]})
+    assert not Path(tracker.root).exists()  # the local folder is gone
+    for rel in _files(store, "tensorboard"):  # copied back, then read as a user would
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(store.read_bytes(rel))
+    assert (tmp_path / "tensorboard/front.csv").read_text().splitlines() == ["trial_id,val_acc", "t1,0.75"]
+    trial = EventAccumulator(str(tmp_path / "tensorboard/t1"))
+    trial.Reload()
+    assert [(s.step, s.value) for s in trial.Scalars("val_acc")] == [(1, 0.5), (2, 0.75)]
+    search = EventAccumulator(str(tmp_path / "tensorboard"))
+    search.Reload()
+    assert [(s.step, s.value) for s in search.Scalars("hypervolume")] == [(1, 0.25)]
+
+
+def _files(store: Any, rel: str) -> list[str]:
+    from pyarrow.fs import FileSelector
+
+    infos = store.fs.get_file_info(FileSelector(store.path(rel), recursive=True))
+    root = store.path()
+    return [i.path[len(root) :].lstrip("/") for i in infos if i.type.name == "File"]

@@ -222,15 +222,16 @@ class TensorboardTracker:
         writer.close()
         for open_writer in self.writers.values():  # trials that never ended (an interrupted search)
             open_writer.close()
-        self._upload(self.root)
+        self._upload(self.root, recursive=False)  # the trials' folders went up as each ended
         if self._tmp is not None:
             self._tmp.cleanup()
 
-    def _upload(self, folder: Path) -> None:
-        """A bucket's copy of `folder` (every file under it), when the run lives in a bucket."""
+    def _upload(self, folder: Path, recursive: bool = True) -> None:
+        """A bucket's copy of `folder`'s files (those in its subfolders too when `recursive`), when
+        the run lives in a bucket."""
         if self._tmp is None:
             return
-        for f in folder.rglob("*"):
+        for f in folder.rglob("*") if recursive else folder.glob("*"):
             if f.is_file():
                 self.run.store.upload(f, f"{self.run.folder}/{f.relative_to(self.root).as_posix()}")
 

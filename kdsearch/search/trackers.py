@@ -95,6 +95,7 @@ class TrackingCallback(tune.Callback):
         self._tasks: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._backends: dict[str, Any] = {}
+        self._started: set[str] = set()  # the trials whose tracker runs exist
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "say": None, "summary": None, "_tasks": None, "_thread": None, "_backends": {}}
@@ -133,9 +134,9 @@ class TrackingCallback(tune.Callback):
             log.warning(line)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        if trial.trial_id in getattr(self, "_started", set()):  # a retried trial keeps its tracker run
+        if trial.trial_id in self._started:  # a retried trial keeps its tracker run
             return
-        self._started = {*getattr(self, "_started", set()), trial.trial_id}
+        self._started.add(trial.trial_id)
         self._put("trial_start", trial.trial_id, self._name(trial), self._params(trial.config))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
