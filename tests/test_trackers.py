@@ -3,6 +3,7 @@ once, each read back with its own library; a tracker that cannot be reached; one
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import struct
@@ -17,11 +18,16 @@ from kdsearch.results.hypervolume import hypervolume_of, run_reference
 from kdsearch.results.tables import RunPaths
 from kdsearch.search.trackers import parse_track
 from kdsearch.space.file import load_space
-from tests.helpers import run_cli, write_space
+from tests.helpers import missing, run_cli, write_space
 
-pytest.importorskip("mlflow")
-pytest.importorskip("wandb")
-pytest.importorskip("tensorboard")
+MISSING = [name for name in ("mlflow", "wandb", "tensorboard") if importlib.util.find_spec(name) is None]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def trackers_installed() -> None:
+    """Each test needs the trackers' packages (the dev extra installs them): skipped without, failed in CI."""
+    if MISSING:
+        missing(f"{', '.join(MISSING)} not installed (pip install -e '.[dev]')")
 
 
 @pytest.fixture(scope="module")
