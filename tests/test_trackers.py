@@ -141,23 +141,28 @@ def test_tensorboard_has_a_folder_per_trial_in_the_run(tracked: dict[str, Any]) 
 
 
 def test_an_unreachable_tracker_is_one_line_and_the_search_goes_on(
-    shared_ray, digits_teacher_path: Path, tmp_path: Path
+    shared_ray,
+    digits_teacher_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
-    from kdsearch.search.run import run_search
-
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     space = _without_teacher_signal(write_space(tmp_path, digits_teacher_path, trials=1, epochs=1))
-    lines: list[str] = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-        result = run_search(space, storage=tmp_path / "runs", say=lines.append, track=["mlflow"])
-    assert len(result.trials) == 1 and not result.interrupted
-    said = [ln for ln in lines if "mlflow" in ln]
-    assert len(said) == 1, lines  # not one per trial, result or end: the tracker is off after its first failure
+    space.write_text(
+        space.read_text().replace("budget: {max_gflops: 0.004}", "budget: {max_gflops: null}")
+    )  # it trains
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    assert run_cli(["search", str(space), "--storage", str(tmp_path / "runs"), "--track", "mlflow"]) == 0
+    err = capsys.readouterr().err
+    said = [ln for ln in err.splitlines() if "mlflow" in ln]
+    # one line, not one per trial, result or end: the tracker is off after its first failure
+    assert len(said) == 1, err
     assert said[0].startswith(f"--track mlflow: http://127.0.0.1:{port} does not answer"), said[0]
     assert said[0].endswith("mlflow is off for the rest of this search"), said[0]
+    assert "1/1 trials  completed 1" in err, err  # the search ran to its end
 
 
 def test_a_tracker_not_installed_is_one_line_before_ray_starts(
