@@ -96,7 +96,7 @@ def test_a_bad_hang_grace_is_one_line(
 def fault_hook():
     """A measured objective that is a test's hook into real trials (the worker runs it after
     every epoch): the OOM config raises torch's out-of-memory error at epoch 1, the slow one
-    stalls 2 s there, so its max_minutes (0.02 = 1.2 s) has passed at epoch 2's first batch,
+    stalls 1.5 s there, so its max_minutes (0.02 = 1.2 s) has passed at epoch 2's first batch,
     and the hung one sleeps there for good (a call with no batch boundary: only the watchdog
     can end it)."""
 
@@ -108,7 +108,7 @@ def fault_hook():
         if ctx.spec.recipe.alpha == OOM_ALPHA and ctx.epoch == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nadvice")
         if ctx.spec.recipe.alpha == SLOW_ALPHA and ctx.epoch == 1:
-            time.sleep(2.0)
+            time.sleep(1.5)
         if ctx.spec.recipe.alpha == HUNG_ALPHA and ctx.epoch == 1:
             time.sleep(600.0)
         return 1.0
@@ -123,10 +123,11 @@ def test_diverged_oom_timed_out_and_hung_trials_fail_and_the_search_goes_on(
     from kdsearch.search.run import run_search
     from kdsearch.train.faults import HANG_GRACE
 
-    # the hung trial: max_minutes 0.1 (6 s, well past its first epoch) + 0.02 of grace (set before
+    # the hung trial: max_minutes 0.1 (6 s, well past its first epoch) + 0.08 of grace (set before
     # the search starts its Ray, whose workers inherit it); not retried (max_failures 0), as it
-    # would hang again
-    monkeypatch.setenv(HANG_GRACE, "0.02")
+    # would hang again. The grace (4.8 s) holds the slow trial's first epoch, its 1.5 s stall and
+    # one batch on a loaded machine: its batch-boundary check ends it, never the watchdog
+    monkeypatch.setenv(HANG_GRACE, "0.08")
     space_file = write_space(tmp_path, digits_teacher_path, trials=5, epochs=2, max_concurrent=2)
     raw = yaml.safe_load(space_file.read_text())
     raw["train"].update(lr=[2.0e-3, 1.0e6], warmup_epochs=0, max_minutes=[0.02, 0.1, 10.0])
@@ -154,7 +155,7 @@ def test_diverged_oom_timed_out_and_hung_trials_fail_and_the_search_goes_on(
         r"TrialTimedOut: trained \d+\.\d\d min, exceeded train\.max_minutes=0\.02 after epoch [01]", errors[2]
     ), errors[2]
     assert errors[3] == (
-        "TrialTimedOut: still running 0.12 min after its start, past train.max_minutes=0.1 plus 0.02 min "
+        "TrialTimedOut: still running 0.18 min after its start, past train.max_minutes=0.1 plus 0.08 min "
         "of grace, with no batch boundary reached (stuck in a call); its worker was ended"
     )
     assert pd.isna(trials.error.iloc[4]) and trials.val_acc.iloc[4] > 0  # trained and measured
