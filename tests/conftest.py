@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def hide_wandb_from_child_processes() -> None:
+    """Every process this session starts (Ray's workers, the CLI's subprocesses, local.sh nodes
+    started with this environment) finds a `wandb` that fails to import.
+
+    NOTE: timm imports wandb whenever it can (timm.utils.summary), and wandb's import costs
+    every process that imports timm about 0.5 s: about two minutes of this suite. Only
+    `--track wandb` uses it, and only in the driver: tests/test_trackers.py runs it in this
+    process, whose own sys.path this leaves as it is.
+    """
+    shim = Path(tempfile.mkdtemp(prefix="kdsearch-no-wandb-")) / "wandb"
+    shim.mkdir()
+    (shim / "__init__.py").write_text('raise ImportError("wandb is hidden from the test session\'s child processes")\n')
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim.parent), os.environ.get("PYTHONPATH")]))
+
+
+hide_wandb_from_child_processes()
 
 
 @pytest.fixture(scope="session")
