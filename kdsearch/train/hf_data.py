@@ -137,7 +137,8 @@ def find_source(spec: DataSpec) -> Source:
             raise KdsearchError(f"data.test_split: {spec.test_split!r} is the train split; name another")
     test = spec.test_split or next((s for s in TEST_SPLITS if s in splits and s != train), None)
     features = splits[train].features
-    image, label = _image_column(spec, features), _label_column(spec, features)
+    image = _column(spec, features, "image_column", "Image", ("image", "img"))
+    label = _column(spec, features, "label_column", "ClassLabel", ("label", "labels"))
     class_label = type(features[label]).__name__ == "ClassLabel"
     if class_label:
         classes = tuple(features[label].names)
@@ -155,30 +156,16 @@ def _require_split(spec: DataSpec, splits: dict[str, Any], key: str, name: str) 
         raise KdsearchError(f"data.{key}: {spec.path} has no split {name!r}; it has: {', '.join(splits)}")
 
 
-def _image_column(spec: DataSpec, features: Any) -> str:
-    if spec.image_column is not None:
-        _require_column(spec, features, "image_column", spec.image_column)
-        return spec.image_column
-    found = [c for c, f in features.items() if type(f).__name__ == "Image"] + [
-        c for c in ("image", "img") if c in features
-    ]
+def _column(spec: DataSpec, features: Any, key: str, feature: str, names: tuple[str, str]) -> str:
+    """The column `data.KEY` states, else the first `feature`-typed one, else one named `names`."""
+    stated = getattr(spec, key)
+    if stated is not None:
+        _require_column(spec, features, key, stated)
+        return stated
+    found = [c for c, f in features.items() if type(f).__name__ == feature] + [c for c in names if c in features]
     if not found:
         raise KdsearchError(
-            f"data.image_column: {spec.path} has no Image feature and no column named image or img; name one of: {', '.join(features)}"
-        )
-    return found[0]
-
-
-def _label_column(spec: DataSpec, features: Any) -> str:
-    if spec.label_column is not None:
-        _require_column(spec, features, "label_column", spec.label_column)
-        return spec.label_column
-    found = [c for c, f in features.items() if type(f).__name__ == "ClassLabel"] + [
-        c for c in ("label", "labels") if c in features
-    ]
-    if not found:
-        raise KdsearchError(
-            f"data.label_column: {spec.path} has no ClassLabel feature and no column named label or labels; name one of: {', '.join(features)}"
+            f"data.{key}: {spec.path} has no {feature} feature and no column named {names[0]} or {names[1]}; name one of: {', '.join(features)}"
         )
     return found[0]
 
