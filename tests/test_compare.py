@@ -7,8 +7,6 @@ import csv
 import io
 import json
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +15,7 @@ from PIL import Image
 
 from kdsearch.results.plots import TAB10
 from kdsearch.results.tables import TRIAL_COLUMNS, RunPaths, write_json, write_table
+from tests.browser import CHROMIUM, NO_CHROMIUM, chromium
 from tests.helpers import needs, run_cli
 from tests.helpers import run_dir as local_run_dir
 
@@ -137,37 +136,7 @@ def test_runs_that_cannot_be_compared(
     assert "--reference: no value for flops" in capsys.readouterr().err
 
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-
-
-def chromium(page: Path, *args: str) -> subprocess.CompletedProcess:
-    """Headless Chromium loads the page with `args` (--dump-dom, --screenshot=PATH)."""
-    with tempfile.TemporaryDirectory() as profile:
-        return subprocess.run(
-            [
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                "--enable-logging=stderr",
-                "--v=0",
-                "--virtual-time-budget=10000",
-                "--window-size=1100,1400",
-                *args,
-                page.as_uri(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-
-@needs(None if CHROMIUM else "no Chromium found (.ci/run installs Debian's chromium package)")
+@needs(None if CHROMIUM else NO_CHROMIUM)
 def test_the_fronts_in_a_png_and_in_headless_chromium(runs: tuple[Path, Path], tmp_path: Path) -> None:
     png, page, shot = tmp_path / "fronts.png", tmp_path / "fronts.html", tmp_path / "shot.png"
     assert run_cli(["compare", *map(str, runs), "--plot", str(png), "--html", str(page)]) == 0

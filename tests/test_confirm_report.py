@@ -28,8 +28,8 @@ from kdsearch.results.confirm import (
 )
 from kdsearch.results.tables import CONFIRM_COLUMNS, RunPaths, load_run, write_json, write_table
 from kdsearch.space.specs import StudentSpec
+from tests.browser import CHROMIUM, NO_CHROMIUM, render
 from tests.helpers import needs, run_cli
-from tests.test_inspect import CHROMIUM, render
 
 OBJECTIVES = [("val_acc", "max"), ("flops", "min")]
 
@@ -355,7 +355,7 @@ def test_the_report_shows_the_confirmed_section(tmp_path) -> None:
     assert not (out / "confirm_front.png").exists()
 
 
-@needs(None if CHROMIUM else "no Chromium found (.ci/run installs Debian's chromium package)")
+@needs(None if CHROMIUM else NO_CHROMIUM)
 def test_the_confirmed_report_renders_in_headless_chromium(tmp_path) -> None:
     """The confirm figure comes first and carries plotly's script: every figure after it draws."""
     paths = make_run(tmp_path)

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +18,7 @@ import kdsearch
 from kdsearch.models.student import build_student
 from kdsearch.results.export import spec_of
 from kdsearch.train.data import count_test_images_read, load_data, load_test
+from tests.browser import CHROMIUM, NO_CHROMIUM, render
 from tests.helpers import needs, run_cli
 from tests.helpers import run_dir as local_run_dir
 
@@ -186,39 +186,8 @@ def test_version_and_help_say_their_defaults(capsys: pytest.CaptureFixture[str])
 
 # ---- the HTML report in a real browser ---------------------------------------------------------
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
-
-def render(page: Path) -> tuple[str, list[str]]:
-    """Headless Chromium loads the page; returns the DOM after scripts ran and the console errors."""
-    with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.run(
-            [
-                CHROMIUM,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                "--enable-logging=stderr",
-                "--v=0",
-                "--virtual-time-budget=10000",
-                "--dump-dom",
-                page.as_uri(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    errors = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln and ("Error" in ln or "Uncaught" in ln)]
-    return proc.stdout, errors
-
-
-@needs(None if CHROMIUM else "no Chromium found (.ci/run installs Debian's chromium package)")
+@needs(None if CHROMIUM else NO_CHROMIUM)
 def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
     assert run_cli(["report", str(run_dir), "--out", str(tmp_path)]) == 0
     assert {"report.html", "report.md", "front.png", "pe_fronts.png"} <= {p.name for p in tmp_path.iterdir()}
