@@ -32,7 +32,16 @@ from kdsearch.space.specs import DataSpec
 from kdsearch.train.augment import ViewTransform, shift_and_rotate
 from kdsearch.train.folder_data import FolderSplit
 from kdsearch.train.hf_data import read_hf_test, read_hf_train
-from kdsearch.train.memory_data import SPLIT_SEED, fingerprint, in_memory_data, in_memory_test, stratified
+from kdsearch.train.memory_data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SPLIT_SEED,
+    content_hash,
+    fingerprint,
+    in_memory_data,
+    in_memory_test,
+    stratified,
+)
 from kdsearch.train.splits import Batch, Data, TensorSplit, batches, view_seeds
 
 __all__ = [
@@ -42,7 +51,6 @@ __all__ = [
 
 TEST_READ_LOG = "KDSEARCH_TEST_READ_LOG"  # a file each process appends "pid images" to when it reads test images
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def load_data(spec: DataSpec | object) -> Data:
@@ -102,16 +110,12 @@ def _require_root(spec: DataSpec) -> Path:
 def _cifar(spec: DataSpec, train: bool) -> tuple[torch.Tensor, torch.Tensor, str]:
     """CIFAR's training (or test) images as one uint8 (N, 3, 32, 32) tensor, their labels, and a
     hash of their content (the same CIFAR in two folders is one cache)."""
-    import hashlib
-
     from kdsearch.train.fetch import dataset_root, read_cifar
 
     data, targets = read_cifar(dataset_root(spec), spec.name, train)  # fetched on first use, once per node
     images = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(targets, dtype=torch.long)
-    content = hashlib.sha256(data.tobytes())
-    content.update(labels.numpy().tobytes())
-    return images, labels, content.hexdigest()[:16]
+    return images, labels, content_hash(data, labels.numpy())[:16]
 
 
 def load_cifar(spec: DataSpec) -> Data:

@@ -24,7 +24,6 @@ never decodes it.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,8 @@ import torch
 
 from kdsearch.errors import KdsearchError
 from kdsearch.space.specs import DataSpec
-from kdsearch.train.memory_data import SPLIT_SEED, fingerprint, stratified
+from kdsearch.train.memory_data import IMAGENET_MEAN, IMAGENET_STD, SPLIT_SEED, content_hash, fingerprint, stratified
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 MAX_DECODED_BYTES = 16 * 2**30  # one split's decoded uint8 tensor: above it, an image folder (read per batch) fits
 INSTALL = "pip install 'kdsearch[hf]'"
 TEST_SPLITS = ("test", "validation", "val")  # the test split found, in this order, when data.test_split is null
@@ -281,10 +279,8 @@ def read_hf_train(spec: DataSpec) -> dict[str, Any]:
         split, labels = split.select(rows), labels[rows]
     where = f"data.path ({spec.path}, split {source.train!r})"
     images = decode_images(split, source.image, spec.img_size, where)
-    content = hashlib.sha256(images.numpy().data)  # the decoded pixels, read in place
-    content.update(labels.tobytes())
     fp = fingerprint(
-        name="hf", content=content.hexdigest(), classes=source.classes, image=source.image, label=source.label,
+        name="hf", content=content_hash(images.numpy(), labels), classes=source.classes, image=source.image, label=source.label,
         train=source.train, test=source.test, img_size=spec.img_size, split_seed=SPLIT_SEED,
         test_fraction=spec.test_fraction if source.test is None else None,
     )  # fmt: skip

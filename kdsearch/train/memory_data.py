@@ -23,6 +23,14 @@ from kdsearch.train.augment import ViewTransform
 from kdsearch.train.splits import CPU, Batch, Data
 
 SPLIT_SEED = 0
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def content_hash(pixels: np.ndarray, labels: np.ndarray) -> str:
+    """The sha256 (hex) of the images' bytes then the labels' bytes, read in place (no copy)."""
+    content = hashlib.sha256(np.ascontiguousarray(pixels).data)
+    content.update(np.ascontiguousarray(labels).data)
+    return content.hexdigest()
 
 
 def fingerprint(**parts: object) -> str:
