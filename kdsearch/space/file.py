@@ -48,6 +48,7 @@ from kdsearch.space.search_space import (
     Resources,
     SearchSettings,
     SearchSpace,
+    check_strategy,
     iter_architectures,
 )
 from kdsearch.space.specs import BUILTIN_TEACHER, DataSpec, StudentSpec, TeacherSpec
@@ -131,6 +132,7 @@ def parse_space(raw: Any, source: str = "<space>", base_dir: Path | None = None)
         raw=raw,
     )
     _check_budget_meetable(source, space)
+    check_strategy(space)
     return space
 
 

@@ -91,6 +91,9 @@ class EarlyStopping:
 TRACKERS = ("mlflow", "wandb", "tensorboard")
 """The experiment trackers `search.track` and `--track` name (each an optional extra: kdsearch[NAME])."""
 
+STRATEGIES = ("standard", "oneshot")
+"""`search.strategy`: train every trial from scratch, or screen the students with a supernet first."""
+
 
 @dataclass(frozen=True)
 class SearchSettings:
@@ -114,6 +117,13 @@ class SearchSettings:
     track: tuple[str, ...] = setting(
         (), "a list of trackers: " + ", ".join(TRACKERS), lambda v: all(name in TRACKERS for name in v)
     )
+    # standard: every trial trains from scratch; oneshot: a supernet screens the students first (kdsearch.search.oneshot)
+    strategy: str = setting("standard", "one of " + ", ".join(STRATEGIES), lambda v: v in STRATEGIES)
+    supernet_epochs: int | None = setting(
+        None, "an integer >= 1, or null (the space's train.epochs default)", lambda v: v >= 1
+    )
+    screen_subnets: int = setting(1000, "an integer >= 1 (students the screening scores)", lambda v: v >= 1)
+    screen_sampler: str = setting("nsga2", "one of " + ", ".join(SAMPLERS), lambda v: v in SAMPLERS)
 
 
 @dataclass(frozen=True)
@@ -276,3 +286,23 @@ def iter_architectures(space: SearchSpace) -> Iterator[StudentSpec]:
     rng = np.random.default_rng(0)
     for _ in range(20_000):
         yield space.sample(rng).student
+
+
+def check_strategy(space: SearchSpace) -> None:
+    """The cross-key rule of `search.strategy: oneshot`: a supernet's subnets are scored before
+    any trains, so each objective is val_acc (inherited) or computed from the spec.
+
+    Raises:
+        SpaceError: an objective of the space is measured (latency_ms, ...) or reported otherwise.
+    """
+    if space.search.strategy != "oneshot":
+        return
+    for name, _ in space.objectives:
+        if name != "val_acc" and objective_table.get(name).source != "computed":
+            computed = ", ".join(objective_table.names("computed"))
+            raise SpaceError(
+                space.source,
+                "search.strategy",
+                f"oneshot screens students before any trains, so its objectives are val_acc and those computed "
+                f"from the spec ({computed}); {name} is {objective_table.get(name).source}: drop it or use strategy standard",
+            )
