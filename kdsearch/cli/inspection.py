@@ -15,8 +15,10 @@ def status(
     run: str = typer.Argument(..., help="A run: its folder (runs/NAME) or URI (s3://BUCKET/runs/NAME)."),
     as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
 ) -> None:
-    """Progress and the front so far, from a run's files (while it runs or after)."""
+    """Progress and the front so far, from a run's files (while it runs or after); for a
+    one-shot run, its stage first (supernet, screening or training) and that stage's time."""
     from kdsearch.results.hypervolume import run_reference
+    from kdsearch.results.oneshot import run_stage
     from kdsearch.results.status import render_status, status_dict
     from kdsearch.results.tables import RunPaths, open_run
 
@@ -31,9 +33,13 @@ def status(
     reference, why = run_reference(paths, meta, objectives)
     args = (trials, epochs, objectives, meta["trials"], meta["started"])
     ended = meta.get("ended")  # written when the search's experiment returns; absent while it runs
+    stage = run_stage(paths, meta)  # None for a standard run
     if as_json:
-        print_json(status_dict(*args, reference=reference, why_no_reference=why, ended=ended))
+        s = status_dict(*args, reference=reference, why_no_reference=why, ended=ended)
+        print_json(s | {"oneshot": stage} if stage else s)
         return
+    if stage:
+        wide_console().print(stage["line"], soft_wrap=True)
     wide_console().print(render_status(*args, reference=reference, why_no_reference=why, ended=ended))
 
 

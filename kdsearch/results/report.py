@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.results.confirm import display_tables, load_confirm, summarize
 from kdsearch.results.hypervolume import Hypervolume, hypervolume_of, run_reference
+from kdsearch.results.oneshot_report import oneshot_html, oneshot_markdown
 from kdsearch.results.outcomes import STATUSES, Status, counts
 from kdsearch.results.pareto import front_rows
 from kdsearch.results.plots import (
@@ -213,7 +214,8 @@ def importance_figure(imp: dict[str, float], title: str) -> go.Figure:
 
 def write_report(run: Run, out: str | os.PathLike) -> tuple[Path, Path]:
     """report.html (self-contained) and report.md (with PNGs beside it) in `out`; with a
-    "Confirmed with S seeds" section when the run has confirm.parquet."""
+    "Confirmed with S seeds" section when the run has confirm.parquet, and a "One-shot
+    screening" one for a one-shot run (kdsearch.results.oneshot_report)."""
     require_finished(run)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -354,7 +356,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#
 <p>{html.escape(hv.describe())}</p>
 <h2>{html.escape(_front_heading(run))}</h2>
 {_table_html(front_table(run))}
-{confirm_html}{"".join(parts)}
+{confirm_html}{"".join(parts)}{oneshot_html(run)}
 <h2>{TROUBLE_HEADING}</h2>
 {_table_html(trouble(run))}
 <h2>{THROUGHPUT_HEADING}</h2>
@@ -417,6 +419,7 @@ def write_markdown(
                 f"## {title}\n",
                 _table_md([{"parameter": k, "importance": v} for k, v in imp[name].items()]),
             ]
+    md += oneshot_markdown(run, out)  # a one-shot run's section; nothing for a standard run
     md += [f"## {TROUBLE_HEADING}\n", _table_md(trouble(run))]
     md += [f"## {THROUGHPUT_HEADING}\n", _table_md(throughput_table(run))]
     path = out / "report.md"
