@@ -21,9 +21,11 @@ from kdsearch.results.oneshot import (
     SUPERNET_EPOCHS,
     inherited_pairs,
     kendall_tau,
+    latest_subnets,
     load_oneshot,
     stage_status,
 )
+from kdsearch.results.parts import PartsWriter, parts_dir
 from kdsearch.results.tables import TRIAL_COLUMNS, RunPaths, load_run, write_json, write_table
 from kdsearch.space.specs import StudentSpec
 from tests.helpers import run_cli
@@ -54,8 +56,9 @@ TRIALS = {
     "t5": ("failed", None, 56),
     "t6": ("completed", 0.90, 80),  # Optuna's own sample past the kept ones: unmatched
 }
-# screening: embed_dim -> (inherited_val_acc, rank, kept); 64 was screened, not kept, not trained
-SCREENED = {16: (0.30, 1, 0), 24: (0.40, 1, 1), 32: (0.50, 2, 2), 40: (0.50, 1, 3), 48: (0.45, 2, 4), 56: (0.2, 3, 5)}
+# screening: embed_dim -> (inherited_val_acc, rank, kept); 56 was over the budget (recorded
+# unscored, as the search records it), 64 screened, not kept, not trained
+SCREENED = {16: (0.30, 1, 0), 24: (0.40, 1, 1), 32: (0.50, 2, 2), 40: (0.50, 1, 3), 48: (0.45, 2, 4), 56: (None, 0, -1)}
 SCREENED_MORE = {64: (0.10, 3, -1)}
 
 
@@ -116,7 +119,12 @@ def make_run(root: Path, stages: dict | None = STAGES_DONE, ended: float | None 
             for e in (1, 2, 3, 4)
         ]
         write_table(epochs, paths.store, SUPERNET_EPOCHS, ("epoch",))
-        write_table(screening_rows(), paths.store, SCREENING, ("subnet_id",))
+        # as the search writes it while it screens: a whole file, then parts (a later row of a subnet wins)
+        rows = screening_rows()
+        stale = {**rows[3], "rank": 0, "kept": -1}  # subnet 2 before the ranking, replaced by its part's row
+        write_table([*rows[:3], stale, rows[4]], paths.store, SCREENING, ("subnet_id",))
+        PartsWriter(paths.store, SCREENING, ("subnet_id",), latest_subnets).append([rows[3], *rows[5:]])
+        assert paths.store.exists(parts_dir(SCREENING))
     return paths
 
 
@@ -159,7 +167,7 @@ def test_pairs_and_tau_of_a_run(tmp_path) -> None:
     assert shot.trained[1]["student.pos_embed"] == "rope"
     # C = 4 (0-1, 0-2, 0-3, 1-3), D = 1 (1-2), t2-t3 tied in inherited: 3 / sqrt(5 x 6)
     assert shot.kendall_tau == pytest.approx(3 / math.sqrt(30)) and shot.tau_n == 4
-    assert len(shot.screening) == 8 and shot.kept == 6 and [e["epoch"] for e in shot.supernet_epochs] == [1, 2, 3, 4]
+    assert len(shot.screening) == 8 and shot.kept == 5 and [e["epoch"] for e in shot.supernet_epochs] == [1, 2, 3, 4]
     # shares of the run's 200 s: setup 10, supernet 60, screening 15, training 115
     assert shot.run_seconds == 200.0
     assert shot.seconds == {"setup": 10.0, "supernet": 60.0, "screening": 15.0, "training": 115.0}
@@ -200,11 +208,9 @@ def test_the_report_has_the_one_shot_section_and_a_standard_one_does_not(tmp_pat
     sentence = "The screening's rank agreement with training is Kendall's tau = 0.55 over n = 4 trained students"
     for text in (page, md):
         assert HEADING in text and sentence in text
-        assert "8 of 8 subnets screened with inherited weights: 7 within the budget, 4 on the screened front, " in text
-        assert (
-            "6 kept for training. Of the completed trials, 4 trained a screened subnet and 1 a student Optuna sampled itself"
-            in text
-        )
+        assert "7 subnets scored with inherited weights (the screening's target: 8; 1 more over the budget, " in text
+        assert "recorded unscored): 4 on the screened front, 5 kept for training. " in text
+        assert "Of the completed trials, 4 trained a screened subnet and 1 a student Optuna sampled itself" in text
         assert "30.0%" in text and "7.5%" in text and "57.5%" in text  # supernet, screening, training shares
     assert tau in page  # plotly's title, in the figure's JSON
     assert page.count("Plotly.newPlot") >= 3 and 'id="oneshot"' in page

@@ -5,7 +5,9 @@ accuracy against its trained one, with Kendall's tau over those pairs.
 The files are the search's (kdsearch.search.oneshot), under the run's `oneshot/` folder:
 stages.json (each stage's start, end and progress), supernet_epochs.parquet (one row per
 supernet epoch) and screening.parquet (one row per scored subnet). A trained trial's subnet is
-the screening row whose student.* columns equal the trial's. `load_oneshot` reads them for the
+the screening row whose student.* columns equal the trial's. The search writes screening.parquet
+by parts while it screens (kdsearch.results.parts; `latest_subnets` is its rule), so
+`read_screening` sees the rows scored so far. `load_oneshot` reads them for the
 report (kdsearch.results.oneshot_report); `stage_status` is the stage line of `kdsearch status`.
 """
 
@@ -18,9 +20,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from kdsearch.errors import KdsearchError
 from kdsearch.results.outcomes import Status
+from kdsearch.results.parts import Rows, read_table_rows
 from kdsearch.results.tables import RunPaths
+from kdsearch.storage import first_line
 
 FOLDER = "oneshot"
 STAGES = f"{FOLDER}/stages.json"
@@ -89,6 +95,23 @@ def read_stages(paths: RunPaths) -> dict[str, Any]:
     return {k: v for k, v in stages.items() if isinstance(v, dict)}
 
 
+def latest_subnets(rows: Rows) -> Rows:
+    """screening.parquet's rule: a later row of a subnet_id replaces the earlier; by subnet_id."""
+    by_id = {int(r["subnet_id"]): r for r in rows}
+    return [by_id[i] for i in sorted(by_id)]
+
+
+def read_screening(paths: RunPaths) -> Rows:
+    """screening.parquet's rows, its parts folded in ([] before it exists); one clear error
+    when a file of it is not readable Parquet."""
+    try:
+        return read_table_rows(paths.store, SCREENING, latest_subnets)
+    except (pa.ArrowException, OSError) as e:
+        raise KdsearchError(
+            f"{paths.store.uri_of(SCREENING)}: is not a readable Parquet table (truncated or corrupt: {first_line(e)})"
+        ) from None
+
+
 def load_oneshot(paths: RunPaths, now: float | None = None) -> OneShot | None:
     """A one-shot run's stages, supernet epochs, screening and trained students; None for a
     standard run (no oneshot/ folder).
@@ -104,7 +127,7 @@ def load_oneshot(paths: RunPaths, now: float | None = None) -> OneShot | None:
         return None
     meta = paths.meta()
     stages = read_stages(paths)
-    screening = paths.rows(SCREENING)
+    screening = read_screening(paths)
     trials = paths.rows(RunPaths.TRIALS)
     trained, unmatched = inherited_pairs(trials, screening)
     tau, n, p = kendall_tau([t["inherited_val_acc"] for t in trained], [t["val_acc"] for t in trained])

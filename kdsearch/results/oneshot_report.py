@@ -49,16 +49,17 @@ def trust_sentence(shot: OneShot) -> str:
 
 
 def screening_summary(shot: OneShot) -> str:
-    """How many subnets were screened, within the budget, on the screened front and kept; how
-    many trained students have an inherited score."""
+    """How many subnets were scored, over the budget, on the screened front and kept; how many
+    completed trials trained a screened subnet."""
     rows = shot.screening
-    feasible = sum(1 for r in rows if r.get("feasible"))
+    scored = sum(1 for r in rows if r.get("inherited_val_acc") is not None)
+    over = sum(1 for r in rows if r.get("feasible") is False)
     front = sum(1 for r in rows if r.get("rank") == 1)
-    asked = (shot.stages.get("screening") or {}).get("of")
-    of = f" of {asked}" if asked is not None else ""
+    target = (shot.stages.get("screening") or {}).get("of")
+    of = f"the screening's target: {target}; " if target is not None else ""
     own = f" and {shot.unmatched} a student Optuna sampled itself, never screened" if shot.unmatched else ""
     return (
-        f"{len(rows)}{of} subnets screened with inherited weights: {feasible} within the budget, "
+        f"{scored} subnets scored with inherited weights ({of}{over} more over the budget, recorded unscored): "
         f"{front} on the screened front, {shot.kept} kept for training. "
         f"Of the completed trials, {shot.tau_n} trained a screened subnet{own}. "
         "Every number on the run's front is a trained student's, never an inherited score."
