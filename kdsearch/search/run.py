@@ -33,6 +33,7 @@ from kdsearch.results.pareto import front_rows
 from kdsearch.results.tables import RunPaths, write_json
 from kdsearch.search.callbacks import LiveView, ResultsRecorder
 from kdsearch.search.early_stopping import ParetoHalvingRule
+from kdsearch.search.oneshot import enqueue_kept, run_oneshot
 from kdsearch.search.ray_session import (
     TUNE_ADVICE,
     check_local_gpus,
@@ -128,6 +129,8 @@ def run_search(
         reuse = reuse_on(address) if reuse_actors is None else reuse_actors
         search = _Search(space, paths, meta, console, say, reuse, trainable)
         search.track = trackers
+        if space.search.strategy == "oneshot" and trial is None:  # stages 1 and 2; the training is this search
+            search.kept = run_oneshot(space, paths, loaded, total, say)
         return search.start(total, earlier) if not resume else search.resume(total)
 
 
@@ -171,6 +174,7 @@ class _Search:
         self._view: LiveView | None = None  # the running experiment's live view, if any
         self._recorder: ResultsRecorder | None = None  # the new experiment's (a restored one brings its own)
         self.track: tuple[str, ...] = ()  # the experiment trackers (kdsearch.search.trackers)
+        self.kept: list[dict[str, Any]] | None = None  # oneshot: the screened students, in training order
 
     def start(self, total: int, earlier: list[dict[str, Any]] | None) -> SearchResult:
         if self.space.search.sampler == "tpe" and total > TPE_SLOW_AFTER:
@@ -182,6 +186,10 @@ class _Search:
         queued = enqueue_configs(searcher.study, self.space)
         if queued:
             self.say(f"{queued} enqueued configs run first (search.enqueue)")
+        if self.kept is not None:
+            self.say(
+                f"training: the {enqueue_kept(searcher.study, self.space, self.kept, [])} screened students run first"
+            )
         if earlier is not None:
             warm = add_earlier_trials(
                 searcher.study, self.space, earlier, self.space.objectives, searcher.study.sampler
@@ -204,7 +212,8 @@ class _Search:
         recorded = self.paths.rows(RunPaths.TRIALS)
         if len(recorded) < int(self.meta["trials"]):  # the run has trials left to run
             store = self.paths.store
-            if not tune.Tuner.can_restore(store.path(experiment), storage_filesystem=store.fs):
+            restorable = tune.Tuner.can_restore(store.path(experiment), storage_filesystem=store.fs)
+            if not restorable and not (self.kept is not None and not recorded):  # oneshot: killed before training
                 raise KdsearchError(
                     f"--resume: {store.uri_of(experiment)} holds no Ray Tune state (the search died before its first checkpoint); start it again"
                 )
@@ -222,6 +231,10 @@ class _Search:
         # a sampler seeded afresh for each extension: the first one's draws would repeat the run's start
         searcher = self._searcher(total, (self.space.search.seed + n) % (SEED_MAX + 1))
         warm = add_earlier_trials(searcher.study, self.space, recorded, self.space.objectives, searcher.study.sampler)
+        if self.kept is not None:  # oneshot: the screened students no recorded trial trained
+            self.say(
+                f"training: the {enqueue_kept(searcher.study, self.space, self.kept, recorded)} screened students left run first"
+            )
         self.meta.update(trials=total, tune=experiment)
         self.meta.pop("ended", None)  # the run goes on: `kdsearch status` counts its time again
         write_json(self.paths.store, RunPaths.META, self.meta)
@@ -282,6 +295,7 @@ class _Search:
         return TrackingCallback(self.track, run, "search", names, say=self.say, summary=summary)
 
     def _fit(self, tuner: tune.Tuner, total: int) -> SearchResult:
+        t0 = time.time()
         try:
             with quiet(*TUNE_ADVICE), one_line_sync_errors(), self._pending_trials():
                 grid = tuner.fit()  # SIGINT makes fit() return what finished, without raising
@@ -297,6 +311,10 @@ class _Search:
         # the experiment has returned (all trials done, or Ctrl-C): the run's end, for `kdsearch status`
         self.meta["ended"] = time.time()
         write_json(self.paths.store, RunPaths.META, self.meta)
+        if self.kept is not None:
+            self.say(
+                f"training: {len(self.paths.rows(RunPaths.TRIALS))} of {total} trials recorded, {self.meta['ended'] - t0:.1f} s"
+            )
         return self._result(total, grid)
 
     @contextlib.contextmanager
