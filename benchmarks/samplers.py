@@ -27,7 +27,10 @@ AutoSampler (OptunaHub's `samplers/auto_sampler`) is not in optuna: `optunahub.l
 downloads it from GitHub at run time, and it imports cmaes. With `--autosampler-registry DIR`
 (a local copy of the optunahub-registry repository; optunahub and cmaes importable) it is
 loaded by `optunahub.load_local_module` and measured as `auto`; without, it is printed as not
-measured, with the reason.
+measured, with the reason. What it would measure: for two or three objectives and a space with
+a categorical dimension (every kdsearch space: pos_embed, patch_size...), AutoSampler delegates
+to TPESampler(multivariate=True, constant_liar=True), kdsearch's `tpe`, below 250 completed
+trials, and to NSGAIISampler from 250 on (its _sampler.py, optunahub-registry 2026-08-21).
 """
 
 from __future__ import annotations
@@ -60,9 +63,11 @@ def load1() -> float:
 
 
 def space_raw(name: str, trials: int | None, epochs: int | None) -> dict[str, Any]:
-    """The shipped space `name` as plain data, its teacher's path absolute, trials/epochs overridden."""
-    raw = yaml.safe_load((ROOT / "search_spaces" / f"{name}.yaml").read_text())
-    raw["teacher"]["checkpoint"] = str((ROOT / "search_spaces" / raw["teacher"]["checkpoint"]).resolve())
+    """The shipped space `name` (or a space file's path) as plain data, its teacher's path
+    absolute, trials/epochs overridden."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else ROOT / "search_spaces" / f"{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["teacher"]["checkpoint"] = str((path.parent / raw["teacher"]["checkpoint"]).resolve())
     if epochs:
         raw["train"]["epochs"] = epochs
     if trials:
@@ -75,7 +80,8 @@ def autosampler(registry: Path | None) -> tuple[Callable[[Any], Any] | None, str
     if registry is None:
         return None, (
             "not measured: OptunaHub loads samplers/auto_sampler from GitHub at run time "
-            "(optunahub.load_module), which this machine cannot reach; give --autosampler-registry DIR "
+            "(optunahub.load_module), which this machine cannot reach (on kdsearch's spaces it runs "
+            "TPE, as tpe here, below 250 trials and NSGA-II from 250); give --autosampler-registry DIR "
             "(a local copy of optunahub-registry) with optunahub and cmaes installed"
         )
     try:
@@ -138,6 +144,15 @@ def run_standard(raw: dict[str, Any], sampler: str, seed: int, out: Path) -> dic
         "suggest_s": timer.seconds,
         "load": (load_start, load1()),
     }
+
+
+def save_run(path: Path | None, space: str, sampler: str, seed: int, r: dict[str, Any]) -> None:
+    """Append one run's raw figures to `path` as a JSON line (a cut-short benchmark keeps its runs)."""
+    if path is not None:
+        row = {"space": space, "sampler": sampler, "seed": seed, **{k: r[k] for k in ("wall", "trials", "load")}}
+        row.update({k: [float(v) for v in r[k]] for k in ("ended", "acc", "flops", "suggest_s")})
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def hv_at(curve: pd.DataFrame, cut: float) -> float:
@@ -226,6 +241,7 @@ def standard_mode(args: argparse.Namespace, samplers: Sequence[str]) -> list[dic
             for seed in range(args.seeds):
                 for sampler in samplers:
                     r = run_standard(raw, sampler, seed, Path(tmp))
+                    save_run(args.save, space, sampler, seed, r)
                     r.update(
                         sampler=sampler,
                         seed=seed,
@@ -370,6 +386,7 @@ def main() -> None:
     ap.add_argument("--subnets", type=int, default=200, help="screen: subnets scored per sampler and seed")
     ap.add_argument("--batch", type=int, default=25, help="screen: subnets asked, scored and told at a time")
     ap.add_argument("--autosampler-registry", type=Path, default=None)
+    ap.add_argument("--save", type=Path, default=None, help="standard: append each run's raw figures as a JSON line")
     ap.add_argument("--json", action="store_true", help="also print every table as one JSON line at the end")
     args = ap.parse_args()
     make_auto, why = autosampler(args.autosampler_registry)
