@@ -29,6 +29,7 @@ from kdsearch.results.hypervolume import hypervolume_of, run_reference
 from kdsearch.results.outcomes import Status
 from kdsearch.results.pareto import front_rows
 from kdsearch.results.plots import TAB10, Chart, Series, save_png, to_plotly
+from kdsearch.results.report_tables import table_html
 from kdsearch.results.tables import Run
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import Pairs, accuracy_and_cost
@@ -255,18 +256,6 @@ def write_compare_png(runs: Sequence[Run], comparison: Mapping[str, Any], path: 
     return save_png(compare_chart(runs, objectives, [r["run"] for r in comparison["runs"]]), path)
 
 
-def _table_html(rows: Sequence[dict[str, Any]]) -> str:
-    if not rows:
-        return "<p>none</p>"
-
-    def cell(v: Any) -> str:
-        return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def reference_line(comparison: Mapping[str, Any]) -> str:
     """What the hypervolumes are measured against, in one sentence."""
 
@@ -304,10 +293,10 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#
 <h1>kdsearch compare: {html.escape(names)}</h1>
 <p>Objectives: {html.escape(_pairs(objectives))}. {html.escape(reference_line(comparison))}</p>
 <h2>Runs</h2>
-{_table_html(summary_rows(comparison))}
+{table_html(summary_rows(comparison))}
 <h2>Each encoding's best member per run</h2>
 <p>The most accurate completed trial of the encoding ({html.escape(comparison["accuracy"])}), ties to the cheaper.</p>
-{_table_html(encoding_rows(comparison))}
+{table_html(encoding_rows(comparison))}
 <h2>The fronts</h2>
 {figure}
 </body></html>

@@ -11,12 +11,12 @@ nothing for a standard run, so its report is unchanged. The chart is a kdsearch.
 from __future__ import annotations
 
 import html
-import math
 from pathlib import Path
 from typing import Any
 
 from kdsearch.results.oneshot import OneShot, load_oneshot
 from kdsearch.results.plots import COLORS, Chart, Series, save_png, to_plotly
+from kdsearch.results.report_tables import table_html, table_md
 from kdsearch.results.tables import Run
 
 HEADING = "One-shot screening: a weight-sharing supernet scored subnets, the kept ones were trained"
@@ -127,29 +127,6 @@ def trained_rows(shot: OneShot) -> list[dict[str, Any]]:
     return [{k: t[k] for k in keys} for t in sorted(shot.trained, key=lambda t: -t["val_acc"])]
 
 
-def _table_html(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "<p>none</p>"
-    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _table_md(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "none\n"
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r.get(k)).replace("|", "/") for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
-
-
 def _epochs(shot: OneShot) -> list[dict[str, Any]]:
     return [{k: e.get(k) for k in EPOCH_COLUMNS} for e in shot.supernet_epochs]
 
@@ -165,12 +142,12 @@ def oneshot_html(run: Run) -> str:
 <p>{html.escape(screening_summary(shot))}</p>
 <p><b>{html.escape(trust_sentence(shot))}</b></p>
 <h3>{html.escape(STAGES_HEADING)}</h3>
-{_table_html(stage_rows(shot, len(run.trials)))}
+{table_html(stage_rows(shot, len(run.trials)))}
 <h3>{html.escape(EPOCHS_HEADING)}</h3>
-{_table_html(_epochs(shot))}
+{table_html(_epochs(shot))}
 <h3>{html.escape(CHART_HEADING)}</h3>
 {figure}
-{_table_html(trained_rows(shot))}
+{table_html(trained_rows(shot))}
 """
 
 
@@ -185,10 +162,10 @@ def oneshot_markdown(run: Run, out: Path) -> list[str]:
         screening_summary(shot) + "\n",
         f"**{trust_sentence(shot)}**\n",
         f"### {STAGES_HEADING}\n",
-        _table_md(stage_rows(shot, len(run.trials))),
+        table_md(stage_rows(shot, len(run.trials))),
         f"### {EPOCHS_HEADING}\n",
-        _table_md(_epochs(shot)),
+        table_md(_epochs(shot)),
         f"### {CHART_HEADING}\n",
         f"![inherited against trained accuracy]({CHART_PNG})\n",
-        _table_md(trained_rows(shot)),
+        table_md(trained_rows(shot)),
     ]

@@ -13,7 +13,6 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ from kdsearch.results.plots import (
     save_png,
     to_plotly,
 )
+from kdsearch.results.report_tables import table_html, table_md
 from kdsearch.results.tables import Run, RunPaths, front_records, require_finished
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import accuracy_and_cost
@@ -265,7 +265,7 @@ def _confirm_html(confirm: dict[str, Any], figure: str) -> str:
     )
     return f"""<h2>{html.escape(_confirm_heading(confirm))}</h2>
 <p>{html.escape(_confirm_intro(confirm))}</p>
-{_table_html(tables["members"])}
+{table_html(tables["members"])}
 <h3>{CONFIRM_CHART[0]}</h3>
 {figure}
 <h3>{NOISE_HEADING}</h3>
@@ -273,22 +273,8 @@ def _confirm_html(confirm: dict[str, Any], figure: str) -> str:
 <ul>{notes}</ul>
 <h3>{ENCODINGS_HEADING}</h3>
 <p>At {html.escape(confirm["thresholds"])}; against the best encoding there, by the same rule.</p>
-{_table_html(tables["encodings"])}
+{table_html(tables["encodings"])}
 """
-
-
-def _table_html(rows: Sequence[dict[str, Any]]) -> str:
-    if not rows:
-        return "<p>none</p>"
-    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
 
 
 def _charts(run: Run, hv: Hypervolume) -> list[tuple[str, str, Any]]:
@@ -355,28 +341,19 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#
 <p>{html.escape(_summary(run))}</p>
 <p>{html.escape(hv.describe())}</p>
 <h2>{html.escape(_front_heading(run))}</h2>
-{_table_html(front_table(run))}
+{table_html(front_table(run))}
 {confirm_html}{"".join(parts)}{oneshot_html(run)}
 <h2>{TROUBLE_HEADING}</h2>
-{_table_html(trouble(run))}
+{table_html(trouble(run))}
 <h2>{THROUGHPUT_HEADING}</h2>
 <p>Per trial, over its epochs: training images per second, the share of time spent waiting for data, the
 peak device memory and the model FLOPs utilization (3 x FLOPs per image x images/s over the device's bf16
 peak; empty on CPUs).</p>
-{_table_html(throughput_table(run))}
+{table_html(throughput_table(run))}
 </body></html>
 """
     write_text_atomic(path, page)
     return path
-
-
-def _table_md(rows: Sequence[dict[str, Any]]) -> str:
-    if not rows:
-        return "none\n"
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r[k]).replace("|", "/") for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def write_markdown(
@@ -389,7 +366,7 @@ def write_markdown(
         _summary(run) + "\n",
         hv.describe() + "\n",
         f"## {_front_heading(run)}\n",
-        _table_md(front_table(run)),
+        table_md(front_table(run)),
     ]
     if confirm:
         tables = display_tables(confirm)
@@ -398,7 +375,7 @@ def write_markdown(
         md += [
             f"## {_confirm_heading(confirm)}\n",
             _confirm_intro(confirm) + "\n",
-            _table_md(tables["members"]),
+            table_md(tables["members"]),
             f"### {title}\n",
             f"![{title.split(':')[0].lower()}]({png})\n",
             f"### {NOISE_HEADING}\n",
@@ -408,7 +385,7 @@ def write_markdown(
             else "- one member on the front\n",
             f"### {ENCODINGS_HEADING}\n",
             f"At {confirm['thresholds']}; against the best encoding there, by the same rule.\n",
-            _table_md(tables["encodings"]),
+            table_md(tables["encodings"]),
         ]
     for title, png, chart in _charts(run, hv):
         save_png(chart, out / png)
@@ -417,11 +394,11 @@ def write_markdown(
         if name in imp:
             md += [
                 f"## {title}\n",
-                _table_md([{"parameter": k, "importance": v} for k, v in imp[name].items()]),
+                table_md([{"parameter": k, "importance": v} for k, v in imp[name].items()]),
             ]
     md += oneshot_markdown(run, out)  # a one-shot run's section; nothing for a standard run
-    md += [f"## {TROUBLE_HEADING}\n", _table_md(trouble(run))]
-    md += [f"## {THROUGHPUT_HEADING}\n", _table_md(throughput_table(run))]
+    md += [f"## {TROUBLE_HEADING}\n", table_md(trouble(run))]
+    md += [f"## {THROUGHPUT_HEADING}\n", table_md(throughput_table(run))]
     path = out / "report.md"
     write_text_atomic(path, "\n".join(md))
     return path
