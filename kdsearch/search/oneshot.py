@@ -91,8 +91,9 @@ def run_oneshot(
 def _train_supernet(
     space: SearchSpace, store: Storage, travelled: Any, cached_logits: Any, epochs: int
 ) -> Iterator[Any]:
-    """The supernet's training as a Ray generator task: a line saying where it runs, then each
-    epoch's report as it comes (the training runs in a thread; its state is saved by it)."""
+    """The supernet's training as a Ray generator task: where it runs and the epoch it starts
+    after (0: from scratch), then each epoch's report as it comes (the training runs in a
+    thread, which saves its state)."""
     import torch
 
     from kdsearch.train.setup import TrialSetup
@@ -102,12 +103,12 @@ def _train_supernet(
     torch.set_num_threads(max(1, int(space.resources.cpus)))
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]
     device = trial_device(gpu_ids)
-    yield placed([(ray.get_runtime_context().get_node_id(), ",".join(gpu_ids))])
     state = None
     if store.exists(SUPERNET):  # a resumed run: the last epoch saved
         state = torch.load(io.BytesIO(store.read_bytes(SUPERNET)), map_location="cpu", weights_only=False)
-        if int(state["epoch"]) >= epochs:
-            return
+    yield placed([(ray.get_runtime_context().get_node_id(), ",".join(gpu_ids))]), int(state["epoch"]) if state else 0
+    if state is not None and int(state["epoch"]) >= epochs:
+        return
     items: queue.Queue = queue.Queue()
 
     def save(saved: dict) -> None:
@@ -150,11 +151,11 @@ def _supernet_stage(
     where = ""
     for ref in task.remote(space, store, shipped(data), cached_logits, epochs):
         item = ray.get(ref)
-        if isinstance(item, str):
-            where = item
-            say(
-                f"supernet: {epochs} epochs ({'from epoch ' + str(max(rows)) if rows else 'from scratch'}), a Ray task on {where}"
-            )
+        if isinstance(item, tuple):  # where it runs, and the epoch its saved state had reached
+            where, start = item
+            rows = {k: r for k, r in rows.items() if k <= start}  # an epoch after the saved state trains again
+            after = f"after epoch {start}" if start else "from scratch"
+            say(f"supernet: {epochs} epochs, {after}, training as a Ray task on {where}")
             continue
         rows[int(item["epoch"])] = item
         store.write_bytes(SUPERNET_EPOCHS, to_parquet([rows[k] for k in sorted(rows)], ["epoch"]))
