@@ -5,7 +5,9 @@ weights, every encoding and patch size is sampled and scored, training resumes e
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -13,9 +15,13 @@ import torch
 from timm.layers import resample_patch_embed
 
 from kdsearch.models.student import StudentViT
-from kdsearch.models.supernet import Supernet, SupernetSpec, sandwich
+from kdsearch.models.supernet import Supernet, SupernetSpec, random_student, sandwich
 from kdsearch.space.file import parse_space_text
 from kdsearch.space.specs import POS_EMBEDS, StudentSpec
+from kdsearch.train.data import load_data
+from kdsearch.train.evaluation import evaluate
+from kdsearch.train.setup import TrialSetup
+from kdsearch.train.supernet_training import load_supernet, score_subnets, train_supernet
 
 SPACE = """
 name: supernet_digits
@@ -35,9 +41,10 @@ objectives: {val_acc: max, flops: min}
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models: a second intra-op thread only waits on a loaded machine (10x slower at load 10)."""
+    """Tiny models: a second intra-op thread only waits on a loaded machine (10x slower at load 10);
+    set per test, after the session's teacher fixture sets 2."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -157,3 +164,74 @@ def test_sandwich_holds_the_extremes_then_random_students(space) -> None:
     assert len(students) == 4 and all(not s.problems() for s in students)
     encodings = {s.pos_embed for _ in range(20) for s in sandwich(space, rng, 2)}
     assert len(encodings) > 2  # the extremes' encodings are drawn, so every encoding's parameters train
+
+
+TRAIN_SPACE = """
+name: supernet_training
+data: {{name: digits, img_size: 16}}
+teacher: {{model: kdsearch/digits_cnn, checkpoint: {teacher}}}
+student:
+  embed_dim: [16, 32]
+  depth: [1, 2]
+  num_heads: 2
+  mlp_ratio: [1.0, 2.0]
+  patch_size: [4, 8]
+  pos_embed: [learned, sincos, relpos, rope, cpe, none]
+  distill_token: [false, true]
+recipe: {{alpha: 0.5, temperature: 4.0, hard_weight: 0.5}}
+train: {{epochs: 2, batch_size: 128, lr: 2.0e-3, warmup_epochs: 1, seed: 5}}
+objectives: {{val_acc: max, flops: min}}
+"""
+
+
+@pytest.fixture(scope="module")
+def train_space(digits_teacher_path):
+    return parse_space_text(TRAIN_SPACE.format(teacher=digits_teacher_path))
+
+
+@pytest.fixture(scope="module")
+def digits16(train_space):
+    return load_data(train_space)
+
+
+def test_every_encoding_and_patch_size_is_sampled_and_scored(train_space, digits16) -> None:
+    rng = np.random.default_rng(0)
+    drawn = [random_student(train_space, rng) for _ in range(60)]
+    firsts = {("pos_embed", s.pos_embed): s for s in reversed(drawn)} | {
+        ("patch", s.patch_size): s for s in reversed(drawn)
+    }
+    assert set(firsts) == {("pos_embed", pe) for pe in POS_EMBEDS} | {("patch", 4), ("patch", 8)}
+    students = list(dict.fromkeys(firsts.values()))  # the first drawn of each encoding and patch size
+    torch.manual_seed(0)
+    supernet = Supernet(SupernetSpec.of_space(train_space))
+    scores = score_subnets(supernet, students, digits16)
+    assert len(scores) == len(students) and all(0.0 <= a <= 1.0 for a in scores)
+    # the inherited score is the extracted student's own val accuracy
+    for student, score in list(zip(students, scores))[:3]:
+        assert evaluate(supernet.extract(student), digits16) == pytest.approx(score, abs=1e-9)
+
+
+def test_train_supernet_reports_and_continues_from_its_state_exactly(tmp_path, train_space, digits16) -> None:
+    space = train_space
+    setup = TrialSetup(workdir=tmp_path, data=digits16, device="cpu")
+    reports: list[dict] = []
+    saved: list[bytes] = []
+
+    def save(state: dict) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        saved.append(buffer.getvalue())
+
+    whole = train_supernet(space, setup, 2, reports.append, save=save)
+    assert [r["epoch"] for r in reports] == [1, 2] and len(saved) == 2
+    assert set(reports[0]) == {"epoch", "loss", "seconds", "images_per_s", "largest_val_acc", "smallest_val_acc"}
+    assert math.isfinite(reports[0]["loss"]) and reports[1]["loss"] < reports[0]["loss"]
+    state = torch.load(io.BytesIO(saved[0]), weights_only=True)
+    resumed: list[dict] = []
+    continued = train_supernet(space, setup, 2, resumed.append, state=state)
+    assert [r["epoch"] for r in resumed] == [2]
+    assert resumed[0]["loss"] == pytest.approx(reports[1]["loss"], rel=1e-6)
+    for (name, a), b in zip(whole.state_dict().items(), continued.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    loaded = load_supernet(space, torch.load(io.BytesIO(saved[1]), weights_only=True))
+    torch.testing.assert_close(loaded.state_dict()["head.weight"], whole.state_dict()["head.weight"])

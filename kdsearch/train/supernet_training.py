@@ -1,0 +1,254 @@
+"""The supernet of one-shot screening (kdsearch.models.supernet): its training and its scoring.
+
+`train_supernet` trains one supernet for a space with the sandwich rule: each step runs the
+largest, the smallest and two random students of the space on the same batch, accumulates
+their gradients and takes one optimizer step. The loss is the space's default recipe with the
+teacher's cached signal (`kdsearch.train.training.teacher_signal`: the logit cache, or the
+replay cache under a random augmentation), the label and the soft-KL / hard terms only: a
+supernet cannot screen loss weights, and feature and attention distillation would need the
+teacher live (their weights are set to 0). The optimizer, its schedule, the batch size and
+the seed are the space's `train` defaults, the schedule spread over the supernet's epochs.
+
+A state (`save` after each epoch, `state=` to continue) holds the epoch, the weights, the
+optimizer and schedule and torch's RNG; the batches are a function of (seed, epoch) and each
+step's students of (seed, epoch, step), so a continued run trains as an uninterrupted one.
+
+`score_subnets` scores students with the inherited weights (val accuracy, no training): each
+val batch is made once and run through every student, in eval mode under inference mode.
+
+One process: a supernet trains on one device (`setup.world_size` > 1 is refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdsearch.errors import KdsearchError
+from kdsearch.models.supernet import Supernet, SupernetSpec, extreme_student, sandwich
+from kdsearch.space.search_space import SearchSpace
+from kdsearch.space.specs import StudentSpec, TrialSpec
+from kdsearch.train.checkpoint import restore_rng
+from kdsearch.train.data import Data
+from kdsearch.train.distill import DistillLoss
+from kdsearch.train.loop import TeacherSignal, TrialDiverged, make_optimizer
+from kdsearch.train.replay_cache import ReplayCache, build_replay_cache
+from kdsearch.train.setup import TrialSetup
+from kdsearch.train.teacher import load_teacher
+from kdsearch.train.training import teacher_signal
+
+__all__ = ["SANDWICH", "load_supernet", "score_subnets", "start_supernet", "supernet_trial_spec", "train_supernet"]
+
+SANDWICH = 4  # students per step: the largest, the smallest and two random ones
+SCORE_BATCH = 512  # val images per scoring batch
+
+
+def supernet_trial_spec(space: SearchSpace, epochs: int) -> TrialSpec:
+    """The trial spec whose recipe and training settings the supernet trains with: every
+    dimension at its default, feature and attention distillation off, `epochs` epochs."""
+    spec = space.build({name: dim.default for name, dim in space.dims.items()})
+    recipe = dataclasses.replace(spec.recipe, feature_weight=0.0, attention_weight=0.0)
+    return dataclasses.replace(spec, recipe=recipe, train=dataclasses.replace(spec.train, epochs=epochs))
+
+
+def autocast_on(device: torch.device) -> Any:
+    """bf16 autocast on CUDA (as trials train and evaluate), nothing elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def step_students(space: SearchSpace, seed: int, epoch: int, step: int) -> list[StudentSpec]:
+    """The sandwich of one step: a function of (seed, epoch, step), so a continued run draws the same."""
+    return sandwich(space, np.random.default_rng([seed, epoch, step]), SANDWICH)
+
+
+def report_students(space: SearchSpace) -> tuple[StudentSpec, StudentSpec]:
+    """The largest and the smallest student that every epoch's report scores (fixed encodings)."""
+    rng = np.random.default_rng(0)
+    return extreme_student(space, rng, largest=True), extreme_student(space, rng, largest=False)
+
+
+def prepared_signal(spec: TrialSpec, setup: TrialSetup, device: torch.device) -> TeacherSignal:
+    """The teacher's signal for the supernet's recipe; a replay cache the setup carries gets the
+    epochs it lacks (the supernet may train longer than the trials it was filled for)."""
+    signal = teacher_signal(spec, setup, device)
+    replay = signal.replay
+    if isinstance(replay, ReplayCache) and replay.missing(spec.train.epochs):
+        teacher = signal.teacher or load_teacher(spec, log=setup.log, data=setup.data)
+        signal.images += build_replay_cache(teacher, setup.data, replay, spec.train.epochs)
+    return signal
+
+
+def supernet_epoch(
+    space: SearchSpace,
+    spec: TrialSpec,
+    net: Supernet,
+    parts: tuple[DistillLoss, torch.optim.Optimizer, Any],
+    signal: TeacherSignal,
+    data: Data,
+    epoch: int,
+) -> dict[str, float]:
+    """One epoch (1-based) of sandwich steps. Returns the mean loss per student and image,
+    the images trained on and the seconds it took."""
+    loss_fn, optimizer, schedule = parts
+    device, train = data.device, spec.train
+    net.train()
+    t0, total, seen = time.perf_counter(), torch.zeros((), dtype=torch.float64, device=device), 0
+    signal.begin_epoch(epoch - 1)
+    for step, (x, y, idx) in enumerate(data.train_batches(train.batch_size, epoch - 1, train.seed, seeds=signal.seeds)):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        teacher_out = signal(x, idx)
+        optimizer.zero_grad(set_to_none=True)
+        for student in step_students(space, train.seed, epoch, step):
+            with autocast_on(device):
+                loss, _ = loss_fn(net.forward_distill(x, student), y, teacher_out)
+            if not math.isfinite(float(loss.detach())):
+                raise TrialDiverged(epoch, step, float(loss.detach()))
+            loss.backward()  # the sandwich's gradients accumulate into one step
+            total += loss.detach().double() * len(x)
+        optimizer.step()
+        schedule.step()
+        seen += len(x)
+    seconds = time.perf_counter() - t0
+    return {"loss": float(total) / max(seen * SANDWICH, 1), "images": seen, "seconds": seconds}
+
+
+def training_state(epoch: int, spec: SupernetSpec, net: Supernet, optimizer: Any, schedule: Any) -> dict[str, Any]:
+    """What `save` is given: tensors, numbers and strings only (loads with `weights_only=True`)."""
+    return {
+        "epoch": epoch,
+        "spec": dataclasses.asdict(spec),
+        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def start_supernet(
+    space: SearchSpace, spec: TrialSpec, num_train: int, state: dict | None, device: torch.device
+) -> tuple[Supernet, torch.optim.Optimizer, Any]:
+    """The supernet (seeded by `train.seed`), its optimizer and schedule, as `state` left them when given."""
+    torch.manual_seed(spec.train.seed)
+    net = Supernet(SupernetSpec.of_space(space))
+    if state is not None:
+        net.load_state_dict(state["model"])
+    net.to(device)
+    optimizer, schedule = make_optimizer([net], spec.train, max(1, num_train // spec.train.batch_size))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        restore_rng(state, device)
+    return net, optimizer, schedule
+
+
+def train_supernet(
+    space: SearchSpace,
+    setup: TrialSetup,
+    epochs: int,
+    report: Callable[[dict], None],
+    state: dict | None = None,
+    save: Callable[[dict], None] | None = None,
+) -> Supernet:
+    """Train the supernet of `space` with the sandwich rule (see the module docstring).
+
+    Args:
+        space: the space whose students the supernet holds.
+        setup: the data (`setup.data`, loaded), the teacher's cache (`setup.cached_logits`; else
+            read or filled in `setup.teacher_cache_dir`), the device (default: CUDA when torch
+            sees it). `setup.world_size` must be 1.
+        epochs: the epochs to train in all (a continued run trains those after `state`'s).
+        report: called after each epoch with {"epoch", "loss" (the mean per student and image),
+            "seconds" (the epoch's training and scoring), "images_per_s" (training images per
+            second, each through the sandwich's students), "largest_val_acc", "smallest_val_acc"}.
+        state: the last state `save` was given: training continues after its epoch, exactly.
+        save: called after each epoch with the state to continue from (a `torch.save`-able dict).
+
+    Returns:
+        The trained supernet, in eval mode.
+    """
+    if setup.world_size > 1:
+        raise KdsearchError(f"a supernet trains in one process; setup.world_size is {setup.world_size}")
+    if setup.data is None:
+        raise KdsearchError("train_supernet needs setup.data loaded")
+    device = setup.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data, spec = setup.data.place(device), supernet_trial_spec(space, epochs)
+    net, optimizer, schedule = start_supernet(space, spec, data.num_train, state, device)
+    loss_fn = DistillLoss(spec.recipe).to(device)
+    signal = prepared_signal(spec, setup, device)
+    largest, smallest = report_students(space)
+    for epoch in range(int(state["epoch"]) + 1 if state is not None else 1, epochs + 1):
+        t0 = time.perf_counter()
+        done = supernet_epoch(space, spec, net, (loss_fn, optimizer, schedule), signal, data, epoch)
+        accs = score_subnets(net, [largest, smallest], data, device)
+        if save is not None:
+            save(training_state(epoch, net.spec, net, optimizer, schedule))
+        report(
+            {
+                "epoch": epoch,
+                "loss": done["loss"],
+                "seconds": time.perf_counter() - t0,
+                "images_per_s": done["images"] / done["seconds"] if done["seconds"] > 0 else math.nan,
+                "largest_val_acc": accs[0],
+                "smallest_val_acc": accs[1],
+            }
+        )
+    return net.eval()
+
+
+def load_supernet(space: SearchSpace, state: dict) -> Supernet:
+    """The supernet a training state holds (on the CPU, in eval mode).
+
+    Raises:
+        ValueError: the state is of another space's supernet.
+    """
+    spec = SupernetSpec.of_space(space)
+    saved = state.get("spec")
+    if saved is not None and saved != dataclasses.asdict(spec):
+        raise ValueError(f"the supernet state is of another space's supernet ({saved}, not {spec})")
+    net = Supernet(spec)
+    net.load_state_dict(state["model"])
+    return net.eval()
+
+
+def score_subnets(
+    supernet: Supernet, students: Sequence[StudentSpec], data: Data, device: torch.device | None = None
+) -> list[float]:
+    """The val accuracy in [0, 1] of each student with the supernet's weights, no training.
+
+    Every val batch is made once and run through each student (eval mode, inference mode,
+    bf16 autocast on CUDA as trials evaluate); the supernet's mode is restored after.
+
+    Args:
+        supernet: the trained supernet, on `device`.
+        students: subnets of it.
+        data: the data whose val split scores them.
+        device: where it runs (default: the supernet's device).
+
+    Returns:
+        One accuracy per student, in order.
+    """
+    device = torch.device(device) if device is not None else supernet.cls_token.device
+    data.place(device)
+    was_training = supernet.training
+    supernet.eval()
+    correct: list[Tensor] = [torch.zeros((), dtype=torch.long, device=device) for _ in students]
+    total = 0
+    try:
+        with torch.inference_mode(), autocast_on(device):
+            for x, y, _ in data.val_batches(SCORE_BATCH):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                for i, student in enumerate(students):
+                    correct[i] += (supernet(x, student).argmax(-1) == y).sum()
+                total += len(y)
+    finally:
+        supernet.train(was_training)
+    return [int(c) / max(total, 1) for c in correct]
