@@ -34,7 +34,14 @@ import ray
 
 from kdsearch.results.parts import to_parquet
 from kdsearch.results.tables import RunPaths, write_json
-from kdsearch.search.screening import SUPERNET, Screening, read_screening, student_key, student_params
+from kdsearch.search.screening import (
+    SUPERNET,
+    Screening,
+    read_screening,
+    student_key,
+    student_params,
+    task_result,
+)
 from kdsearch.search.teacher_tasks import placed
 from kdsearch.search.worker_data import shipped, worker_data
 from kdsearch.space.search_space import SearchSpace
@@ -150,7 +157,7 @@ def _supernet_stage(
     task = _train_supernet.options(num_cpus=1 if gpu else max(1, int(space.resources.cpus)), num_gpus=1 if gpu else 0)
     where = ""
     for ref in task.remote(space, store, shipped(data), cached_logits, epochs):
-        item = ray.get(ref)
+        item = task_result(ref)
         if isinstance(item, tuple):  # where it runs, and the epoch its saved state had reached
             where, start = item
             rows = {k: r for k, r in rows.items() if k <= start}  # an epoch after the saved state trains again

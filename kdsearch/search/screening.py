@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 import optuna
 import ray
+from ray.exceptions import RayTaskError
 
+from kdsearch.errors import KdsearchError
 from kdsearch.results.pareto import non_dominated_mask
 from kdsearch.results.parts import PartsWriter, read_table_rows
 from kdsearch.space import objectives as objective_table
@@ -74,6 +76,17 @@ def latest_by_subnet(rows: list[Row]) -> list[Row]:
 def read_screening(store: Storage) -> list[Row]:
     """The screening rows recorded so far (the whole table and its parts), by subnet_id."""
     return read_table_rows(store, SCREENING, latest_by_subnet)
+
+
+def task_result(ref: Any) -> Any:
+    """`ray.get(ref)`, where a user error the task raised (data missing on its node) is raised
+    as its one line, not as Ray's traceback."""
+    try:
+        return ray.get(ref)
+    except RayTaskError as e:
+        if isinstance(getattr(e, "cause", None), KdsearchError):
+            raise KdsearchError(str(e.cause)) from None
+        raise
 
 
 def _one_per_process(cache: dict[str, Any], key: tuple[str, int], load: Callable[[], Any]) -> Any:
@@ -248,7 +261,7 @@ class Screening:
             if not inflight:
                 return tasks
             [ready], _ = ray.wait(list(inflight), num_returns=1)
-            where, scores = ray.get(ready)
+            where, scores = task_result(ready)
             self.places.append(where)
             self.scored_batch(inflight.pop(ready), scores)
             progress(self.scored)
