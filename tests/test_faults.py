@@ -20,7 +20,7 @@ import yaml
 from kdsearch.space import objectives
 from kdsearch.space.objectives import Objective
 from kdsearch.train.faults import TimeLimit, TrialOutOfMemory, TrialTimedOut, Watchdog
-from tests.helpers import missing, run_cli, run_dir, search_stopped_by_storage, write_space
+from tests.helpers import missing, one_ray, run_cli, run_dir, search_stopped_by_storage, write_space
 from tests.test_search_faults import epochs_seen, wait_for
 
 STUDENT = {
@@ -276,7 +276,7 @@ def test_a_full_disk_or_a_read_only_one_stops_the_search_whole_and_resume_contin
     from kdsearch.search.run import run_search
 
     space = write_space(tmp_path, digits_teacher_path, trials=6, epochs=2, max_concurrent=1)
-    with small_filesystem(tmp_path / "disk", 64) as disk:
+    with small_filesystem(tmp_path / "disk", 64) as disk, one_ray():  # one Ray for the three searches
         runs = disk / "runs"
         trials_file = runs / "digits_search" / "trials.parquet"
         run = RunPaths.at(runs / "digits_search")

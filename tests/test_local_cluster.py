@@ -85,22 +85,38 @@ def parse_env(text: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def cluster(tmp_path: Path):
-    """`local.sh start 2` with its state under tmp_path; stopped afterwards, and whatever is left of the
-    recorded node sessions killed by pid even when the test failed."""
-    state = tmp_path / "state"
-    started = subprocess.run(
-        [str(LOCAL_SH), "--dir", str(state), "start", "2", "--timeout", "60"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=clean_env(),
-    )
-    try:
-        yield state, started
-    finally:
-        stop_cluster(state)
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One `local.sh start 2` for the module (a start and a stop cost ~15 s each), with its state
+    in a module folder, and a moto S3 server on 127.0.0.1 that only a driver's environment names
+    (AWS_ENDPOINT_URL, as with MinIO, Ceph or R2): the nodes know credentials (moto takes any) and
+    nothing of where the bucket is, no endpoint and no region; on their own they would look for
+    the bucket at AWS, which is unreachable here. Yields (state, the start's result, the server's
+    environment). Stopped afterwards, and whatever is left of the recorded node sessions killed by
+    pid even when a test failed.
+
+    NOTE: test_a_search_runs_across_nodes_with_its_run_in_a_bucket comes first in this file; the
+    lifecycle test after it ends with `stop`."""
+    from tests.s3 import s3_server
+
+    folder = tmp_path_factory.mktemp("local-cluster")
+    state = folder / "state"
+    with s3_server(folder / "moto.log") as s3:
+        nodes_env = {k: v for k, v in clean_env().items() if not k.startswith(("AWS_ENDPOINT_URL", "AWS_REGION"))}
+        nodes_env.pop("AWS_DEFAULT_REGION", None)
+        keys_only = {k: s3[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        nodes_env.update(keys_only, AWS_EC2_METADATA_DISABLED="true")  # no instance-metadata probe for credentials
+        started = subprocess.run(
+            [str(LOCAL_SH), "--dir", str(state), "start", "2", "--timeout", "60"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=nodes_env,
+        )
+        try:
+            yield state, started, s3
+        finally:
+            stop_cluster(state)
 
 
 def stop_cluster(state: Path) -> None:
@@ -114,13 +130,104 @@ def stop_cluster(state: Path) -> None:
             pass
 
 
+@pytest.mark.timeout(400)
+def test_a_search_runs_across_nodes_with_its_run_in_a_bucket(
+    cluster, digits_teacher_path: Path, tmp_path: Path
+) -> None:
+    """The module's head and two workers from local.sh, each in its own working directory, and its
+    moto S3 server, which only the driver's environment names: `kdsearch search --address ...
+    --storage s3://...` runs trials on the workers only, the workers' uploads and Ray Tune's state
+    and checkpoints all reach that one bucket, and export reads them back."""
+    import urllib.request
+
+    from tests.helpers import write_space
+    from tests.s3 import environment, list_keys, make_bucket
+    from tests.test_storage_s3 import read_table
+
+    state, started, s3 = cluster
+    assert started.returncode == 0, started.stderr
+    assert (state / "address").exists(), "the cluster was stopped: this test runs before the lifecycle test"
+    runs = "s3://cluster-test/runs"
+    # two trials that both train, at once: one per 1-CPU worker
+    space = write_space(tmp_path, digits_teacher_path, trials=2, epochs=2)
+    raw = yaml.safe_load(space.read_text())
+    raw["budget"] = {"max_gflops": None}
+    raw["early_stopping"] = {"enabled": False}
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    make_bucket(s3, "cluster-test")
+    address, auth = started.stdout.strip(), parse_env((state / "env").read_text())
+    # the nodes as Ray's state API lists them, from the dashboard local.sh recorded (no driver to start)
+    request = urllib.request.Request(
+        f"{(state / 'dashboard').read_text().strip()}/api/v0/nodes",
+        headers={"Authorization": f"Bearer {(state / 'auth_token').read_text().strip()}"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        nodes = [n for n in json.load(response)["data"]["result"]["result"] if n["state"] == "ALIVE"]
+    head = {n["node_id"] for n in nodes if n["is_head_node"]}
+    workers = {n["node_id"] for n in nodes if n["resources_total"].get("CPU") == 1.0}
+    assert len(head) == 1 and len(workers) == 2 and not head & workers and len(nodes) == 3, nodes
+    driver_cwd = tmp_path / "driver"
+    driver_cwd.mkdir()
+    kdsearch = Path(sys.executable).with_name("kdsearch")
+    search = subprocess.run(
+        [str(kdsearch), "search", str(space), "--address", address, "--storage", runs],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(**s3, **auth),
+        cwd=driver_cwd,
+    )
+    assert search.returncode == 0, search.stderr[-3000:]
+    assert "endpoint_override" not in search.stdout  # the URIs shown are the one the user wrote
+
+    with environment(s3):
+        trials = read_table(f"{runs}/digits_search/trials.parquet")
+        epochs = read_table(f"{runs}/digits_search/epochs.parquet")
+    assert len(trials) == 2
+    assert (trials.status == "completed").all(), trials[["trial_id", "status", "error"]]
+    assert set(trials.node_id) | set(epochs.node_id) <= workers  # never the 0-CPU head
+    # a trial holds its 1-CPU worker from an epoch's start until the driver records the epoch, so
+    # epochs of two trials that overlap in time ran on two nodes: then both workers served
+    spans = [(r.trial_id, r.time - r.epoch_seconds, r.time, r.node_id) for r in epochs.itertuples()]
+    together = [(a, b) for a in spans for b in spans if a[0] < b[0] and a[1] < b[2] and b[1] < a[2]]
+    assert all(a[3] != b[3] for a, b in together), together
+    assert not together or trials.node_id.nunique() == 2
+
+    # one bucket holds what the workers uploaded and what Ray Tune saved (its state, their checkpoints)
+    keys = list_keys(s3, f"{runs}/digits_search")
+    for _, row in trials.iterrows():
+        assert f"trials/{row.trial_id}/model.safetensors" in keys
+    tune_keys = [k for k in keys if k.startswith("tune/")]
+    assert any(k.startswith("tune/experiment_state") for k in tune_keys), tune_keys
+    assert any("/checkpoint_" in k for k in tune_keys), tune_keys
+    assert list(driver_cwd.iterdir()) == []  # the run is in the bucket, not here
+    best = trials.sort_values("val_acc").iloc[-1]
+    exported = subprocess.run(
+        [
+            str(kdsearch),
+            "export",
+            f"{runs}/digits_search",
+            "--trial",
+            best.trial_id,
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(**s3),
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "s" / "model.safetensors").stat().st_size > 0
+
+
 @pytest.mark.timeout(500)
 def test_local_cluster_starts_joins_with_its_token_and_stops_everything(
     cluster, digits_teacher_path: Path, tmp_path: Path
 ):
     """One cluster's life from `local.sh start` to `stop`; on the way, a driver joins with the
     token and `ray job submit` runs a search on it (one cluster start for both: ~15 s each)."""
-    state, started = cluster
+    state, started, _ = cluster
     assert started.returncode == 0, started.stderr
 
     # The address: printed alone on stdout, written to STATE/address, on a picked port
@@ -236,122 +343,6 @@ def test_local_sh_commands_without_a_cluster(tmp_path: Path):
     assert run("status").returncode == 1
     assert run("env").returncode == 1
     assert not (tmp_path / "none").exists(), "commands that start nothing create nothing"
-
-
-@pytest.mark.timeout(400)
-def test_a_search_runs_across_nodes_with_its_run_in_a_bucket(
-    digits_teacher_path: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """A head and two workers from local.sh, each in its own working directory, and a moto S3
-    server on 127.0.0.1 that only the driver's environment names (AWS_ENDPOINT_URL, as with MinIO,
-    Ceph or R2): `kdsearch search --address ... --storage s3://...` runs trials on the workers
-    only, the workers' uploads and Ray Tune's state and checkpoints all reach that one bucket,
-    and export reads them back."""
-    import urllib.request
-
-    from tests.helpers import write_space
-    from tests.s3 import environment, list_keys, make_bucket, s3_server
-    from tests.test_storage_s3 import read_table
-
-    runs = "s3://cluster-test/runs"
-    state = tmp_path / "state"
-    space = write_space(tmp_path, digits_teacher_path, trials=4, epochs=2)
-    raw = yaml.safe_load(space.read_text())
-    raw["budget"] = {"max_gflops": None}  # every trial trains: two at a time, one per 1-CPU worker
-    raw["early_stopping"] = {"enabled": False}
-    space.write_text(yaml.safe_dump(raw, sort_keys=False))
-    with s3_server(tmp_path / "moto.log") as s3:
-        make_bucket(s3, "cluster-test")
-        # the nodes know credentials (moto takes any) and nothing of where the bucket is: no endpoint,
-        # no region; on their own they would look for the bucket at AWS, which is unreachable here
-        nodes_env = {k: v for k, v in clean_env().items() if not k.startswith(("AWS_ENDPOINT_URL", "AWS_REGION"))}
-        nodes_env.pop("AWS_DEFAULT_REGION", None)
-        keys_only = {k: s3[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-        nodes_env.update(keys_only, AWS_EC2_METADATA_DISABLED="true")  # no instance-metadata probe for credentials
-        started = subprocess.run(
-            [str(LOCAL_SH), "--dir", str(state), "start", "2", "--timeout", "60"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=nodes_env,
-        )
-        try:
-            assert started.returncode == 0, started.stderr
-            address, auth = started.stdout.strip(), parse_env((state / "env").read_text())
-            # the nodes as Ray's state API lists them, from the dashboard local.sh recorded (no driver to start)
-            request = urllib.request.Request(
-                f"{(state / 'dashboard').read_text().strip()}/api/v0/nodes",
-                headers={"Authorization": f"Bearer {(state / 'auth_token').read_text().strip()}"},
-            )
-            with urllib.request.urlopen(request, timeout=30) as response:
-                nodes = [n for n in json.load(response)["data"]["result"]["result"] if n["state"] == "ALIVE"]
-            head = {n["node_id"] for n in nodes if n["is_head_node"]}
-            workers = {n["node_id"] for n in nodes if n["resources_total"].get("CPU") == 1.0}
-            assert len(head) == 1 and len(workers) == 2 and not head & workers and len(nodes) == 3, nodes
-            driver_cwd = tmp_path / "driver"
-            driver_cwd.mkdir()
-            kdsearch = Path(sys.executable).with_name("kdsearch")
-            search = subprocess.run(
-                [str(kdsearch), "search", str(space), "--address", address, "--storage", runs],
-                capture_output=True,
-                text=True,
-                timeout=300,
-                env=clean_env(**s3, **auth),
-                cwd=driver_cwd,
-            )
-            assert search.returncode == 0, search.stderr[-3000:]
-            assert "endpoint_override" not in search.stdout  # the URIs shown are the one the user wrote
-
-            with environment(s3):
-                trials = read_table(f"{runs}/digits_search/trials.parquet")
-                epochs = read_table(f"{runs}/digits_search/epochs.parquet")
-            assert len(trials) == 4
-            assert (trials.status == "completed").all(), trials[["trial_id", "status", "error"]]
-            assert set(trials.node_id) | set(epochs.node_id) <= workers  # never the 0-CPU head
-            # a trial holds its 1-CPU worker from an epoch's start until the driver records the epoch, so
-            # epochs of two trials that overlap in time ran on two nodes: then both workers served
-            spans = [(r.trial_id, r.time - r.epoch_seconds, r.time, r.node_id) for r in epochs.itertuples()]
-            together = [(a, b) for a in spans for b in spans if a[0] < b[0] and a[1] < b[2] and b[1] < a[2]]
-            assert all(a[3] != b[3] for a, b in together), together
-            assert not together or trials.node_id.nunique() == 2
-
-            # one bucket holds what the workers uploaded and what Ray Tune saved (its state, their checkpoints)
-            keys = list_keys(s3, f"{runs}/digits_search")
-            for _, row in trials.iterrows():
-                assert f"trials/{row.trial_id}/model.safetensors" in keys
-            tune_keys = [k for k in keys if k.startswith("tune/")]
-            assert any(k.startswith("tune/experiment_state") for k in tune_keys), tune_keys
-            assert any("/checkpoint_" in k for k in tune_keys), tune_keys
-            assert list(driver_cwd.iterdir()) == []  # the run is in the bucket, not here
-            best = trials.sort_values("val_acc").iloc[-1]
-            exported = subprocess.run(
-                [
-                    str(kdsearch),
-                    "export",
-                    f"{runs}/digits_search",
-                    "--trial",
-                    best.trial_id,
-                    "--out",
-                    str(tmp_path / "s"),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                env=clean_env(**s3),
-            )
-            assert exported.returncode == 0, exported.stderr
-            assert (tmp_path / "s" / "model.safetensors").stat().st_size > 0
-
-        finally:
-            pids = recorded_pids(state) if (state / "nodes").exists() else {}
-            before = processes_in_sessions(set(pids.values()))
-            stop = subprocess.run(
-                [str(LOCAL_SH), "--dir", str(state), "stop"], capture_output=True, timeout=90, env=clean_env()
-            )
-            left = {pid for pid, start in before.items() if (st := stat_of(pid)) and st[1] == start}
-            for pid in left:
-                os.kill(pid, signal.SIGKILL)
-        assert stop.returncode == 0 and not left, f"still running after stop: {left}"
 
 
 def rayjob_entrypoint_runs_a_search(state: Path, digits_teacher_path: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import yaml
 
 from kdsearch.errors import KdsearchError
 from kdsearch.results.tables import RunPaths
-from tests.helpers import run_cli, search_stopped_by_storage, train_every_trial, write_space
+from tests.helpers import one_ray, run_cli, search_stopped_by_storage, train_every_trial, write_space
 from tests.s3 import TcpProxy, bucket_names, environment, list_keys, make_bucket, raw_keys, s3_server
 from tests.test_search_faults import wait_for
 
@@ -38,13 +38,21 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
             yield env
 
 
+@pytest.fixture(scope="module")
+def s3_ray(s3):
+    """One embedded Ray for the module's searches in s3's environment (its workers reach the
+    bucket the usual way)."""
+    with one_ray():
+        yield
+
+
 def _home_results() -> set[str]:
     folder = Path.home() / "ray_results"
     return {str(p) for p in folder.rglob("*")} if folder.exists() else set()
 
 
 @pytest.fixture(scope="module")
-def s3_run(s3, digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactory):
+def s3_run(s3, s3_ray, digits_teacher_path: Path, tmp_path_factory: pytest.TempPathFactory):
     """One search of 4 trials with --storage s3://..., run from an empty working directory."""
     from kdsearch.search.run import run_search
 
@@ -114,7 +122,7 @@ def test_commands_read_the_run_from_its_uri(s3, s3_run, tmp_path: Path, capsys: 
     assert measured["val_acc"] == pytest.approx(measured["recorded_val_acc"])
 
 
-def test_a_second_search_reuses_the_teacher_cache(s3, s3_run) -> None:
+def test_a_second_search_reuses_the_teacher_cache(s3, s3_ray, s3_run) -> None:
     from kdsearch.search.run import run_search
 
     _, space, _, _, _ = s3_run
@@ -295,7 +303,8 @@ def test_an_unreachable_storage_stops_the_search_whole_and_resume_continues(
         proxy.stop()
 
     try:
-        with environment({"AWS_ENDPOINT_URL": proxy.endpoint}):  # the search, and its Ray, reach the bucket through it
+        # the searches, and their one Ray (started here, not the module's), reach the bucket through it
+        with environment({"AWS_ENDPOINT_URL": proxy.endpoint}), one_ray():
             search_stopped_by_storage(space, runs, stop_after_one)
             assert "Traceback" not in capfd.readouterr().err
 
