@@ -354,7 +354,7 @@ def screen_mode(args: argparse.Namespace, samplers: Sequence[str]) -> list[dict[
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.spaces:
             raw = space_raw(name, None, None)
-            space, supernet, data, train_s = train_screen_supernet(raw, args.epochs or 5, Path(tmp) / name)
+            space, supernet, data, train_s = train_screen_supernet(raw, args.epochs or 5, Path(tmp) / raw["name"])
             print(f"{name}: supernet trained in {train_s:.1f} s ({args.epochs or 5} epochs)", flush=True)
             flops_ref = raw["budget"]["max_gflops"] * 1e9
             rows = []
