@@ -211,9 +211,10 @@ def test_every_encoding_and_patch_size_is_sampled_and_scored(train_space, digits
         assert evaluate(supernet.extract(student), digits16) == pytest.approx(score, abs=1e-9)
 
 
-def test_train_supernet_reports_and_continues_from_its_state_exactly(tmp_path, train_space, digits16) -> None:
-    space = train_space
-    setup = TrialSetup(workdir=tmp_path, data=digits16, device="cpu")
+@pytest.fixture(scope="module")
+def one_process_run(train_space, digits16, tmp_path_factory):
+    """Two epochs in one process: each epoch's report, each saved state (as bytes) and the supernet."""
+    setup = TrialSetup(workdir=tmp_path_factory.mktemp("supernet"), data=digits16, device="cpu")
     reports: list[dict] = []
     saved: list[bytes] = []
 
@@ -222,16 +223,35 @@ def test_train_supernet_reports_and_continues_from_its_state_exactly(tmp_path, t
         torch.save(state, buffer)
         saved.append(buffer.getvalue())
 
-    whole = train_supernet(space, setup, 2, reports.append, save=save)
+    torch.set_num_threads(1)
+    whole = train_supernet(train_space, setup, 2, reports.append, save=save)
+    return setup, reports, saved, whole
+
+
+def test_train_supernet_reports_and_continues_from_its_state_exactly(train_space, one_process_run) -> None:
+    setup, reports, saved, whole = one_process_run
     assert [r["epoch"] for r in reports] == [1, 2] and len(saved) == 2
     assert set(reports[0]) == {"epoch", "loss", "seconds", "images_per_s", "largest_val_acc", "smallest_val_acc"}
     assert math.isfinite(reports[0]["loss"]) and reports[1]["loss"] < reports[0]["loss"]
     state = torch.load(io.BytesIO(saved[0]), weights_only=True)
     resumed: list[dict] = []
-    continued = train_supernet(space, setup, 2, resumed.append, state=state)
+    continued = train_supernet(train_space, setup, 2, resumed.append, state=state)
     assert [r["epoch"] for r in resumed] == [2]
     assert resumed[0]["loss"] == pytest.approx(reports[1]["loss"], rel=1e-6)
     for (name, a), b in zip(whole.state_dict().items(), continued.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
-    loaded = load_supernet(space, torch.load(io.BytesIO(saved[1]), weights_only=True))
+    loaded = load_supernet(train_space, torch.load(io.BytesIO(saved[1]), weights_only=True))
     torch.testing.assert_close(loaded.state_dict()["head.weight"], whole.state_dict()["head.weight"])
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_follow_the_one_process_supernet(train_space, one_process_run, tmp_path) -> None:
+    """gloo on the CPU: each process takes half of each batch; the first epoch (its LR is the
+    warmup's, whatever the epochs) ends with the one-process loss and weights."""
+    setup, reports, saved, _ = one_process_run
+    two: list[dict] = []
+    net = train_supernet(train_space, dataclasses.replace(setup, workdir=tmp_path, world_size=2), 1, two.append)
+    assert [r["epoch"] for r in two] == [1]
+    assert two[0]["loss"] == pytest.approx(reports[0]["loss"], rel=1e-3)
+    one = torch.load(io.BytesIO(saved[0]), weights_only=True)["model"]
+    assert max(float((one[k] - v).abs().max()) for k, v in net.state_dict().items()) < 1e-3

@@ -16,21 +16,25 @@ step's students of (seed, epoch, step), so a continued run trains as an uninterr
 `score_subnets` scores students with the inherited weights (val accuracy, no training): each
 val batch is made once and run through every student, in eval mode under inference mode.
 
-One process: a supernet trains on one device (`setup.world_size` > 1 is refused).
+With `setup.world_size` > 1 it trains data-parallel as a trial does (kdsearch.train.parallel):
+N processes, one device each, the sandwich's four students one forward of DistributedDataParallel.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
+import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from kdsearch.errors import KdsearchError
 from kdsearch.models.supernet import Supernet, SupernetSpec, extreme_student, sandwich
@@ -40,8 +44,9 @@ from kdsearch.train.checkpoint import restore_rng
 from kdsearch.train.data import Data
 from kdsearch.train.distill import DistillLoss
 from kdsearch.train.loop import TeacherSignal, TrialDiverged, make_optimizer
+from kdsearch.train.parallel import COLLECTIVE_TIMEOUT, check_fits, check_ranks, end_ranks
 from kdsearch.train.replay_cache import ReplayCache, build_replay_cache
-from kdsearch.train.setup import TrialSetup
+from kdsearch.train.setup import TrialSetup, quiet
 from kdsearch.train.teacher import load_teacher
 from kdsearch.train.training import teacher_signal
 
@@ -86,38 +91,55 @@ def prepared_signal(spec: TrialSpec, setup: TrialSetup, device: torch.device) ->
     return signal
 
 
+class SandwichStep(nn.Module):
+    """The sandwich's students on one batch as one call: their losses `(S,)`, summed for one
+    backward. What DistributedDataParallel wraps: one forward and one gradient sync per step,
+    the parameters no student of the step used found unused."""
+
+    def __init__(self, net: Supernet, loss_fn: DistillLoss):
+        super().__init__()
+        self.net, self.loss_fn = net, loss_fn
+
+    def forward(self, x: Tensor, y: Tensor, teacher_out: Any, students: list[StudentSpec]) -> Tensor:
+        return torch.stack([self.loss_fn(self.net.forward_distill(x, s), y, teacher_out)[0] for s in students])
+
+
 def supernet_epoch(
     space: SearchSpace,
     spec: TrialSpec,
-    net: Supernet,
-    parts: tuple[DistillLoss, torch.optim.Optimizer, Any],
+    step_fn: nn.Module,
+    parts: tuple[torch.optim.Optimizer, Any],
     signal: TeacherSignal,
     data: Data,
     epoch: int,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, float]:
-    """One epoch (1-based) of sandwich steps. Returns the mean loss per student and image,
-    the images trained on and the seconds it took."""
-    loss_fn, optimizer, schedule = parts
-    device, train = data.device, spec.train
-    net.train()
-    t0, total, seen = time.perf_counter(), torch.zeros((), dtype=torch.float64, device=device), 0
+    """One epoch (1-based) of sandwich steps over this process's shard of each batch. Returns
+    the mean loss per student and image (over every process), the images and the seconds."""
+    optimizer, schedule = parts
+    device, train, world = data.device, spec.train, shard[1]
+    step_fn.train()
+    t0, sums = time.perf_counter(), torch.zeros(2, dtype=torch.float64, device=device)  # loss x images, images
     signal.begin_epoch(epoch - 1)
-    for step, (x, y, idx) in enumerate(data.train_batches(train.batch_size, epoch - 1, train.seed, seeds=signal.seeds)):
+    batches = data.train_batches(train.batch_size, epoch - 1, train.seed, seeds=signal.seeds, shard=shard)
+    for step, (x, y, idx) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        teacher_out = signal(x, idx)
+        with autocast_on(device):
+            losses = step_fn(x, y, signal(x, idx), step_students(space, train.seed, epoch, step))
+        finite = torch.isfinite(losses.detach()).all().float().reshape(1)
+        if world > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)  # every rank stops at once
+        if not finite.item():
+            raise TrialDiverged(epoch, step, float(losses.detach().sum()))
         optimizer.zero_grad(set_to_none=True)
-        for student in step_students(space, train.seed, epoch, step):
-            with autocast_on(device):
-                loss, _ = loss_fn(net.forward_distill(x, student), y, teacher_out)
-            if not math.isfinite(float(loss.detach())):
-                raise TrialDiverged(epoch, step, float(loss.detach()))
-            loss.backward()  # the sandwich's gradients accumulate into one step
-            total += loss.detach().double() * len(x)
+        losses.sum().backward()  # the sandwich's gradients accumulate into one step
         optimizer.step()
         schedule.step()
-        seen += len(x)
-    seconds = time.perf_counter() - t0
-    return {"loss": float(total) / max(seen * SANDWICH, 1), "images": seen, "seconds": seconds}
+        sums += torch.stack([losses.detach().double().sum() * len(x), torch.tensor(len(x), device=device)])
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    seen = int(sums[1])
+    return {"loss": float(sums[0]) / max(seen * SANDWICH, 1), "images": seen, "seconds": time.perf_counter() - t0}
 
 
 def training_state(epoch: int, spec: SupernetSpec, net: Supernet, optimizer: Any, schedule: Any) -> dict[str, Any]:
@@ -164,7 +186,7 @@ def train_supernet(
         space: the space whose students the supernet holds.
         setup: the data (`setup.data`, loaded), the teacher's cache (`setup.cached_logits`; else
             read or filled in `setup.teacher_cache_dir`), the device (default: CUDA when torch
-            sees it). `setup.world_size` must be 1.
+            sees it); `setup.world_size` > 1 trains in that many processes, one GPU each.
         epochs: the epochs to train in all (a continued run trains those after `state`'s).
         report: called after each epoch with {"epoch", "loss" (the mean per student and image),
             "seconds" (the epoch's training and scoring), "images_per_s" (training images per
@@ -175,19 +197,41 @@ def train_supernet(
     Returns:
         The trained supernet, in eval mode.
     """
-    if setup.world_size > 1:
-        raise KdsearchError(f"a supernet trains in one process; setup.world_size is {setup.world_size}")
     if setup.data is None:
         raise KdsearchError("train_supernet needs setup.data loaded")
+    if setup.world_size > 1:
+        return train_supernet_parallel(space, setup, epochs, report, state, save)
     device = setup.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data, spec = setup.data.place(device), supernet_trial_spec(space, epochs)
+    return supernet_loop(space, setup, epochs, report, state, save, device)
+
+
+def supernet_loop(
+    space: SearchSpace,
+    setup: TrialSetup,
+    epochs: int,
+    report: Callable[[dict], None],
+    state: dict | None,
+    save: Callable[[dict], None] | None,
+    device: torch.device,
+    shard: tuple[int, int] = (0, 1),
+) -> Supernet:
+    """The epochs of one process (`shard` = (rank, world)); only rank 0 scores, saves and reports."""
+    rank, world = shard
+    data, spec = setup.data.place(device), supernet_trial_spec(space, epochs)  # type: ignore[union-attr]
     net, optimizer, schedule = start_supernet(space, spec, data.num_train, state, device)
-    loss_fn = DistillLoss(spec.recipe).to(device)
+    step_fn: nn.Module = SandwichStep(net, DistillLoss(spec.recipe).to(device))
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        step_fn = DistributedDataParallel(step_fn, device_ids=ids, find_unused_parameters=True)
     signal = prepared_signal(spec, setup, device)
     largest, smallest = report_students(space)
     for epoch in range(int(state["epoch"]) + 1 if state is not None else 1, epochs + 1):
         t0 = time.perf_counter()
-        done = supernet_epoch(space, spec, net, (loss_fn, optimizer, schedule), signal, data, epoch)
+        done = supernet_epoch(space, spec, step_fn, (optimizer, schedule), signal, data, epoch, shard)
+        if rank != 0:
+            continue
         accs = score_subnets(net, [largest, smallest], data, device)
         if save is not None:
             save(training_state(epoch, net.spec, net, optimizer, schedule))
@@ -202,6 +246,76 @@ def train_supernet(
             }
         )
     return net.eval()
+
+
+# --------------------------------------------------------------------------- data-parallel
+
+
+def join_group(rank: int, world: int, init: str) -> torch.device:
+    """Join the supernet's process group (NCCL on GPU `rank`, else gloo over loopback); returns the device."""
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(
+        backend, init_method=init, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT
+    )
+    return device
+
+
+def rank_main(
+    rank: int, init: str, threads: int, space: SearchSpace, setup: TrialSetup, epochs: int, state: dict | None
+) -> None:
+    """Ranks 1..N-1: train their share; score, save and report nothing."""
+    torch.set_num_threads(threads)
+    device = join_group(rank, setup.world_size, init)
+    try:
+        supernet_loop(space, setup, epochs, lambda r: None, state, None, device, (rank, setup.world_size))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def train_supernet_parallel(
+    space: SearchSpace,
+    setup: TrialSetup,
+    epochs: int,
+    report: Callable[[dict], None],
+    state: dict | None,
+    save: Callable[[dict], None] | None,
+) -> Supernet:
+    """`train_supernet` in `setup.world_size` processes, one GPU each (gloo on CPUs), as
+    kdsearch.train.parallel trains a trial: this process is rank 0, prepares the teacher's
+    signal once and starts ranks 1..N-1 (spawned); each takes every N-th image of each batch
+    and DistributedDataParallel averages the sandwich's gradients, so it follows one process's curve."""
+    world, spec = setup.world_size, supernet_trial_spec(space, epochs)
+    check_fits(spec, world)
+    signal = prepared_signal(spec, setup, torch.device("cpu"))
+    setup = dataclasses.replace(setup, teacher=signal.teacher, cached_logits=signal.cache)
+    shared = dataclasses.replace(setup, log=quiet, device=None, objectives=())
+    setup.workdir.mkdir(parents=True, exist_ok=True)
+    init = (setup.workdir / f"supernet-group-{uuid.uuid4().hex}").resolve().as_uri()  # a FileStore: no port to pick
+    threads, saved_threads = max(1, torch.get_num_threads() // world), torch.get_num_threads()
+    context = multiprocessing.get_context("spawn")
+    others = [
+        context.Process(target=rank_main, args=(r, init, threads, space, shared, epochs, state), daemon=True)
+        for r in range(1, world)
+    ]
+    for p in others:
+        p.start()
+    torch.set_num_threads(threads)
+    try:
+        device = join_group(0, world, init)
+        try:
+            net = supernet_loop(space, setup, epochs, report, state, save, device, (0, world))
+        finally:
+            torch.distributed.destroy_process_group()
+    finally:
+        torch.set_num_threads(saved_threads)
+        end_ranks(others)
+    check_ranks(others)
+    return net
 
 
 def load_supernet(space: SearchSpace, state: dict) -> Supernet:
