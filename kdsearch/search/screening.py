@@ -147,11 +147,8 @@ class Screening:
         self.writer = PartsWriter(store, SCREENING, first, latest_by_subnet)
         self.study = self._study()
         self.places: list[tuple[str, str]] = []
-
-    @property
-    def scored(self) -> int:
-        """Students scored so far (rows with an inherited accuracy)."""
-        return sum(1 for r in self.rows if r["inherited_val_acc"] is not None)
+        self.scored = sum(1 for r in self.rows if r["inherited_val_acc"] is not None)  # students scored so far
+        self.unwritten: list[Row] = []  # rows over the budget since the last part: written with the next batch
 
     def _study(self) -> optuna.Study:
         """A new study with every recorded row told as a finished trial (a resumed screening)."""
@@ -216,7 +213,7 @@ class Screening:
                 stall += 1
             elif not row["feasible"]:  # over the budget: recorded, never scored
                 row["scored_at"] = time.time() - self.started
-                self._record([row])
+                self._record([row], write=False)
                 self.study.tell(trial, self._values(row))
                 stall = 0
             else:
@@ -225,10 +222,14 @@ class Screening:
                 stall = 0
         return batch
 
-    def _record(self, rows: Sequence[Row]) -> None:
+    def _record(self, rows: Sequence[Row], write: bool = True) -> None:
         self.rows.extend(rows)
         self.known.update((student_key(r), r) for r in rows)
-        self.writer.append(rows)
+        self.scored += sum(1 for r in rows if r["inherited_val_acc"] is not None)
+        self.unwritten.extend(rows)
+        if write:  # one part per batch: a part is one write to the storage
+            self.writer.append(self.unwritten)
+            self.unwritten = []
 
     def scored_batch(self, batch: list[Row], scores: list[float]) -> None:
         """Record a batch's inherited accuracies and tell the study each of its trials."""
