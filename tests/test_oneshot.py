@@ -15,7 +15,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from kdsearch.results.pareto import front_rows
 from kdsearch.results.tables import RunPaths, open_run
@@ -26,14 +25,14 @@ from tests.test_search_faults import descendants, kill_all
 
 SPACE = """
 name: oneshot_digits
-data: {{name: digits, img_size: 8}}
+data: {{name: digits, img_size: 16}}
 teacher: {{model: kdsearch/digits_cnn, checkpoint: {teacher}}}
 student:
   embed_dim: [16, 32]
   depth: [1, 2, 3]
   num_heads: 2
   mlp_ratio: [1.0, 2.0]
-  patch_size: [2, 4]
+  patch_size: [4, 8]  # 16 or 4 tokens: students as cheap as at 8 px, with the session's teacher
   pos_embed: [learned, sincos, relpos, rope, cpe, none]
   distill_token: [false, true]
 recipe: {{alpha: {{low: 0.0, high: 1.0}}, temperature: 4.0}}
@@ -44,22 +43,6 @@ objectives: {{val_acc: max, {cost}: min}}
 search: {{trials: 3, sampler: random, seed: 0, max_concurrent: 1, strategy: oneshot, supernet_epochs: {epochs},
           screen_subnets: {subnets}, screen_sampler: nsga2}}
 """
-
-
-@pytest.fixture(scope="module")
-def teacher_8px(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in CNN trained briefly on digits at 8 px (the students' image size)."""
-    from kdsearch.space.specs import DataSpec
-    from kdsearch.train.data import load_data
-    from kdsearch.train.digits_teacher import train_digits_teacher
-    from kdsearch.train.teacher import builtin_teacher_meta, save_teacher
-
-    torch.set_num_threads(2)
-    path = tmp_path_factory.mktemp("teacher8") / "digits_cnn.safetensors"
-    data = load_data(DataSpec(img_size=8))
-    model, acc = train_digits_teacher(data, epochs=2)
-    save_teacher(model, path, builtin_teacher_meta(data, acc))
-    return path
 
 
 def write_space(tmp: Path, teacher: Path, epochs: int = 2, subnets: int = 30, cost: str = "flops") -> Path:
@@ -87,9 +70,9 @@ def test_kept_students_are_the_front_then_spread_along_the_cost() -> None:
 
 
 def test_a_measured_objective_with_oneshot_is_one_line(
-    teacher_8px: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    digits_teacher_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    space = write_space(tmp_path, teacher_8px, cost="latency_ms")
+    space = write_space(tmp_path, digits_teacher_path, cost="latency_ms")
     assert run_cli(["search", str(space), "--storage", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
@@ -121,8 +104,8 @@ def _kill_when(cmd: list[str], ready, log: Path) -> None:
             kill_all(helpers + descendants(driver.pid))
 
 
-def test_a_driver_killed_in_each_stage_resumes_without_redoing_work(teacher_8px: Path, tmp_path: Path) -> None:
-    space = write_space(tmp_path, teacher_8px, epochs=3, subnets=120)
+def test_a_driver_killed_in_each_stage_resumes_without_redoing_work(digits_teacher_path: Path, tmp_path: Path) -> None:
+    space = write_space(tmp_path, digits_teacher_path, epochs=3, subnets=120)
     kdsearch = Path(sys.executable).with_name("kdsearch")
     cmd = [str(kdsearch), "search", str(space), "--storage", str(tmp_path / "runs"), "--name", "killed"]
     run, log = tmp_path / "runs" / "killed", tmp_path / "driver.log"
