@@ -111,7 +111,8 @@ def test_node_lost_mid_trial_is_retried_elsewhere(digits_teacher_path: Path, tmp
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    # two trials per worker: once one is lost, the other trains two at a time, one per core of a 2-core machine
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     lost = workers[0].node_id
     # max_failures 0: a lost node is no failure of the trial's, so its trials run again all the same
@@ -187,8 +188,9 @@ def test_a_sigkilled_worker_loses_no_trial(digits_teacher_path: Path, tmp_path: 
     state, runs = tmp_path / "state", "s3://node-loss/runs"
     with s3_server(tmp_path / "moto.log") as s3:
         make_bucket(s3, "node-loss")
+        # two trials per worker: once one is killed, the other trains two at a time (one per core of a 2-core machine)
         started = subprocess.run(
-            [str(LOCAL_SH), "--dir", str(state), "start", "2", "--timeout", "90"],
+            [str(LOCAL_SH), "--dir", str(state), "start", "2", "--worker-cpus", "2", "--timeout", "90"],
             capture_output=True,
             text=True,
             timeout=150,
