@@ -1,7 +1,8 @@
 """`search.strategy: oneshot`: a weight-sharing supernet screens the students, and only the
 screened ones train.
 
-    1. supernet   one Ray task (a whole GPU when trials use any, else the trial's CPUs) trains
+    1. supernet   one Ray task (a trial's GPUs, at least a whole one, when trials use any, else a
+                  trial's CPUs; data-parallel on N >= 2 GPUs as a trial) trains
                   kdsearch.train.supernet_training's supernet with the run's data and cached
                   teacher logits; its state is written whole to oneshot/supernet.pt after each
                   epoch, and each epoch's report streams back to the driver (its line, a row of
@@ -96,7 +97,7 @@ def run_oneshot(
 
 @ray.remote
 def _train_supernet(
-    space: SearchSpace, store: Storage, travelled: Any, cached_logits: Any, epochs: int
+    space: SearchSpace, store: Storage, travelled: Any, cached_logits: Any, epochs: int, world_size: int
 ) -> Iterator[Any]:
     """The supernet's training as a Ray generator task: where it runs and the epoch it starts
     after (0: from scratch), then each epoch's report as it comes (the training runs in a
@@ -127,7 +128,11 @@ def _train_supernet(
         try:
             with tempfile.TemporaryDirectory(prefix="kdsearch-supernet-") as workdir:
                 setup = TrialSetup(
-                    workdir=workdir, data=worker_data(travelled), cached_logits=cached_logits, device=device
+                    workdir=workdir,
+                    data=worker_data(travelled),
+                    cached_logits=cached_logits,
+                    device=device,
+                    world_size=world_size,  # N >= 2 GPUs: one process each, as a trial (kdsearch.train.parallel)
                 )
                 train_supernet(space, setup, epochs, items.put, state=state, save=save)
             items.put(None)
@@ -153,10 +158,12 @@ def _supernet_stage(
     t0 = time.time()
     stages.update("supernet", started=done.get("started", t0), ended=None, epochs=done.get("epochs", 0), of=epochs)
     rows = {int(r["epoch"]): r for r in _epoch_rows(store)}
-    gpu = space.resources.gpus > 0
-    task = _train_supernet.options(num_cpus=1 if gpu else max(1, int(space.resources.cpus)), num_gpus=1 if gpu else 0)
+    gpus = space.resources.gpus
+    world = int(gpus) if gpus >= 2 else 1  # as a trial of the space trains: data-parallel on N >= 2 GPUs
+    cpus = world if gpus > 0 else max(1, int(space.resources.cpus))
+    task = _train_supernet.options(num_cpus=cpus, num_gpus=world if gpus > 0 else 0)
     where = ""
-    for ref in task.remote(space, store, shipped(data), cached_logits, epochs):
+    for ref in task.remote(space, store, shipped(data), cached_logits, epochs, world):
         item = task_result(ref)
         if isinstance(item, tuple):  # where it runs, and the epoch its saved state had reached
             where, start = item
