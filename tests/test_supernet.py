@@ -14,9 +14,12 @@ import pytest
 import torch
 from timm.layers import resample_patch_embed
 
+from kdsearch.models.sandwich import SandwichRule
 from kdsearch.models.student import StudentViT
 from kdsearch.models.supernet import Supernet, SupernetSpec, random_student, sandwich
 from kdsearch.space.file import parse_space_text
+from kdsearch.space.flops import count_flops
+from kdsearch.space.search_space import Budget
 from kdsearch.space.specs import POS_EMBEDS, StudentSpec
 from kdsearch.train.data import load_data
 from kdsearch.train.evaluation import evaluate
@@ -164,6 +167,23 @@ def test_sandwich_holds_the_extremes_then_random_students(space) -> None:
     assert len(students) == 4 and all(not s.problems() for s in students)
     encodings = {s.pos_embed for _ in range(20) for s in sandwich(space, rng, 2)}
     assert len(encodings) > 2  # the extremes' encodings are drawn, so every encoding's parameters train
+
+
+def test_sandwich_serves_only_students_within_the_budget(space) -> None:
+    unbounded = sandwich(space, np.random.default_rng(0), 1)[0]
+    limit = count_flops(unbounded).flops / 2e9  # the space's largest is over the budget
+    bounded = dataclasses.replace(space, budget=Budget(max_gflops=limit))
+    assert not bounded.budget.feasible(unbounded)
+    rule = SandwichRule(bounded)
+    rng = np.random.default_rng(1)
+    steps = [rule(rng, 4) for _ in range(30)]
+    assert all(bounded.budget.feasible(s) and not s.problems() for step in steps for s in step)
+    assert len({dataclasses.replace(step[1], pos_embed="none") for step in steps}) == 1  # the smallest stays
+    feasible = [s for s in bounded.architectures() if not s.problems() and bounded.budget.feasible(s)]
+    for largest in {step[0] for step in steps}:
+        rivals = [count_flops(s).flops for s in feasible if s.pos_embed == largest.pos_embed]
+        assert count_flops(largest).flops == max(rivals)  # no feasible student has more FLOPs
+    assert len({step[0].pos_embed for step in steps}) > 2  # each encoding's largest serves
 
 
 TRAIN_SPACE = """

@@ -27,14 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat, resample_abs_pos_embed, trunc_normal_
 from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
 from torch import Tensor, nn
 
-from kdsearch.errors import SpaceError
+from kdsearch.models.sandwich import extreme_student, random_student, sandwich
 from kdsearch.models.student import LN_EPS, Block, StudentOutput, StudentViT, create_pos_encoding
 from kdsearch.space.datasets import DATASETS
 from kdsearch.space.search_space import SearchSpace
@@ -374,66 +373,3 @@ class SubnetRun:
             t[p + "mlp.fc2.bias"],
         )
         return x + y, a
-
-
-# --------------------------------------------------------------------------- the sandwich rule
-
-SIZE_DIMS = ("embed_dim", "head_dim", "depth", "mlp_ratio", "distill_token")
-
-
-def extreme_student(space: SearchSpace, rng: np.random.Generator, largest: bool) -> StudentSpec:
-    """The space's largest (or smallest) student: every size dimension at its end (width,
-    depth, MLP ratio, distillation token; the smallest patch size for the largest), the most
-    (fewest) heads that build, its encoding drawn from those that build.
-
-    Raises:
-        SpaceError: no such student builds.
-    """
-    pick = max if largest else min
-    dims = space.student_dims()
-    values = {k: d.default for k, d in space.dims.items() if not k.startswith("student.")}
-    for key, dim in dims.items():
-        name = key.removeprefix("student.")
-        if name in SIZE_DIMS:
-            values[key] = pick(dim.values())
-        elif name == "patch_size":
-            values[key] = (min if largest else max)(dim.values())
-        else:
-            values[key] = dim.default
-    heads = sorted(dims["student.num_heads"].values(), reverse=largest) if "student.num_heads" in dims else [None]
-    encodings = list(dims["student.pos_embed"].values()) if "student.pos_embed" in dims else [None]
-    encodings = [encodings[i] for i in rng.permutation(len(encodings))]
-    for h in heads:
-        for pe in encodings:
-            chosen = {"student.num_heads": h, "student.pos_embed": pe}
-            student = space.build({**values, **{k: v for k, v in chosen.items() if v is not None}}).student
-            if not student.problems():
-                return student
-    raise SpaceError(space.source, "student", f"no {'largest' if largest else 'smallest'} student builds")
-
-
-def random_student(space: SearchSpace, rng: np.random.Generator, tries: int = 100) -> StudentSpec:
-    """A uniformly random student of `space` that builds (`space.sample`, drawn again while it cannot)."""
-    for _ in range(tries):
-        student = space.sample(rng).student
-        if not student.problems():
-            return student
-    raise SpaceError(space.source, "student", f"no student that builds in {tries} random draws")
-
-
-def sandwich(space: SearchSpace, rng: np.random.Generator, n: int) -> list[StudentSpec]:
-    """The sandwich rule's subnets for one step: the largest, the smallest and n - 2 random ones.
-
-    Args:
-        space: the space the supernet holds.
-        rng: the draws (the encodings of the two extremes and the random students).
-        n: how many (>= 1: the largest alone; 2: the two extremes).
-
-    Returns:
-        `n` students that build, the largest first, then the smallest.
-    """
-    out = [extreme_student(space, rng, largest=True)]
-    if n >= 2:
-        out.append(extreme_student(space, rng, largest=False))
-    out.extend(random_student(space, rng) for _ in range(n - 2))
-    return out

@@ -1,8 +1,9 @@
 """The supernet of one-shot screening (kdsearch.models.supernet): its training and its scoring.
 
 `train_supernet` trains one supernet for a space with the sandwich rule: each step runs the
-largest, the smallest and two random students of the space on the same batch, accumulates
-their gradients and takes one optimizer step. The loss is the space's default recipe with the
+largest, the smallest and two random students on the same batch, accumulates their gradients
+and takes one optimizer step; every one of them builds and meets the space's budget
+(kdsearch.models.sandwich), so the supernet serves only students a search may train. The loss is the space's default recipe with the
 teacher's cached signal (`kdsearch.train.training.teacher_signal`: the logit cache, or the
 replay cache under a random augmentation), the label and the soft-KL / hard terms only: a
 supernet cannot screen loss weights, and feature and attention distillation would need the
@@ -37,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from kdsearch.errors import KdsearchError
-from kdsearch.models.supernet import Supernet, SupernetSpec, extreme_student, sandwich
+from kdsearch.models.sandwich import SandwichRule, extreme_student
+from kdsearch.models.supernet import Supernet, SupernetSpec
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import StudentSpec, TrialSpec
 from kdsearch.train.checkpoint import restore_rng
@@ -69,15 +71,16 @@ def autocast_on(device: torch.device) -> Any:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def step_students(space: SearchSpace, seed: int, epoch: int, step: int) -> list[StudentSpec]:
+def step_students(rule: SandwichRule, seed: int, epoch: int, step: int) -> list[StudentSpec]:
     """The sandwich of one step: a function of (seed, epoch, step), so a continued run draws the same."""
-    return sandwich(space, np.random.default_rng([seed, epoch, step]), SANDWICH)
+    return rule(np.random.default_rng([seed, epoch, step]), SANDWICH)
 
 
-def report_students(space: SearchSpace) -> tuple[StudentSpec, StudentSpec]:
-    """The largest and the smallest student that every epoch's report scores (fixed encodings)."""
+def report_students(rule: SandwichRule) -> tuple[StudentSpec, StudentSpec]:
+    """The largest (within the budget) and the smallest student that every epoch's report
+    scores (fixed encodings)."""
     rng = np.random.default_rng(0)
-    return extreme_student(space, rng, largest=True), extreme_student(space, rng, largest=False)
+    return rule.largest(rng), extreme_student(rule.space, rng, largest=False)
 
 
 def prepared_signal(spec: TrialSpec, setup: TrialSetup, device: torch.device) -> TeacherSignal:
@@ -105,7 +108,7 @@ class SandwichStep(nn.Module):
 
 
 def supernet_epoch(
-    space: SearchSpace,
+    rule: SandwichRule,
     spec: TrialSpec,
     step_fn: nn.Module,
     parts: tuple[torch.optim.Optimizer, Any],
@@ -125,7 +128,7 @@ def supernet_epoch(
     for step, (x, y, idx) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast_on(device):
-            losses = step_fn(x, y, signal(x, idx), step_students(space, train.seed, epoch, step))
+            losses = step_fn(x, y, signal(x, idx), step_students(rule, train.seed, epoch, step))
         finite = torch.isfinite(losses.detach()).all().float().reshape(1)
         if world > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)  # every rank stops at once
@@ -226,10 +229,11 @@ def supernet_loop(
         ids = [device.index] if device.type == "cuda" else None
         step_fn = DistributedDataParallel(step_fn, device_ids=ids, find_unused_parameters=True)
     signal = prepared_signal(spec, setup, device)
-    largest, smallest = report_students(space)
+    rule = SandwichRule(space)
+    largest, smallest = report_students(rule)
     for epoch in range(int(state["epoch"]) + 1 if state is not None else 1, epochs + 1):
         t0 = time.perf_counter()
-        done = supernet_epoch(space, spec, step_fn, (optimizer, schedule), signal, data, epoch, shard)
+        done = supernet_epoch(rule, spec, step_fn, (optimizer, schedule), signal, data, epoch, shard)
         if rank != 0:
             continue
         accs = score_subnets(net, [largest, smallest], data, device)
