@@ -36,6 +36,7 @@ import ray
 from kdsearch.results.parts import to_parquet
 from kdsearch.results.tables import RunPaths, write_json
 from kdsearch.search.screening import (
+    STALL_ASKS,
     SUPERNET,
     Screening,
     read_screening,
@@ -228,6 +229,11 @@ def _screening_stage(
         f"({new / max(took, 1e-9):,.0f}/s{', on ' + placed(screening.places) if screening.places else ''}); "
         f"{screening.scored:,} in all, {len(kept)} kept for training (the screened front first)"
     )
+    if screening.stalled:
+        say(
+            f"screening: stopped at {screening.scored:,} of {target:,}: the sampler proposed only students "
+            f"it had seen, {STALL_ASKS} times in a row"
+        )
     if len(kept) < trials:
         say(
             f"screening: only {len(kept)} feasible students to keep; the sampler chooses the other {trials - len(kept)}"

@@ -44,7 +44,9 @@ from kdsearch.storage import Storage
 SCREENING = "oneshot/screening.parquet"
 SUPERNET = "oneshot/supernet.pt"
 MAX_BATCH = 256  # students per scoring task at most: a task's result returns as one object
-STALL_ASKS = 2000  # asks in a row that propose no student not yet seen: the sampler has run out
+# asks in a row that propose no student not yet seen: the sampler has settled (each ask costs more as the
+# study grows, so a sampler circling a few students in a small space is stopped, not asked on and on)
+STALL_ASKS = 200
 
 Row = dict[str, Any]
 
@@ -149,6 +151,7 @@ class Screening:
         self.places: list[tuple[str, str]] = []
         self.scored = sum(1 for r in self.rows if r["inherited_val_acc"] is not None)  # students scored so far
         self.unwritten: list[Row] = []  # rows over the budget since the last part: written with the next batch
+        self.stalled = False  # the sampler proposed only students it had seen, STALL_ASKS times in a row
 
     def _study(self) -> optuna.Study:
         """A new study with every recorded row told as a finished trial (a resumed screening)."""
@@ -196,7 +199,9 @@ class Screening:
         unscored. Stops at `target` scored or in flight, or when the space has no student left."""
         batch: list[Row] = []
         stall = 0
-        while len(batch) < size and self.scored + len(self.pending) < target and stall < STALL_ASKS:
+        while (
+            len(batch) < size and self.scored + len(self.pending) < target and stall < STALL_ASKS and not self.stalled
+        ):
             if len(self.known) + len(self.pending) >= limit:
                 break
             trial = self.study.ask()
@@ -220,6 +225,7 @@ class Screening:
                 self.pending[key] = (row, [trial])
                 batch.append(row)
                 stall = 0
+        self.stalled = self.stalled or stall >= STALL_ASKS
         return batch
 
     def _record(self, rows: Sequence[Row], write: bool = True) -> None:
