@@ -243,14 +243,21 @@ def one_process_run(train_space, digits16, tmp_path_factory):
         torch.save(state, buffer)
         saved.append(buffer.getvalue())
 
+    def report(r: dict) -> None:
+        reports.append({**r, "threads": torch.get_num_threads()})
+
+    torch.set_num_threads(2)
+    whole = train_supernet(train_space, setup, 2, report, save=save, threads=1)
+    restored = torch.get_num_threads()
     torch.set_num_threads(1)
-    whole = train_supernet(train_space, setup, 2, reports.append, save=save)
+    assert restored == 2  # the process's setting is back after training
     return setup, reports, saved, whole
 
 
 def test_train_supernet_reports_and_continues_from_its_state_exactly(train_space, one_process_run) -> None:
     setup, reports, saved, whole = one_process_run
     assert [r["epoch"] for r in reports] == [1, 2] and len(saved) == 2
+    assert [r.pop("threads") for r in reports] == [1, 1]  # trained with the threads it was given
     assert set(reports[0]) == {"epoch", "loss", "seconds", "images_per_s", "largest_val_acc", "smallest_val_acc"}
     assert math.isfinite(reports[0]["loss"]) and reports[1]["loss"] < reports[0]["loss"]
     state = torch.load(io.BytesIO(saved[0]), weights_only=True)

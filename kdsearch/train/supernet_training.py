@@ -182,6 +182,7 @@ def train_supernet(
     report: Callable[[dict], None],
     state: dict | None = None,
     save: Callable[[dict], None] | None = None,
+    threads: int | None = None,
 ) -> Supernet:
     """Train the supernet of `space` with the sandwich rule (see the module docstring).
 
@@ -196,16 +197,24 @@ def train_supernet(
             second, each through the sandwich's students), "largest_val_acc", "smallest_val_acc"}.
         state: the last state `save` was given: training continues after its epoch, exactly.
         save: called after each epoch with the state to continue from (a `torch.save`-able dict).
+        threads: torch's intra-op threads while it trains (the CPUs its task was given; shared
+            among the processes of a data-parallel run); None keeps the process's setting.
 
     Returns:
         The trained supernet, in eval mode.
     """
     if setup.data is None:
         raise KdsearchError("train_supernet needs setup.data loaded")
-    if setup.world_size > 1:
-        return train_supernet_parallel(space, setup, epochs, report, state, save)
-    device = setup.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return supernet_loop(space, setup, epochs, report, state, save, device)
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    try:
+        if setup.world_size > 1:
+            return train_supernet_parallel(space, setup, epochs, report, state, save)
+        device = setup.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return supernet_loop(space, setup, epochs, report, state, save, device)
+    finally:
+        torch.set_num_threads(saved_threads)
 
 
 def supernet_loop(
