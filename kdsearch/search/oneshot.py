@@ -109,7 +109,7 @@ def _train_supernet(
     from kdsearch.train.supernet_training import train_supernet
     from kdsearch.train.trial import trial_device
 
-    torch.set_num_threads(max(1, int(space.resources.cpus)))
+    threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]
     device = trial_device(gpu_ids)
     state = None
@@ -135,7 +135,7 @@ def _train_supernet(
                     device=device,
                     world_size=world_size,  # N >= 2 GPUs: one process each, as a trial (kdsearch.train.parallel)
                 )
-                train_supernet(space, setup, epochs, items.put, state=state, save=save)
+                train_supernet(space, setup, epochs, items.put, state=state, save=save, threads=threads)
             items.put(None)
         except BaseException as e:  # re-raised in the task, whose error the driver gets
             items.put(e)
@@ -161,7 +161,8 @@ def _supernet_stage(
     rows = {int(r["epoch"]): r for r in _epoch_rows(store)}
     gpus = space.resources.gpus
     world = int(gpus) if gpus >= 2 else 1  # as a trial of the space trains: data-parallel on N >= 2 GPUs
-    cpus = world if gpus > 0 else max(1, int(space.resources.cpus))
+    # on CPUs the supernet trains alone in its stage: every CPU of the largest node, one torch thread each
+    cpus = world if gpus > 0 else max(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
     task = _train_supernet.options(num_cpus=cpus, num_gpus=world if gpus > 0 else 0)
     where = ""
     for ref in task.remote(space, store, shipped(data), cached_logits, epochs, world):
