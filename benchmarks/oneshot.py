@@ -1,7 +1,7 @@
 """One-shot screening against today's search: the wall time to the same hypervolume.
 
     .venv/bin/python benchmarks/oneshot.py [--spaces digits_quick,digits_8px] [--seeds 3]
-        [--budgets 96,24] [--oneshot-trials 16,8] [--csv FILE]
+        [--budgets 96,24] [--oneshot-trials 16,8] [--csv FILE] [--screen-subnets N] [--standard-from CSV]
 
 For each space, seed and budget B: today's strategy (`search.strategy: standard`) runs B trials
 with the space's epochs and early stopping; its final hypervolume is the target. The one-shot
@@ -10,6 +10,10 @@ the matching `--oneshot-trials`, and the time it takes to reach the target is re
 hypervolume over time, counted from the run's start, so the supernet and the screening are
 inside it. Both runs are one after the other on this machine, with the same seed, teacher,
 split and reference point (val_acc 0, the space's FLOPs budget).
+
+`--standard-from CSV` reads today's figures from an earlier run of this script (same machine,
+same seeds), so one-shot settings (`--screen-subnets`, `--oneshot-trials`) can be compared
+against one standard search without running it again.
 
 Goal (issue 22): at 96 trials, the one-shot strategy reaches the target in at most one fifth
 of today's wall time on every seed. Printed beside it: Kendall's tau between the inherited and
@@ -29,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,13 +62,13 @@ def digits_8px(raw: dict) -> dict:
 SPACES: dict[str, Callable[[dict], dict]] = {"digits_quick": digits_quick, "digits_8px": digits_8px}
 
 
-def run_strategy(raw: dict, strategy: str, trials: int, seed: int, out: Path) -> dict:
-    """One search of `raw` with `strategy`; its hypervolume over time and what the run says."""
+def run_strategy(raw: dict, strategy: str, trials: int, seed: int, out: Path, **search: Any) -> dict:
+    """One search of `raw` with `strategy` (and `search` settings); its hypervolume over time and what the run says."""
     from kdsearch.results.oneshot import load_oneshot
     from kdsearch.search.run import run_search
 
-    raw = {**raw, "search": {**raw["search"], "seed": seed, "trials": trials, "strategy": strategy}}
-    name = f"{raw['name']}-{strategy}-{trials}-{seed}"
+    raw = {**raw, "search": {**raw["search"], "seed": seed, "trials": trials, "strategy": strategy, **search}}
+    name = f"{raw['name']}-{strategy}-{trials}-{seed}-{len(list(out.glob('*.yaml')))}"
     space = out / f"{name}.yaml"
     space.write_text(yaml.safe_dump(raw))
     t0 = time.time()
@@ -83,24 +88,32 @@ def run_strategy(raw: dict, strategy: str, trials: int, seed: int, out: Path) ->
     return row
 
 
-def compare(raw: dict, seed: int, budget: int, oneshot_trials: int, out: Path) -> dict:
-    """Today's strategy at `budget` trials, then the one-shot one; the figures of one seed."""
-    standard = run_strategy(raw, "standard", budget, seed, out)
-    target = float(standard["curve"].hypervolume.iloc[-1]) if len(standard["curve"]) else 0.0
-    oneshot = run_strategy(raw, "oneshot", oneshot_trials, seed, out)
+def compare(
+    raw: dict, seed: int, budget: int, oneshot_trials: int, out: Path, known: dict | None, **search: Any
+) -> dict:
+    """Today's strategy at `budget` trials (or its figures from an earlier run's CSV row,
+    `known`), then the one-shot one; the figures of one seed."""
+    if known is None:
+        standard = run_strategy(raw, "standard", budget, seed, out)
+        target = float(standard["curve"].hypervolume.iloc[-1]) if len(standard["curve"]) else 0.0
+        known = {"standard wall s": standard["wall"], "target HV": target,
+                 "standard reaches it at s": time_to_reach(standard["curve"], target)}  # fmt: skip
+    oneshot = run_strategy(raw, "oneshot", oneshot_trials, seed, out, **search)
+    target = float(known["target HV"])
     reach = time_to_reach(oneshot["curve"], target)
     return {
         "space": raw["name"],
         "seed": seed,
         "budget": budget,
-        "standard wall s": standard["wall"],
+        "standard wall s": float(known["standard wall s"]),
         "target HV": target,
-        "standard reaches it at s": time_to_reach(standard["curve"], target),
+        "standard reaches it at s": float(known["standard reaches it at s"]),
         "oneshot trials": oneshot_trials,
+        "screen subnets": search.get("screen_subnets", raw["search"].get("screen_subnets", 1000)),
         "oneshot wall s": oneshot["wall"],
         "oneshot final HV": float(oneshot["curve"].hypervolume.iloc[-1]) if len(oneshot["curve"]) else 0.0,
         "oneshot reaches it at s": reach,
-        "share of standard wall": reach / standard["wall"],
+        "share of standard wall": reach / float(known["standard wall s"]),
         "kendall tau": oneshot["tau"],
         "tau n": oneshot["tau_n"],
         "supernet share": oneshot["supernet_share"],
@@ -116,7 +129,15 @@ def main() -> None:
     ap.add_argument("--budgets", default="96,24", help="today's trials per search")
     ap.add_argument("--oneshot-trials", default="16,8", help="the one-shot runs' trained students, per budget")
     ap.add_argument("--csv", type=Path, default=None, help="append each seed's row to this CSV as it finishes")
+    ap.add_argument("--screen-subnets", type=int, default=None, help="the one-shot runs' search.screen_subnets")
+    ap.add_argument("--standard-from", type=Path, default=None,
+                    help="a CSV this script wrote: today's figures per space, seed and budget are read, not rerun")  # fmt: skip
     args = ap.parse_args()
+    search = {} if args.screen_subnets is None else {"screen_subnets": args.screen_subnets}
+    earlier = {}
+    if args.standard_from is not None:
+        for row in csv.DictReader(args.standard_from.open()):
+            earlier[row["space"], int(row["seed"]), int(row["budget"])] = row
     budgets = [int(b) for b in args.budgets.split(",")]
     oneshot_trials = [int(b) for b in args.oneshot_trials.split(",")]
     if len(budgets) != len(oneshot_trials):
@@ -129,7 +150,8 @@ def main() -> None:
             raw = {**SPACES[space_name](base), "name": space_name}
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 for budget, n in zip(budgets, oneshot_trials, strict=True):
-                    row = compare(raw, seed, budget, n, Path(tmp))
+                    known = earlier.get((space_name, seed, budget))
+                    row = compare(raw, seed, budget, n, Path(tmp), known, **search)
                     rows.append(row)
                     print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
                     if args.csv is not None:
