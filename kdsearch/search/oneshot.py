@@ -114,7 +114,7 @@ def _train_supernet(
     device = trial_device(gpu_ids)
     state = None
     if store.exists(SUPERNET):  # a resumed run: the last epoch saved
-        state = torch.load(io.BytesIO(store.read_bytes(SUPERNET)), map_location="cpu", weights_only=False)
+        state = torch.load(io.BytesIO(store.read_bytes(SUPERNET)), map_location="cpu", weights_only=True)
     yield placed([(ray.get_runtime_context().get_node_id(), ",".join(gpu_ids))]), int(state["epoch"]) if state else 0
     if state is not None and int(state["epoch"]) >= epochs:
         return

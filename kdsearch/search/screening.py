@@ -118,7 +118,7 @@ def _score_batch(
     device = trial_device(gpu_ids)
 
     def load() -> Any:
-        state = torch.load(io.BytesIO(store.read_bytes(SUPERNET)), map_location="cpu", weights_only=False)
+        state = torch.load(io.BytesIO(store.read_bytes(SUPERNET)), map_location="cpu", weights_only=True)
         return load_supernet(space, state).to(device).eval()
 
     supernet = _one_per_process(_SUPERNET, (store.uri_of(SUPERNET), epoch), load)
