@@ -42,6 +42,7 @@ __all__ = [
     "StudentViT",
     "build_student",
     "create_pos_encoding",
+    "init_vit_weights",
 ]
 
 LN_EPS = 1e-6
@@ -311,14 +312,7 @@ class StudentViT(nn.Module):
         LayerNorm (ones/zeros), convolutions (PyTorch default, as timm's ViT leaves its
         patch embedding) and RelPosBias (its own trunc-normal) keep their own inits.
         """
-        trunc_normal_(self.cls_token, std=0.02)
-        if self.dist_token is not None:
-            trunc_normal_(self.dist_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_vit_weights(self, (self.cls_token, self.dist_token))
 
     def _tokens(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x)
@@ -368,6 +362,19 @@ class StudentViT(nn.Module):
         logits = self.head(tokens[:, 0])
         dist = self.head_dist(tokens[:, 1]) if self.head_dist is not None else None
         return StudentOutput(logits, dist, tokens, feats, last_attn, self.num_prefix_tokens)
+
+
+def init_vit_weights(model: nn.Module, tokens: tuple[nn.Parameter | None, ...]) -> None:
+    """timm ViT init, in this order: trunc-normal(.02) `tokens` (None skipped), then every
+    Linear's weight trunc-normal(.02) and its bias zero; other layers keep their own inits."""
+    for token in tokens:
+        if token is not None:
+            trunc_normal_(token, std=0.02)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def build_student(spec: StudentSpec) -> StudentViT:

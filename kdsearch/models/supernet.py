@@ -29,12 +29,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import apply_rot_embed_cat, resample_abs_pos_embed, trunc_normal_
+from timm.layers import apply_rot_embed_cat, resample_abs_pos_embed
 from timm.layers.patch_embed import PatchEmbedResamplerFixedOrigSize
 from torch import Tensor, nn
 
 from kdsearch.models.sandwich import extreme_student, random_student, sandwich
-from kdsearch.models.student import LN_EPS, Block, StudentOutput, StudentViT, create_pos_encoding
+from kdsearch.models.student import (
+    LN_EPS,
+    Block,
+    StudentOutput,
+    StudentViT,
+    create_pos_encoding,
+    init_vit_weights,
+)
 from kdsearch.space.datasets import DATASETS
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import StudentSpec
@@ -152,14 +159,7 @@ class Supernet(nn.Module):
     def init_weights(self) -> None:
         """As `StudentViT` initializes: trunc-normal(.02) tokens and Linear weights, zero biases;
         the patch convolution and the encodings keep their own inits."""
-        trunc_normal_(self.cls_token, std=0.02)
-        if self.dist_token is not None:
-            trunc_normal_(self.dist_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_vit_weights(self, (self.cls_token, self.dist_token))
 
     # ---- a subnet's tensors -------------------------------------------------------------
 
