@@ -32,6 +32,7 @@ import ray
 from ray.exceptions import RayTaskError
 
 from kdsearch.errors import KdsearchError
+from kdsearch.results.oneshot import latest_subnets
 from kdsearch.results.pareto import non_dominated_mask
 from kdsearch.results.parts import PartsWriter, read_table_rows
 from kdsearch.space import objectives as objective_table
@@ -69,15 +70,9 @@ def student_params(space: SearchSpace, row: Row) -> dict[str, Any]:
     return out
 
 
-def latest_by_subnet(rows: list[Row]) -> list[Row]:
-    """screening.parquet's rule for its parts: a later row of a subnet_id replaces the earlier."""
-    by_id = {int(r["subnet_id"]): r for r in rows}
-    return [by_id[i] for i in sorted(by_id)]
-
-
 def read_screening(store: Storage) -> list[Row]:
     """The screening rows recorded so far (the whole table and its parts), by subnet_id."""
-    return read_table_rows(store, SCREENING, latest_by_subnet)
+    return read_table_rows(store, SCREENING, latest_subnets)
 
 
 def task_result(ref: Any) -> Any:
@@ -146,7 +141,7 @@ class Screening:
         self.next_id = max((int(r["subnet_id"]) for r in self.rows), default=-1) + 1
         self.pending: dict[tuple, tuple[Row, list[optuna.trial.Trial]]] = {}  # in flight: key -> row, its trials
         first = ["subnet_id", "inherited_val_acc", *self.costs, "feasible", "rank", "kept", "scored_at"]
-        self.writer = PartsWriter(store, SCREENING, first, latest_by_subnet)
+        self.writer = PartsWriter(store, SCREENING, first, latest_subnets)
         self.study = self._study()
         self.places: list[tuple[str, str]] = []
         self.scored = sum(1 for r in self.rows if r["inherited_val_acc"] is not None)  # students scored so far
