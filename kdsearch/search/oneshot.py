@@ -33,6 +33,7 @@ from typing import Any
 import optuna
 import ray
 
+from kdsearch.results.oneshot import STAGES, SUPERNET_EPOCHS
 from kdsearch.results.parts import to_parquet
 from kdsearch.results.tables import RunPaths, write_json
 from kdsearch.search.screening import (
@@ -48,9 +49,6 @@ from kdsearch.search.teacher_tasks import placed
 from kdsearch.search.worker_data import shipped, worker_data
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.storage import Storage
-
-STAGES = "oneshot/stages.json"
-SUPERNET_EPOCHS = "oneshot/supernet_epochs.parquet"
 
 Row = dict[str, Any]
 

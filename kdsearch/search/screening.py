@@ -32,7 +32,7 @@ import ray
 from ray.exceptions import RayTaskError
 
 from kdsearch.errors import KdsearchError
-from kdsearch.results.oneshot import latest_subnets
+from kdsearch.results.oneshot import SCREENING, SUPERNET, latest_subnets
 from kdsearch.results.pareto import non_dominated_mask
 from kdsearch.results.parts import PartsWriter, read_table_rows
 from kdsearch.space import objectives as objective_table
@@ -42,8 +42,6 @@ from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import StudentSpec
 from kdsearch.storage import Storage
 
-SCREENING = "oneshot/screening.parquet"
-SUPERNET = "oneshot/supernet.pt"
 MAX_BATCH = 256  # students per scoring task at most: a task's result returns as one object
 # asks in a row that propose no student not yet seen: the sampler has settled (each ask costs more as the
 # study grows, so a sampler circling a few students in a small space is stopped, not asked on and on)
