@@ -75,7 +75,7 @@ def space_raw(name: str, trials: int | None, epochs: int | None) -> dict[str, An
     return raw
 
 
-def autosampler(registry: Path | None) -> tuple[Callable[[Any], Any] | None, str]:
+def autosampler(registry: Path | None) -> tuple[Callable[[Any, Any], Any] | None, str]:
     """AutoSampler's constructor (settings -> sampler) from a local registry copy, or None and why not."""
     if registry is None:
         return None, (
@@ -90,7 +90,7 @@ def autosampler(registry: Path | None) -> tuple[Callable[[Any], Any] | None, str
         module = optunahub.load_local_module("samplers/auto_sampler", registry_root=str(registry / "package"))
     except Exception as e:  # noqa: BLE001  (any failure here is the reason it is not measured)
         return None, f"not measured: {type(e).__name__}: {str(e).splitlines()[0]}"
-    return (lambda settings: module.AutoSampler(seed=settings.seed)), "measured from a local registry copy"
+    return (lambda settings, fixed=None: module.AutoSampler(seed=settings.seed)), "measured from a local registry copy"
 
 
 class SuggestTimer:

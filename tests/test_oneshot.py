@@ -18,7 +18,8 @@ import pytest
 
 from kdsearch.results.pareto import front_rows
 from kdsearch.results.tables import RunPaths, open_run
-from kdsearch.search.screening import kept_order, read_screening, student_key
+from kdsearch.search.screening import Screening, kept_order, read_screening, student_key
+from kdsearch.space.file import load_space
 from kdsearch.storage import Storage
 from tests.helpers import run_cli
 from tests.test_search_faults import descendants, kill_all
@@ -67,6 +68,24 @@ def test_kept_students_are_the_front_then_spread_along_the_cost() -> None:
     assert kept.order[:3] == [0, 1, 2]  # the front, best inherited accuracy first
     assert sorted(kept.order[3:]) == [3, 5]  # rank 2 does not fit whole: its two ends along flops
     assert kept_order(rows, objectives, 2).order == [0, 2]  # the front spread: its cheapest and its costliest
+
+
+def test_the_screening_asks_each_student_once_until_the_space_is_spent(
+    digits_teacher_path: Path, tmp_path: Path
+) -> None:
+    """A sampler settled in a small space proposes copies of its elite: each copy fails and a
+    random unseen student is asked in its place, so the screening reaches every feasible student
+    and the study holds about one trial per student (each trial costs every later ask a scan)."""
+    space = load_space(write_space(tmp_path, digits_teacher_path, subnets=1000))
+    screening = Screening(space, Storage.open(tmp_path / "run"), 0, time.time())
+    limit = space.num_architectures()
+    while batch := screening.ask(16, 1000, limit):  # the score favours wide, deep students: NSGA-II settles
+        screening.scored_batch(batch, [(r["student.embed_dim"] * r["student.depth"]) / 100 for r in batch])
+    keys = [student_key(r) for r in screening.rows]
+    assert len(keys) == len(set(keys)) == limit and not screening.stalled
+    feasible = [r for r in screening.rows if r["feasible"]]
+    assert 0 < len(feasible) < limit and all(r["inherited_val_acc"] is not None for r in feasible)
+    assert len(screening.study.trials) < 2 * limit
 
 
 def test_a_measured_objective_with_oneshot_is_one_line(

@@ -91,3 +91,30 @@ def test_at_twelve_trials_only_nsga2_steers_more_than_two() -> None:
         ours = proposals(name)
         same_start[name] = next(i for i, (a, b) in enumerate(zip(ours, random, strict=True)) if a != b)
     assert same_start == {"nsga2": 4, "tpe": 10}
+
+
+@pytest.mark.parametrize("name", ["nsga2", "tpe"])  # GP's subclass is made the same way; its fits cost seconds
+def test_a_sampler_told_its_space_proposes_what_it_computes(name: str) -> None:
+    """`make_sampler(settings, distributions)` skips the intersection of the trials'
+    distributions that the sampler computes on every ask (kdsearch.space.samplers): with a
+    batch of trials running, as in a screening, it proposes exactly what the sampler that
+    computes it proposes."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = load_space(REPO / "search_spaces/digits_quick.yaml")
+    settings = dataclasses.replace(space.search, sampler=name, population_size=4, trials=24, seed=2)
+    fixed = optuna.trial.FixedTrial({n: d.default for n, d in space.dims.items()})
+    space.suggest(fixed)
+
+    def proposals(sampler: optuna.samplers.BaseSampler) -> list[dict]:
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+        for start in range(0, 28, 4):  # four in flight at a time
+            trials = [study.ask() for _ in range(4)]
+            for trial in trials:
+                space.suggest(trial)
+            for i, trial in enumerate(trials, start):
+                study.tell(trial, [(i * 7 % 12) / 12, 1e6 * (i % 5 + 1)])
+        return [t.params for t in study.trials]
+
+    told = make_sampler(settings, fixed.distributions)
+    assert type(told) is not type(make_sampler(settings))
+    assert proposals(told) == proposals(make_sampler(settings))

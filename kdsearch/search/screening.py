@@ -137,7 +137,8 @@ class Screening:
         self.rows = read_screening(store)
         self.known = {student_key(r): r for r in self.rows}
         self.next_id = max((int(r["subnet_id"]) for r in self.rows), default=-1) + 1
-        self.pending: dict[tuple, tuple[Row, list[optuna.trial.Trial]]] = {}  # in flight: key -> row, its trials
+        self.pending: dict[tuple, tuple[Row, optuna.trial.Trial]] = {}  # in flight: key -> row, its trial
+        self.rng = np.random.default_rng([space.search.seed or 0, len(self.rows)])  # the unseen students drawn
         first = ["subnet_id", "inherited_val_acc", *self.costs, "feasible", "rank", "kept", "scored_at"]
         self.writer = PartsWriter(store, SCREENING, first, latest_subnets)
         self.study = self._study()
@@ -154,7 +155,7 @@ class Screening:
             trials=self.space.search.screen_subnets,
             population_size=None,
         )
-        sampler = make_sampler(settings)
+        sampler = make_sampler(settings, self._distributions())
         directions = ["maximize" if mode == "max" else "minimize" for _, mode in self.space.objectives]
         study = optuna.create_study(sampler=sampler, directions=directions)
         generation_key = getattr(sampler, "_get_generation_key", None)  # optuna's BaseGASampler
@@ -175,6 +176,14 @@ class Screening:
         study.add_trials(trials)
         return study
 
+    def _distributions(self) -> dict[str, Any]:
+        """What every trial of the screening suggests: the student dimensions' distributions."""
+        fixed = optuna.trial.FixedTrial({name: dim.default for name, dim in self.students.dims.items()})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.students.suggest(fixed)
+        return dict(fixed.distributions)
+
     def _values(self, row: Row) -> list[float]:
         """What the study is told of a row: the inherited accuracy as val_acc, the exact costs."""
         return values_for_sampler({**row, "val_acc": row["inherited_val_acc"]}, self.space.objectives)
@@ -187,9 +196,10 @@ class Screening:
         return row
 
     def ask(self, size: int, target: int, limit: float) -> list[Row]:
-        """Up to `size` new feasible students to score, asked of the study; students proposed
-        again are told their values (or wait for their batch), new infeasible ones recorded
-        unscored. Stops at `target` scored or in flight, or when the space has no student left."""
+        """Up to `size` new feasible students to score, asked of the study; new infeasible ones
+        are recorded unscored. A proposal of a student already recorded or in flight fails, and
+        a random student not yet seen is asked next in its place (`_enqueue_unseen`). Stops at
+        `target` scored or in flight, or when the space has no student left."""
         batch: list[Row] = []
         stall = 0
         while (
@@ -198,28 +208,44 @@ class Screening:
             if len(self.known) + len(self.pending) >= limit:
                 break
             trial = self.study.ask()
-            student = self.students.suggest(trial).student
-            row = self._row(student)
+            row = self._row(self.students.suggest(trial).student)
             key = student_key(row)
-            if key not in self.known and key not in self.pending:
-                self.next_id += 1  # the row is new: its id is taken
-            if key in self.known:
-                self.study.tell(trial, self._values(self.known[key]))
+            if key in self.known or key in self.pending:
+                # NOTE: a failed trial belongs to no generation, so copies of a student never crowd
+                # a genetic sampler's population; the student's values are in the study already
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                self._enqueue_unseen()
                 stall += 1
-            elif key in self.pending:
-                self.pending[key][1].append(trial)
-                stall += 1
-            elif not row["feasible"]:  # over the budget: recorded, never scored
+                continue
+            self.next_id += 1  # the row is new: its id is taken
+            stall = 0
+            if not row["feasible"]:  # over the budget: recorded, never scored
                 row["scored_at"] = time.time() - self.started
                 self._record([row], write=False)
                 self.study.tell(trial, self._values(row))
-                stall = 0
             else:
-                self.pending[key] = (row, [trial])
+                self.pending[key] = (row, trial)
                 batch.append(row)
-                stall = 0
         self.stalled = self.stalled or stall >= STALL_ASKS
         return batch
+
+    def _enqueue_unseen(self, draws: int = 100) -> None:
+        """Enqueue a random student neither recorded nor in flight (a feasible one where `draws`
+        random students hold one), so the sampler's next ask proposes something new. A sampler
+        that has settled in a small space proposes copies of its elite ever more often; each copy
+        was a trial that every later ask scanned again."""
+        unseen = None
+        for _ in range(draws):
+            student = self.students.sample(self.rng).student
+            row = self._row(student)
+            if student_key(row) in self.known or student_key(row) in self.pending:
+                continue
+            unseen = unseen or row
+            if row["feasible"]:
+                unseen = row
+                break
+        if unseen is not None:
+            self.study.enqueue_trial(student_params(self.space, unseen))
 
     def _record(self, rows: Sequence[Row], write: bool = True) -> None:
         self.rows.extend(rows)
@@ -236,9 +262,8 @@ class Screening:
         for row, score in zip(batch, scores):
             row.update(inherited_val_acc=float(score), scored_at=now)
         for row in batch:
-            _, trials = self.pending.pop(student_key(row))
-            for trial in trials:
-                self.study.tell(trial, self._values(row))
+            _, trial = self.pending.pop(student_key(row))
+            self.study.tell(trial, self._values(row))
         self._record(batch)
 
     def run(self, travelled: Any, gpus_per_trial: float, progress: Callable[[int], None]) -> int:
