@@ -31,6 +31,7 @@ from kdsearch.results.plots import (
     to_plotly,
 )
 from kdsearch.results.report_tables import table_html, table_md
+from kdsearch.results.study_report import study_section_html, study_section_markdown
 from kdsearch.results.tables import Run, RunPaths, front_records, require_finished
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import accuracy_and_cost
@@ -342,7 +343,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}} th{{background:#
 <p>{html.escape(hv.describe())}</p>
 <h2>{html.escape(_front_heading(run))}</h2>
 {table_html(front_table(run))}
-{confirm_html}{"".join(parts)}{oneshot_html(run)}
+{confirm_html}{"".join(parts)}{oneshot_html(run)}{study_section_html(run)}
 <h2>{TROUBLE_HEADING}</h2>
 {table_html(trouble(run))}
 <h2>{THROUGHPUT_HEADING}</h2>
@@ -397,6 +398,7 @@ def write_markdown(
                 table_md([{"parameter": k, "importance": v} for k, v in imp[name].items()]),
             ]
     md += oneshot_markdown(run, out)  # a one-shot run's section; nothing for a standard run
+    md += [study] if (study := study_section_markdown(run, out)) else []
     md += [f"## {TROUBLE_HEADING}\n", table_md(trouble(run))]
     md += [f"## {THROUGHPUT_HEADING}\n", table_md(throughput_table(run))]
     path = out / "report.md"
