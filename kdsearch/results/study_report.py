@@ -304,8 +304,15 @@ def _section(run: Run) -> dict[str, Any] | None:
 
 
 def study_section_html(run: Run) -> str:
-    """The section as HTML for report.html ("" when there is nothing to show). Its figures carry
-    no plotly script: the page's first figure inlines it, and this section comes after it."""
+    """The section as HTML for report.html. Its figures carry no plotly script: the page's first
+    figure inlines it, and this section comes after it.
+
+    Args:
+        run: The run.
+
+    Returns:
+        The section's HTML; "" for a run with no study.parquet and fewer than 4 completed trials.
+    """
     s = _section(run)
     if s is None:
         return ""
@@ -329,7 +336,15 @@ def study_section_html(run: Run) -> str:
 
 
 def study_section_markdown(run: Run, out: Path) -> str:
-    """The section as report.md's text ("" when there is nothing to show); its charts as PNGs in `out`."""
+    """The section as report.md's text, its charts as PNGs beside it.
+
+    Args:
+        run: The run.
+        out: The report's folder (the PNGs go there).
+
+    Returns:
+        The section's Markdown; "" for a run with no study.parquet and fewer than 4 completed trials.
+    """
     s = _section(run)
     if s is None:
         return ""
