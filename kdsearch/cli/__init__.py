@@ -13,6 +13,7 @@ lists them, and turns errors into lines; each command lives in the module named 
     compare.py     compare (runs side by side)
     export.py      export, eval (an exported student)
     confirm.py     confirm
+    study.py       study (encodings across resolutions)
     measure.py     measure
 
 A command imports what it needs inside its function, so `kdsearch --help` loads neither Ray
@@ -25,7 +26,7 @@ import sys
 
 import typer
 
-from kdsearch.cli import compare, confirm, export, inspection, measure, search, space, train
+from kdsearch.cli import compare, confirm, export, inspection, measure, search, space, study, train
 from kdsearch.errors import KdsearchError
 
 # rich_markup_mode=None: help texts are plain, so "[default: ...]" in them is shown, not taken for markup
@@ -70,6 +71,7 @@ app.command("report")(inspection.report)
 app.command("compare")(compare.compare)
 app.command("export")(export.export)
 app.command("confirm")(confirm.confirm)
+app.command("study")(study.study)
 app.command("measure")(measure.measure)
 app.command("eval")(export.eval_)
 

@@ -28,11 +28,10 @@ from typing import Any
 from kdsearch.errors import KdsearchError
 from kdsearch.results.confirm import ACCURACY_RANGE, mean_interval, welch
 from kdsearch.results.outcomes import Status
-from kdsearch.results.tables import Run
+from kdsearch.results.tables import Run, RunPaths
 from kdsearch.space.objectives import DEFAULT_OBJECTIVES, Pairs, accuracy_and_cost
 
-# NOTE: the run's study table; RunPaths.STUDY names it once tables.py has it
-STUDY_FILE = "study.parquet"
+STUDY_FILE = RunPaths.RESOLUTIONS  # the run's study table (RunPaths.STUDY is the searcher's Optuna study)
 MODES = ("zero_shot", "finetuned")
 REQUIRED = ("trial_id", "pos_embed", "img_size", "mode", "seed", "status", "test_acc")
 GROUP = ("trial_id", "pos_embed", "img_size", "mode")

@@ -86,6 +86,26 @@ CONFIRM_COLUMNS = (
     "error",
     "finished_at",
 )
+# Columns every study.parquet has first (`kdsearch study`: one row per trial, resolution, mode and
+# seed); then the member's config columns at the studied resolution, sorted
+STUDY_COLUMNS = (
+    "trial_id",
+    "pos_embed",
+    "img_size",
+    "trained_img_size",
+    "mode",
+    "seed",
+    "status",
+    "val_acc",
+    "test_acc",
+    "flops",
+    "params",
+    "finetune_epochs",
+    "weights",
+    "wall_seconds",
+    "error",
+    "finished_at",
+)
 # The config columns that describe a student (its data fixes the others) and its recipe
 ARCH_COLUMNS = tuple(
     f"student.{f.name}" for f in fields(StudentSpec) if f.name not in ("img_size", "in_chans", "num_classes")
@@ -105,7 +125,8 @@ class RunPaths:
     TRIALS = "trials.parquet"
     EPOCHS = "epochs.parquet"
     CONFIRM = "confirm.parquet"
-    STUDY = "study.db"
+    STUDY = "study.db"  # the searcher's Optuna study
+    RESOLUTIONS = "study.parquet"  # `kdsearch study`'s rows: encodings across resolutions
     TUNE = "tune"
 
     @classmethod

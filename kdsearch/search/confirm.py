@@ -90,7 +90,7 @@ def run_confirm(
     if seeds < 1:
         raise KdsearchError(f"--seeds {seeds}: must be at least 1")
     run = load_run(location)
-    space = _run_space(run.paths, run.meta)
+    space = run_space(run.paths, run.meta)
     members = choose_members(run.trials, run.objectives, top, trial_ids)
     trackers = parse_track(track) if track else space.search.track
     check_installed(trackers)  # a tracker's package missing: one line, before Ray starts
@@ -175,7 +175,7 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
 
 
-def _run_space(paths: RunPaths, meta: dict[str, Any]) -> SearchSpace:
+def run_space(paths: RunPaths, meta: dict[str, Any]) -> SearchSpace:
     """The space the run was started with (its stored space.yaml; relative paths in it resolve
     against the folder of the file the run was started from)."""
     if not paths.store.exists(RunPaths.SPACE):

@@ -51,19 +51,41 @@ def shard_bounds(num_images: int, workers: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, num_images)) for s in range(0, num_images, size)] or [(0, 0)]
 
 
+def shipped_teacher(space: Any, data: Any, teacher: Any, teacher_space: Any = None) -> Any:
+    """The teacher as it travels to the tasks, and its cache key. `teacher_space`: the space the
+    teacher was loaded for, where `data` is at another resolution (`kdsearch study`): it keeps
+    its input size (`ResizedInput`), and the key says so (its logits are not those of a teacher
+    loaded at the data's resolution)."""
+    from kdsearch.train.logit_cache import cache_key
+    from kdsearch.train.teacher import ShippedTeacher
+
+    key = cache_key(space.teacher, data)
+    if teacher_space is None:
+        return ShippedTeacher.of(teacher, space, key)
+    size = int(teacher_space.data.img_size)
+    return ShippedTeacher.of(teacher, teacher_space, f"{key}-fed{size}px", input_size=size)
+
+
 def cached_teacher_logits(
-    space: Any, data: Any, teacher: Any, cache: Any, gpus_per_trial: float, say: Callable[[str], None]
+    space: Any,
+    data: Any,
+    teacher: Any,
+    cache: Any,
+    gpus_per_trial: float,
+    say: Callable[[str], None],
+    teacher_space: Any = None,
 ) -> Any:
-    """The cache's logits for this teacher and data, computed by Ray tasks when missing."""
+    """The cache's logits for this teacher and data, computed by Ray tasks when missing
+    (`teacher_space`: as `shipped_teacher`'s)."""
     import time
 
     import numpy as np
     import torch
 
-    from kdsearch.train.logit_cache import cache_key, from_dense, read_cache, write_cache
-    from kdsearch.train.teacher import ShippedTeacher
+    from kdsearch.train.logit_cache import from_dense, read_cache, write_cache
 
-    key = cache_key(space.teacher, data)
+    shipped_here = shipped_teacher(space, data, teacher, teacher_space)
+    key = shipped_here.key
     hit = read_cache(cache, key, data.num_classes)
     if hit is not None:
         say(f"teacher logits: reusing the cache {cache.uri_of()} ({key})")
@@ -72,7 +94,7 @@ def cached_teacher_logits(
     use_gpu = gpus_per_trial > 0
     workers = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1))
     bounds = shard_bounds(data.num_train, workers)
-    shipped = ray.put(ShippedTeacher.of(teacher, space, key))
+    shipped = ray.put(shipped_here)
     task = _logits_shard.options(num_cpus=1, num_gpus=1 if use_gpu else 0)
     places, shards = zip(*ray.get([task.remote(shipped, space.data, start, stop) for start, stop in bounds]))
     logits = from_dense(torch.from_numpy(np.concatenate(shards)), data.num_classes, key, space.teacher.cache_topk)
@@ -99,22 +121,28 @@ def _views_shard(
 
 
 def cached_teacher_views(
-    space: Any, data: Any, teacher: Any, cache: Any, gpus_per_trial: float, say: Callable[[str], None]
+    space: Any,
+    data: Any,
+    teacher: Any,
+    cache: Any,
+    gpus_per_trial: float,
+    say: Callable[[str], None],
+    teacher_space: Any = None,
 ) -> Any:
     """The replay cache (augmentation seed and teacher logits per image and epoch) for this
     teacher and data, up to the space's largest `train.epochs`; the epochs it lacks are
-    computed by Ray tasks sharded over images and epochs and written epoch by epoch."""
+    computed by Ray tasks sharded over images and epochs and written epoch by epoch
+    (`teacher_space`: as `shipped_teacher`'s)."""
     import time
 
     import numpy as np
     import torch
 
     from kdsearch.space.specs import replay_bytes_per_view
-    from kdsearch.train.logit_cache import cache_key
     from kdsearch.train.replay_cache import ReplayCache
-    from kdsearch.train.teacher import ShippedTeacher
 
-    replay = ReplayCache(cache, cache_key(space.teacher, data), data.num_classes, space.teacher.cache_topk)
+    shipped_here = shipped_teacher(space, data, teacher, teacher_space)
+    replay = ReplayCache(cache, shipped_here.key, data.num_classes, space.teacher.cache_topk)
     per_view = replay_bytes_per_view(data.num_classes, space.teacher.cache_topk)
     epochs = int(max(space.dims["train.epochs"].values()))
     missing = replay.missing(epochs)
@@ -132,7 +160,7 @@ def cached_teacher_views(
     bounds = shard_bounds(data.num_train, workers)
     per_task = max(1, math.ceil(SHARD_IMAGES / max(1, bounds[0][1] - bounds[0][0])))
     chunks = [missing[i : i + per_task] for i in range(0, len(missing), per_task)]
-    shipped = ray.put(ShippedTeacher.of(teacher, space, replay.key))
+    shipped = ray.put(shipped_here)
     task = _views_shard.options(num_cpus=1, num_gpus=1 if use_gpu else 0)
     pending = [[task.remote(shipped, space.data, chunk, start, stop) for start, stop in bounds] for chunk in chunks]
     places: list[tuple[str, str]] = []

@@ -48,6 +48,8 @@ class TrialSetup:
         world_size: Processes training it: > 1 trains data-parallel (kdsearch.train.parallel).
         checkpoint_every: > 0 hands a checkpoint folder with every k-th epoch's report.
         resume_from: A checkpoint folder of the same spec to continue from.
+        init_state: Weights the student starts from instead of its seeded init (`kdsearch study`'s
+            fine-tuning: a trained student carried to another resolution); `resume_from` wins.
         log: Where the teacher's loading and training say what they do.
     """
 
@@ -63,6 +65,7 @@ class TrialSetup:
     world_size: int = 1
     checkpoint_every: int = 0
     resume_from: Path | None = None
+    init_state: dict[str, torch.Tensor] | None = None
     log: Callable[[str], None] = quiet
 
     def __post_init__(self) -> None:

@@ -63,19 +63,43 @@ class ShippedTeacher:
     teacher: TeacherSpec
     data: DataSpec
     state: dict[str, Tensor]
+    input_size: int | None = None  # set: every image is resized to it first (`ResizedInput`)
 
     @classmethod
-    def of(cls, model: nn.Module, spec: Any, key: str) -> ShippedTeacher:
+    def of(cls, model: nn.Module, spec: Any, key: str, input_size: int | None = None) -> ShippedTeacher:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        return cls(key, spec.teacher, spec.data, state)
+        return cls(key, spec.teacher, spec.data, state, input_size)
 
     def build(self) -> nn.Module:
         """The teacher in eval mode with gradients off, built once per process."""
         if self.key not in _SHARED:
             model = _architecture(self.teacher, self.data)
             model.load_state_dict(self.state, strict=True)
-            _SHARED[self.key] = _frozen(model)
+            model = _frozen(model)
+            _SHARED[self.key] = model if self.input_size is None else ResizedInput(model, self.input_size).eval()
         return _SHARED[self.key]
+
+
+class ResizedInput(nn.Module):
+    """A teacher fed at the input size it was trained at: each batch is resized to `size` x `size`
+    (bilinear, antialiased) before its `forward_features`. A study's students train at other
+    resolutions than the search's, from the same teacher's signal at its own resolution."""
+
+    def __init__(self, model: nn.Module, size: int):
+        super().__init__()
+        self.model, self.size = model, size
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != (self.size, self.size):
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        return self.model.forward_features(x)
+
+    def forward_head(self, feats: Tensor) -> Tensor:
+        return self.model.forward_head(feats)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 def _architecture(tspec: TeacherSpec, dspec: DataSpec) -> nn.Module:

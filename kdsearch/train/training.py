@@ -100,6 +100,8 @@ def start_training(
     loss_fn = DistillLoss(spec.recipe, student_dim=spec.student.embed_dim, teacher_dim=signal.num_features).to(device)
     resume = setup.resume_from
     state = load_training_state(resume, spec, model, loss_fn, device) if resume is not None else None
+    if state is None and setup.init_state is not None:
+        model.load_state_dict(setup.init_state, strict=True)
     step_fn: nn.Module = DistillStep(model, loss_fn)
     if spec.train.compile:
         step_fn = torch.compile(step_fn)
