@@ -57,6 +57,13 @@ def export(
     where: list[str] = EXPORT_WHERE,
     pick: str = EXPORT_PICK,
     force: bool = typer.Option(False, "--force", help="Replace what --out already holds."),
+    img_size: int = typer.Option(
+        None,
+        "--img-size",
+        metavar="PX",
+        help="Export at this input size (a multiple of the patch size): the student carried there, fine-tuned "
+        "when `kdsearch study` fine-tuned it there, else zero-shot; FLOPs, ONNX check and accuracy at PX.",
+    ),
 ) -> None:
     """Export a student: config, weights, an ONNX graph checked against them, and a model card
     (which records the rule that chose it). Give --trial alone, or any of --max-gflops,
@@ -72,16 +79,17 @@ def export(
         raise KdsearchError(f"--out {out}: already holds {what}; add --force to replace it, or choose another folder")
     r = load_run(run)
     row, chosen_by = choose_student(r, trial_id, max_gflops, min_acc, where, pick)
-    folder = export_student(row, out, run=r.paths, objectives=r.objectives, chosen_by=chosen_by)
+    folder = export_student(row, out, run=r.paths, objectives=r.objectives, chosen_by=chosen_by, img_size=img_size)
     card = read_card(folder)
-    checked, test = card["onnx"]["checked"], card["test"]
+    checked, test, cost = card["onnx"]["checked"], card["test"], card["cost"]
+    carried = f", {card['carried']['how']}" if card.get("carried") else ""
     held_out = (
         f"test_acc {test['test_acc']:.4f} on {test['images']:,} held-out images"
         if test["test_acc"] is not None
         else "test_acc not measured: the data is not on this machine"
     )
     wide_console().print(
-        f"exported trial {row['trial_id']} (val_acc {row['val_acc']:.4f}, {held_out}, {row['flops'] / 1e9:.4g} GFLOPs, {row['params']:,} params) to {folder}; "
+        f"exported trial {row['trial_id']}{carried} (val_acc {card['metrics']['val_acc']:.4f}, {held_out}, {cost['gflops']:.4g} GFLOPs, {cost['params']:,} params) to {folder}; "
         f"model.onnx matches PyTorch's logits on {checked['images']} {checked['of']} (max abs diff {checked['max_abs_diff']:.2g} <= {checked['tolerance']:g})"
     )
 

@@ -27,6 +27,7 @@ import yaml
 
 from kdsearch.atomic import atomic_path, write_text_atomic
 from kdsearch.errors import KdsearchError
+from kdsearch.results.export_resolution import carried_row, carry_export, row_at
 from kdsearch.results.outcomes import Status
 from kdsearch.results.pareto import front_rows
 from kdsearch.results.tables import RunPaths
@@ -110,6 +111,7 @@ def export_student(
     run: RunPaths,
     objectives: Pairs = (),
     chosen_by: dict[str, Any] | None = None,
+    img_size: int | None = None,
 ) -> Path:
     """Export one trial: student.yaml, model.safetensors, model.onnx and README.md.
 
@@ -121,13 +123,15 @@ def export_student(
             test_acc, best_val_acc and epochs.
         chosen_by: The rule that chose the trial (kdsearch.results.selection.choose_student),
             kept in the card as `chosen_by` and said in README.md.
+        img_size: The resolution to export at (None: the trained one): the student carried there,
+            fine-tuned when the run's study fine-tuned it there (kdsearch.results.export_resolution).
 
     Returns:
         The folder `out`.
 
     Raises:
-        KdsearchError: The row's FLOPs are not its spec's, its weights are missing, or
-            onnxruntime's logits differ from PyTorch's by more than ONNX_ATOL.
+        KdsearchError: The row's FLOPs are not its spec's, its weights are missing, onnxruntime's
+            logits differ from PyTorch's by more than ONNX_ATOL, or `img_size` is off the patch grid.
     """
     out = Path(out)
     spec = spec_of(row)
@@ -138,7 +142,12 @@ def export_student(
         )
     weights = trial_weights(row, run)
     row = _at_checkpoint(row, run)
+    carried = None
+    if img_size is not None:
+        spec, weights, carried = carry_export(spec, row, run, weights, img_size)
     model = student_from(spec, weights)
+    if carried:
+        row, fc = row_at(row, spec, model, carried), count_flops(spec.student)
     images, where = check_images(spec)
     test = test_accuracy(spec, model)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,8 +156,7 @@ def export_student(
         diff = check_onnx(tmp, model, images)
     checked = {"images": len(images), "of": where, "max_abs_diff": diff, "tolerance": ONNX_ATOL}
     card = _card(spec, row, fc, test, opset, checked, run, objectives)
-    if chosen_by:
-        card["chosen_by"] = chosen_by
+    card.update({k: v for k, v in (("chosen_by", chosen_by), ("carried", carried)) if v})
     write_text_atomic(out / "student.yaml", yaml.safe_dump(card, sort_keys=False))
     with atomic_path(out / "model.safetensors") as tmp:
         tmp.write_bytes(weights)
@@ -346,7 +354,7 @@ A ViT student distilled by kdsearch from `{card["teacher"]["model"]}` on `{card[
 | architecture | width {s["embed_dim"]}, depth {s["depth"]}, {s["num_heads"]} heads, MLP ratio {s["mlp_ratio"]:g}, patch {s["patch_size"]}, `{s["pos_embed"]}` positional encoding{token} |
 | input | {s["in_chans"]} x {s["img_size"]} x {s["img_size"]}, {s["num_classes"]} classes |
 | recipe | alpha {r["alpha"]:.3g}, temperature {r["temperature"]:.3g}, hard {r["hard_weight"]:.3g}, feature {r["feature_weight"]:.3g}, attention {r["attention_weight"]:.3g} |
-{_chosen_line(card)}
+{_chosen_line(card)}{carried_row(card)}
 FLOPs are counted {c["counted"]}.
 
 `model.onnx` (opset {card["onnx"]["opset"]}, dynamic batch axis; input `images`, output `logits`) was checked with
