@@ -43,7 +43,9 @@ def test_each_member_is_measured_at_each_resolution_zero_shot_and_fine_tuned(stu
     for m in members:
         own = [r for r in rows if r["trial_id"] == m["trial_id"]]
         assert all(r["status"] == "completed" and r["pos_embed"] == m["student.pos_embed"] for r in own), own
-        assert {(r["img_size"], r["mode"]) for r in own} == {(px, mode) for px in RESOLUTIONS for mode in (ZERO_SHOT, FINETUNED)}
+        assert {(r["img_size"], r["mode"]) for r in own} == {
+            (px, mode) for px in RESOLUTIONS for mode in (ZERO_SHOT, FINETUNED)
+        }
         at_16 = next(r for r in own if r["img_size"] == 16 and r["mode"] == ZERO_SHOT)
         assert at_16["val_acc"] == pytest.approx(m["val_acc"], abs=1e-9) and at_16["flops"] == m["flops"]
         at_12 = next(r for r in own if r["img_size"] == 12 and r["mode"] == ZERO_SHOT)
@@ -69,6 +71,15 @@ def test_a_second_call_computes_nothing_and_bad_sizes_are_one_line(studied, caps
     )
     assert any("0 of 8 measurements to make" in m for m in messages), messages
     assert again == rows
+    trials = [arg for m in members for arg in ("--trial", m["trial_id"])]
+    args = ["study", result.paths.uri, "--resolutions", "16,12", "--finetune-epochs", "1", "--seeds", "1", *trials]
+    capsys.readouterr()
+    assert run_cli([*args, "--format", "csv"]) == 0
+    printed = capsys.readouterr()
+    assert "0 of 8 measurements to make" in printed.err
+    lines = printed.out.strip().splitlines()
+    assert lines[0] == "encoding,trial,px,MFLOPs,zero-shot,fine-tuned" and len(lines) == 1 + 4
+    assert {line.split(",")[0] for line in lines[1:]} == {m["student.pos_embed"] for m in members}
     assert run_cli(["study", result.paths.uri, "--resolutions", "13", "--trial", members[0]["trial_id"]]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--resolutions 13" in err and "does not divide it" in err
