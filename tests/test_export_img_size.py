@@ -126,6 +126,16 @@ def test_the_studys_best_finetuned_weights_are_exported(run_dir: Path, best: dic
         "how": how,
     }
     assert carried_row({"carried": carried}).startswith(f"| resolution | {how}; ")
+    # at the trained 16 px: nothing to carry, unless the study fine-tuned it there
+    assert carry_export(spec, best, paths, trained, 16) == (spec, trained, None)
+    at16 = f"study/{best['trial_id']}/px16/seed16.safetensors"
+    store.write_bytes(at16, trained)
+    write_table(
+        [*rows, study_row(best, img_size=16, seed=16, weights=at16)], store, RunPaths.RESOLUTIONS, STUDY_COLUMNS
+    )
+    assert (
+        carry_export(spec, best, paths, trained, 16)[2]["how"] == "at its trained 16 px, fine-tuned 2 epochs (seed 16)"
+    )
     # no fine-tuned row at 12 px: the trial's own weights carried there
     assert carry_export(spec, best, paths, trained, 12)[2]["mode"] == "zero_shot"
     # the study's file gone: one line, not the zero-shot weights in its place

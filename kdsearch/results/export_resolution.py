@@ -68,7 +68,7 @@ def carry_export(
 
     Returns:
         `(spec at img_size, safetensors bytes of the student built at img_size, the card's
-        `carried` section)`.
+        `carried` section)`; at the trained size with nothing fine-tuned there, `(spec, weights, None)`.
 
     Raises:
         KdsearchError: `img_size` is not a multiple of the patch size (or the student cannot be
@@ -84,6 +84,8 @@ def carry_export(
     except ValueError as e:
         raise KdsearchError(f"--img-size {img_size}: {str(e).removeprefix(f'img_size {img_size}: ')}") from None
     tuned = finetuned_row(run, row["trial_id"], img_size)
+    if tuned is None and img_size == student.img_size:
+        return spec, weights, None
     if tuned is None:
         at, state = carry_student(student, load(weights), img_size)
         weights = save({k: v.contiguous() for k, v in state.items()})
@@ -102,6 +104,8 @@ def carried_section(trained: StudentSpec, img_size: int, tuned: dict[str, Any] |
     """The card's `carried` section: from and to which resolution, zero-shot or fine-tuned (how)."""
     base = {"from_img_size": trained.img_size, "img_size": img_size, "pos_embed": trained.pos_embed}
     moved = f"carried from {trained.img_size} px to {img_size} px"
+    if img_size == trained.img_size:  # only with a fine-tuned row: zero-shot at this size is no carry at all
+        moved = f"at its trained {img_size} px"
     if tuned is None:
         return {**base, "mode": ZERO_SHOT, "how": f"{moved}, zero-shot (no training at {img_size} px)"}
     epochs, seed = int(tuned["finetune_epochs"]), int(tuned["seed"])
