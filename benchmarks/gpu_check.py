@@ -5,7 +5,9 @@
 2. the replay cache's teacher pass for a timm ViT-B/16 teacher on synthetic data: views/s;
 3. four small trials packed on one GPU against one alone: total images/s;
 4. the training data path there (benchmarks/data_path.py): in-memory CIFAR-shaped views made
-   batched on the device (32 px kept, 32 to 224 px), and JPEGs decoded by nvJPEG: images/s.
+   batched on the device (32 px kept, 32 to 224 px), and JPEGs decoded by nvJPEG: images/s;
+5. the one-shot strategy there (benchmarks/oneshot_device.py): one supernet epoch of
+   digits_quick (images/s), and the screening's scoring (students/s) against one CPU thread.
 
 On a CPU it runs the same code for a few steps (how the test suite checks it); MFU and
 memory are then not measured. Every figure printed is measured here.
@@ -143,12 +145,15 @@ def main() -> None:
     from data_path import device_figures  # benchmarks/data_path.py, beside this script
 
     out["data path"] = device_figures(device, args.steps * args.batch, args.batch)
+    from oneshot_device import device_figures as oneshot_figures  # benchmarks/oneshot_device.py
+
+    out["one-shot"] = oneshot_figures(device, students=min(200, 4 * args.steps))
     if args.json:
         print(json.dumps(out))
         return
     print(f"device: {out['device']}, torch {out['torch']}, {args.image_size}px, batch {args.batch}, {args.steps} steps")
     for key, value in out.items():
-        if isinstance(value, dict) and key != "data path":
+        if isinstance(value, dict) and key not in ("data path", "one-shot"):
             print(
                 f"{key:28s} {value['images_per_second']:10.1f} images/s  MFU {value['mfu']:.1%}  "
                 f"peak {value['peak_memory_gib']:.2f} GiB  ({value['gflops_per_image']:.2f} GFLOPs/image)"
@@ -165,6 +170,8 @@ def main() -> None:
             print(f"data: {key:42s} {value:10.1%}")
         else:
             print(f"data: {key:42s} {value:10.1f} images/s")
+    for key, value in out["one-shot"].items():
+        print(f"one-shot: {key:42s} {value:10.1f}")
 
 
 if __name__ == "__main__":

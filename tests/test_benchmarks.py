@@ -27,6 +27,8 @@ def test_gpu_check_runs_on_a_cpu_for_a_few_steps() -> None:
         assert out[name]["images_per_second"] > 0 and out[name]["gflops_per_image"] > 0
     assert out["teacher ViT-B/16 views per second"] > 0
     assert out["1 small trial images per second"] > 0 and out["4 small trials packed, total images per second"] > 0
+    assert out["one-shot"]["supernet epoch images per second"] > 0 and out["one-shot"]["supernet epoch seconds"] > 0
+    assert out["one-shot"]["screening students per second"] > 0
 
 
 @pytest.mark.timeout(300)
