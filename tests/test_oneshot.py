@@ -105,8 +105,9 @@ def _stages(run: Path) -> dict:
         return {}
 
 
-def _kill_when(cmd: list[str], ready, log: Path) -> None:
-    """Start a driver, SIGKILL it (and every process it started, by pid) once `ready()` holds."""
+def _kill_when(cmd: list[str], ready, log: Path, sig: signal.Signals = signal.SIGKILL) -> int:
+    """Start a driver, send it `sig` once `ready()` holds, and SIGKILL every process it started
+    (by pid) once it has ended; returns its exit status."""
     with open(log, "a") as out:
         driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         helpers: list[int] = []
@@ -117,8 +118,8 @@ def _kill_when(cmd: list[str], ready, log: Path) -> None:
                 assert time.monotonic() < deadline, f"waited 240 s:\n{log.read_text()[-3000:]}"
                 time.sleep(0.05)
             helpers = descendants(driver.pid)
-            os.kill(driver.pid, signal.SIGKILL)
-            driver.wait(timeout=30)
+            os.kill(driver.pid, sig)
+            return driver.wait(timeout=60)
         finally:
             kill_all(helpers + descendants(driver.pid))
 
@@ -136,8 +137,13 @@ def test_a_driver_killed_in_each_stage_resumes_without_redoing_work(digits_teach
     assert first["ended"] is None, "the kill came after the supernet's training"
     epochs_before = {r["epoch"]: r["seconds"] for r in parquet(store, "oneshot/supernet_epochs.parquet")}
 
-    # 2. in the screening, once a batch is recorded
-    _kill_when(cmd + ["--resume"], lambda: _stages(run).get("screening", {}).get("scored", 0) >= 1, log)
+    # 2. in the screening, once a batch is recorded: Ctrl-C (SIGINT), one line and the shell's 130
+    interrupted = len(log.read_text())
+    status = _kill_when(
+        cmd + ["--resume"], lambda: _stages(run).get("screening", {}).get("scored", 0) >= 1, log, signal.SIGINT
+    )
+    said = log.read_text()[interrupted:]
+    assert status == 130 and "kdsearch: interrupted (Ctrl-C)" in said and "Traceback" not in said, said[-3000:]
     start = int(re.search(r"supernet: 3 epochs, after epoch (\d+)", log.read_text()).group(1))
     assert start >= first["epochs"] - 1  # the last epoch saved (its report may have come before its save)
     second = _stages(run)

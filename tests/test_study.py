@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from kdsearch.results.export import spec_of
+from kdsearch.results.study import FINETUNED, ZERO_SHOT
 from kdsearch.results.tables import RunPaths
-from kdsearch.search.study import FINETUNED, ZERO_SHOT, run_study
+from kdsearch.search.study import run_study
 from kdsearch.space import objectives as objective_table
 from tests.helpers import run_cli
 

@@ -1,7 +1,8 @@
 """The `kdsearch` command: a typer front over the package.
 
 Every user error (`KdsearchError`) becomes one line on stderr and its exit code (2; 1 for a
-`RunFailed` search); typer's own usage errors exit 2 as well. Nothing here holds logic the
+`RunFailed` search); typer's own usage errors exit 2 as well; Ctrl-C, one line and 130 (a
+search's Tune stage returns what finished instead). Nothing here holds logic the
 Python API lacks. This module makes the app, registers every command in the order `--help`
 lists them, and turns errors into lines; each command lives in the module named for its job:
 
@@ -76,6 +77,9 @@ app.command("measure")(measure.measure)
 app.command("eval")(export.eval_)
 
 
+INTERRUPTED = 130  # the shell's exit status for a command ended by SIGINT (128 + 2)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point.
 
@@ -88,3 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         # one line even when the input echoed holds a line break (\r, \x85, \u2028 as well as \n)
         print(" ".join(f"kdsearch: error: {e}".splitlines()), file=sys.stderr)
         sys.exit(e.exit_code)
+    except SystemExit as e:
+        # typer ends a command that Ctrl-C interrupted outside Tune's fit (which returns what finished
+        # instead) with exit 130, silently: what is written stays written (a search's stages and
+        # tables resume with --resume; confirm and study compute only what is missing)
+        if e.code == INTERRUPTED:
+            print("kdsearch: interrupted (Ctrl-C); what was written is kept", file=sys.stderr)
+        raise

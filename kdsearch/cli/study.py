@@ -87,6 +87,8 @@ def study(
 
 def study_table(summary: list[dict[str, Any]]) -> list[dict[str, str]]:
     """One row per (trial, resolution): the zero-shot and the fine-tuned test accuracy, printed."""
+    from kdsearch.results.study import ZERO_SHOT
+
     cells: dict[tuple, dict[str, str]] = {}
     for s in sorted(summary, key=lambda s: (s["pos_embed"], s["trial_id"], s["img_size"])):
         row = cells.setdefault(
@@ -100,7 +102,7 @@ def study_table(summary: list[dict[str, Any]]) -> list[dict[str, str]]:
                 "fine-tuned": "",
             },
         )
-        row["zero-shot" if s["mode"] == "zero_shot" else "fine-tuned"] = _interval(s)
+        row["zero-shot" if s["mode"] == ZERO_SHOT else "fine-tuned"] = _interval(s)
     return list(cells.values())
 
 

@@ -20,14 +20,12 @@ from typing import Any
 
 from kdsearch.errors import KdsearchError
 from kdsearch.results.outcomes import Status
+from kdsearch.results.study import FINETUNED, ZERO_SHOT
 from kdsearch.results.tables import RunPaths
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.specs import StudentSpec, TrialSpec
 
-__all__ = ["FINETUNED", "ZERO_SHOT", "carried_row", "carry_export", "finetuned_row", "row_at"]
-
-FINETUNED = "finetuned"  # study.parquet's `mode` values
-ZERO_SHOT = "zero_shot"
+__all__ = ["carried_row", "carry_export", "finetuned_row", "row_at"]
 
 
 def finetuned_row(run: RunPaths, trial_id: str, img_size: int) -> dict[str, Any] | None:

@@ -32,7 +32,8 @@ from kdsearch.results.tables import Run, RunPaths
 from kdsearch.space.objectives import DEFAULT_OBJECTIVES, Pairs, accuracy_and_cost
 
 STUDY_FILE = RunPaths.RESOLUTIONS  # the run's study table (RunPaths.STUDY is the searcher's Optuna study)
-MODES = ("zero_shot", "finetuned")
+ZERO_SHOT, FINETUNED = "zero_shot", "finetuned"  # study.parquet's `mode` values
+MODES = (ZERO_SHOT, FINETUNED)
 REQUIRED = ("trial_id", "pos_embed", "img_size", "mode", "seed", "status", "test_acc")
 GROUP = ("trial_id", "pos_embed", "img_size", "mode")
 

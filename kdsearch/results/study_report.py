@@ -23,7 +23,7 @@ from kdsearch.results.confirm import INTERVAL, INTERVAL_HEADING, NOISE_RULE, cli
 from kdsearch.results.outcomes import Status
 from kdsearch.results.plots import COLORS, PNG_SIZE, TAB10, Chart, Series, to_plotly
 from kdsearch.results.report_tables import table_html, table_md
-from kdsearch.results.study import load_study, resolution_winners, study_summary, wide_vs_deep
+from kdsearch.results.study import FINETUNED, ZERO_SHOT, load_study, resolution_winners, study_summary, wide_vs_deep
 from kdsearch.results.tables import Run
 from kdsearch.space import objectives as objective_table
 from kdsearch.space.objectives import accuracy_and_cost
@@ -37,8 +37,8 @@ WIDE_HEADING = "Wide against deep: mean accuracy against depth, one line per bin
 RESOLUTION_PNG = "study_resolution.png"
 WIDE_PNG = "study_wide_deep.png"
 MIN_TRIALS = 4  # completed trials the wide-against-deep part needs
-DASHES = {"zero_shot": "dash", "finetuned": "solid"}
-MODE_NAMES = {"zero_shot": "zero-shot", "finetuned": "fine-tuned"}
+DASHES = {ZERO_SHOT: "dash", FINETUNED: "solid"}
+MODE_NAMES = {ZERO_SHOT: "zero-shot", FINETUNED: "fine-tuned"}
 _MPL_DASHES = {"dash": "--", "solid": "-"}
 
 
@@ -209,7 +209,7 @@ def summary_rows(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
             },
         )
         shown = _mean_interval(s) + (f", {s['failed']} failed" if s["failed"] else "")
-        key = "zero-shot test acc" if s["mode"] == "zero_shot" else f"fine-tuned test acc ({INTERVAL_HEADING})"
+        key = "zero-shot test acc" if s["mode"] == ZERO_SHOT else f"fine-tuned test acc ({INTERVAL_HEADING})"
         row[key] = shown if s["test_acc_low"] is None else f"{shown}, n = {s['n']}"
     return sorted(cells.values(), key=lambda r: (str(r["pos_embed"]), r["trial_id"], r["px"]))
 

@@ -30,6 +30,7 @@ from ray import tune
 
 from kdsearch.errors import KdsearchError
 from kdsearch.results.outcomes import Status
+from kdsearch.results.study import FINETUNED, ZERO_SHOT
 from kdsearch.results.tables import STUDY_COLUMNS, RunPaths, load_run, write_table
 from kdsearch.search.confirm import choose_members, run_space
 from kdsearch.space.objectives import accuracy_and_cost
@@ -37,7 +38,6 @@ from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import TrialSpec
 
 STUDY_EXPERIMENT = "study-tune"  # Ray Tune's state of the latest study, in the run
-ZERO_SHOT, FINETUNED = "zero_shot", "finetuned"
 # the fine-tune's learning rate, as a share of the member's: it starts from trained weights (DeiT and
 # FlexiViT fine-tune at new resolutions with a fraction of the pre-training rate), without warmup
 FINETUNE_LR_SCALE = 0.1
