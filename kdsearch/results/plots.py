@@ -240,6 +240,21 @@ def save_png(chart: Chart, path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     if any(s.legend and len(s.x) for s in chart.series):  # an empty chart gets no legend (nor matplotlib's warning)
         ax.legend(fontsize=8, loc="best")
+    return write_png(fig, path)
+
+
+def write_png(fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out a matplotlib figure, write it to `path` whole (atomically) and close it.
+
+    Args:
+        fig: the matplotlib figure.
+        path: where the PNG goes.
+
+    Returns:
+        `path` as a Path.
+    """
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp)

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdsearch.atomic import atomic_path
 from kdsearch.results.confirm import INTERVAL, INTERVAL_HEADING, NOISE_RULE, clipped, load_confirm
 from kdsearch.results.outcomes import Status
-from kdsearch.results.plots import COLORS, PNG_SIZE, TAB10, Chart, Series, to_plotly
+from kdsearch.results.plots import COLORS, PNG_SIZE, TAB10, Chart, Series, to_plotly, write_png
 from kdsearch.results.report_tables import table_html, table_md
 from kdsearch.results.study import FINETUNED, ZERO_SHOT, load_study, resolution_winners, study_summary, wide_vs_deep
 from kdsearch.results.tables import Run
@@ -86,11 +85,7 @@ def save_line_png(lines: LineChart, path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     if lines.chart.series:
         ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
-    return Path(path)
+    return write_png(fig, path)
 
 
 def _bars(entries: list[dict[str, Any]], mean: str, low: str, high: str) -> dict[str, list[float | None]]:

@@ -226,21 +226,30 @@ def _confirm_trainable(config: dict[str, Any], data: Any, cached_logits: Any, te
     tune.report({**last, "test_acc": test_acc})
 
 
-class ConfirmRecorder(tune.Callback):
+class RowRecorder(tune.Callback):
+    """A Tune callback that records a row for each trial as it ends, completed or failed (with its
+    error's text): `record` writes it (confirm's retrainings, a study's measurements)."""
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.record(trial, Status.COMPLETED)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from kdsearch.search.callbacks import trial_error_text
+
+        self.record(trial, Status.FAILED, trial_error_text(trial))
+
+    def record(self, trial: Any, status: Status, error: str | None = None) -> None:
+        """Write the row of `trial`, which ended with `status`."""
+        raise NotImplementedError
+
+
+class ConfirmRecorder(RowRecorder):
     """Writes confirm.parquet as retrainings end: one row per (trial, seed), replaced when redone."""
 
     def __init__(self, paths: RunPaths, rows: dict[tuple[str, int], dict[str, Any]], objectives: list[str]):
         self.paths, self.rows, self.objectives = paths, dict(rows), objectives
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._row(trial, Status.COMPLETED)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from kdsearch.search.callbacks import trial_error_text
-
-        self._row(trial, Status.FAILED, trial_error_text(trial))
-
-    def _row(self, trial: Any, status: Status, error: str | None = None) -> None:
+    def record(self, trial: Any, status: Status, error: str | None = None) -> None:
         member, last = trial.config["member"], trial.last_result or {}
         row = member["row"]
         ok = status is Status.COMPLETED and last.get("test_acc") is not None

@@ -32,7 +32,7 @@ from kdsearch.errors import KdsearchError
 from kdsearch.results.outcomes import Status
 from kdsearch.results.study import FINETUNED, ZERO_SHOT
 from kdsearch.results.tables import STUDY_COLUMNS, RunPaths, load_run, write_table
-from kdsearch.search.confirm import choose_members, run_space
+from kdsearch.search.confirm import RowRecorder, choose_members, run_space
 from kdsearch.space.objectives import accuracy_and_cost
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import TrialSpec
@@ -306,22 +306,14 @@ def _plain(row: Row) -> Row:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
 
 
-class StudyRecorder(tune.Callback):
+class StudyRecorder(RowRecorder):
     """Writes study.parquet as measurements end: one row per (trial, resolution, mode, seed),
     replaced when redone."""
 
     def __init__(self, paths: RunPaths, rows: dict):
         self.paths, self.rows = paths, dict(rows)
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._row(trial, Status.COMPLETED)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from kdsearch.search.callbacks import trial_error_text
-
-        self._row(trial, Status.FAILED, trial_error_text(trial))
-
-    def _row(self, trial: Any, status: Status, error: str | None = None) -> None:
+    def record(self, trial: Any, status: Status, error: str | None = None) -> None:
         item, last = trial.config["item"], trial.last_result or {}
         row, px = item["row"], int(item["img_size"])
         ok = status is Status.COMPLETED and last.get("test_acc") is not None
