@@ -96,7 +96,7 @@ def run_confirm(
     check_installed(trackers)  # a tracker's package missing: one line, before Ray starts
     done = {(r["trial_id"], int(r["seed"])): r for r in run.paths.rows(RunPaths.CONFIRM)}
     todo = [
-        {"trial_id": m["trial_id"], "seed": seed, "row": _plain(m)}
+        {"trial_id": m["trial_id"], "seed": seed, "row": plain_row(m)}
         for m in members
         for seed in _seeds(m, seeds)
         if done.get((m["trial_id"], seed), {}).get("status") != Status.COMPLETED
@@ -127,7 +127,6 @@ def _tuner(
 ) -> tune.Tuner:
     """The confirmation's Ray Tune experiment: one trial per retraining in `todo`, each with the
     data and teacher signal the driver loads once here."""
-    from kdsearch.search.ray_session import reuse_on
     from kdsearch.search.run_folder import load_data_and_teacher
     from kdsearch.search.worker_data import shipped
 
@@ -140,26 +139,54 @@ def _tuner(
         tracked = TrackedRun(f"{run.paths.name}-confirm", space.name, store, "tensorboard/confirm")
         tracking = [TrackingCallback(trackers, tracked, "confirm", [n for n, _ in run.objectives], say=say)]
     data, cached, teacher = load_data_and_teacher(space, store.parent.child("cache"), say)
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            _confirm_trainable,
-            data=shipped(data),  # a DataSpec when read from files: each worker loads (and fetches) it
-            cached_logits=cached,
-            teacher=teacher,
-            threads=max(1, int(space.resources.cpus)),
-        ),
-        {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
+    trainable = tune.with_parameters(
+        _confirm_trainable,
+        data=shipped(data),  # a DataSpec when read from files: each worker loads (and fetches) it
+        cached_logits=cached,
+        teacher=teacher,
+        threads=max(1, int(space.resources.cpus)),
     )
+    recorder = ConfirmRecorder(run.paths, done, [name for name, _ in run.objectives])
+    return grid_tuner(trainable, space, run.paths, CONFIRM_EXPERIMENT, {"member": todo}, [recorder, *tracking], address)
+
+
+def grid_tuner(
+    trainable: Any,
+    space: SearchSpace,
+    paths: RunPaths,
+    name: str,
+    grid: dict[str, list[Any]],
+    callbacks: Sequence[tune.Callback],
+    address: str | None,
+) -> tune.Tuner:
+    """A Tune experiment of a run's own beside its search (confirm's retrainings, a study's
+    measurements): one trial per item of the `grid`'s one key, each with the space's resources,
+    concurrency and `max_failures`, its state under `name` in the run's storage.
+
+    Args:
+        trainable: the function trainable (its large inputs bound with `tune.with_parameters`).
+        space: the run's space.
+        paths: the run.
+        name: the experiment's folder in the run.
+        grid: {config key: the items, one trial each}.
+        callbacks: Tune callbacks (the recorder of the rows, trackers).
+        address: the cluster joined, or None (`reuse_on`: actors are reused on a local Ray).
+
+    Returns:
+        The Tuner, not yet fitted.
+    """
+    from kdsearch.search.ray_session import reuse_on
+
     return tune.Tuner(
-        trainable,
-        param_space={"member": tune.grid_search(todo)},
+        tune.with_resources(trainable, {"cpu": space.resources.cpus, "gpu": space.resources.gpus}),
+        param_space={key: tune.grid_search(items) for key, items in grid.items()},
         tune_config=tune.TuneConfig(max_concurrent_trials=space.search.max_concurrent, reuse_actors=reuse_on(address)),
         run_config=tune.RunConfig(
-            name=CONFIRM_EXPERIMENT,
-            storage_path=store.path(),
-            storage_filesystem=store.fs,
+            name=name,
+            storage_path=paths.store.path(),
+            storage_filesystem=paths.store.fs,
             failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
-            callbacks=[ConfirmRecorder(run.paths, done, [name for name, _ in run.objectives]), *tracking],
+            callbacks=list(callbacks),
             verbose=0,
         ),
     )
@@ -171,7 +198,8 @@ def _seeds(member: dict[str, Any], n: int) -> list[int]:
     return [own + i for i in range(1, n + 1)]
 
 
-def _plain(row: dict[str, Any]) -> dict[str, Any]:
+def plain_row(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with numpy scalars (a Parquet row's) as Python values: what travels in a Tune config."""
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
 
 

@@ -32,7 +32,7 @@ from kdsearch.errors import KdsearchError
 from kdsearch.results.outcomes import Status
 from kdsearch.results.study import FINETUNED, ZERO_SHOT
 from kdsearch.results.tables import STUDY_COLUMNS, RunPaths, load_run, write_table
-from kdsearch.search.confirm import RowRecorder, choose_members, run_space
+from kdsearch.search.confirm import RowRecorder, choose_members, grid_tuner, plain_row, run_space
 from kdsearch.space.objectives import accuracy_and_cost
 from kdsearch.space.search_space import SearchSpace
 from kdsearch.space.specs import TrialSpec
@@ -147,7 +147,7 @@ def run_study(
         (r["trial_id"], int(r["img_size"]), r["mode"], int(r["seed"])): r for r in run.paths.rows(RunPaths.RESOLUTIONS)
     }
     todo = study_plan(members, resolutions, finetune_epochs, seeds, done)
-    by_id = {m["trial_id"]: _plain(m) for m in members}
+    by_id = {m["trial_id"]: plain_row(m) for m in members}
     for item in todo:
         item["row"] = by_id[item["trial_id"]]
     say(plan_line(members, resolutions, finetune_epochs, seeds, len(todo)))
@@ -197,25 +197,9 @@ def _tuner(
     space: SearchSpace, paths: RunPaths, done: dict, todo: list[Row], inputs: dict[int, tuple], address: str | None
 ) -> tune.Tuner:
     """The study's Ray Tune experiment: one trial per measurement in `todo`."""
-    from kdsearch.search.ray_session import reuse_on
-
-    trainable = tune.with_resources(
-        tune.with_parameters(_study_trainable, inputs=inputs, paths=paths, threads=max(1, int(space.resources.cpus))),
-        {"cpu": space.resources.cpus, "gpu": space.resources.gpus},
-    )
-    return tune.Tuner(
-        trainable,
-        param_space={"item": tune.grid_search(todo)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=space.search.max_concurrent, reuse_actors=reuse_on(address)),
-        run_config=tune.RunConfig(
-            name=STUDY_EXPERIMENT,
-            storage_path=paths.store.path(),
-            storage_filesystem=paths.store.fs,
-            failure_config=tune.FailureConfig(max_failures=space.search.max_failures),
-            callbacks=[StudyRecorder(paths, done)],
-            verbose=0,
-        ),
-    )
+    threads = max(1, int(space.resources.cpus))
+    trainable = tune.with_parameters(_study_trainable, inputs=inputs, paths=paths, threads=threads)
+    return grid_tuner(trainable, space, paths, STUDY_EXPERIMENT, {"item": todo}, [StudyRecorder(paths, done)], address)
 
 
 def finetune_spec(spec: TrialSpec, epochs: int, seed: int) -> TrialSpec:
@@ -300,10 +284,6 @@ def _finetuned(
     rel = f"study/{item['trial_id']}/px{item['img_size']}/seed{item['seed']}.safetensors"
     paths.store.write_bytes(rel, save({k: v.contiguous() for k, v in tuned.state_dict().items()}))
     return tuned.eval(), last, rel
-
-
-def _plain(row: Row) -> Row:
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
 
 
 class StudyRecorder(RowRecorder):
